@@ -201,3 +201,13 @@ def test_launcher_detects_rank_dying_silently():
 def test_layout_validation():
     with pytest.raises(ValueError, match="not divisible"):
         run_distributed(_hang_on_rank_one, world_size=3, tp=2)
+
+
+def _unpicklable_result():
+    return torch.ones(2, requires_grad=True) * 2  # a non-leaf tensor cannot cross processes
+
+
+@pytest.mark.multiproc
+def test_launcher_reports_unpicklable_result():
+    with pytest.raises(DistributedTestError, match="non-leaf tensor"):
+        run_distributed(_unpicklable_result, world_size=1, init="process_group", timeout=60)

@@ -87,6 +87,10 @@ def _worker(rank, layout, port, fn, args, kwargs, result_queue, init):
                 tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, seed=1234
             )
         result = fn(*args, **kwargs)
+        # Pickle here: a failure inside the queue's feeder thread would never reach the parent.
+        from multiprocessing.reduction import ForkingPickler
+
+        ForkingPickler.dumps(result)
         result_queue.put((rank, "ok", result))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         result_queue.put((rank, "error", traceback.format_exc()))
