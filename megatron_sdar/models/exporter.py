@@ -1,0 +1,181 @@
+"""Stream ``(hf_name, full_tensor)`` pairs out of a live TP/PP-sharded Megatron Qwen model.
+
+    for name, tensor in iter_hf_weights(model, arch, target="first"):   # on every rank
+        ...                                                             # runs on global rank 0 only
+
+Call it on every rank of the model-parallel group (it runs collectives); the pairs come out on the
+ranks that need them: ``target="first"`` -> global rank 0 only (HF export), ``target="all"`` ->
+every rank (weight sync to a colocated rollout engine, e.g. vLLM's ``reload_weights``).
+
+Memory: items are processed one at a time in HF order (embedding, layer 0, layer 1, ..., final
+norm, lm_head), one Megatron parameter at a time: the owning pipeline stage gathers that parameter
+over its TP group straight into HF-layout buffers, then the buffers move to the pipeline stage(s)
+that yield them. At any moment a rank holds at most one layer's full HF tensors beyond its own
+model shard (for the embedding: the full embedding). The yielded tensors may alias the live
+parameters (replicated norms at any TP, everything at TP=1): copy a tensor before modifying it or
+keeping it across an optimizer step.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Literal
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdar.models.architecture import QwenArchitecture
+from megatron_sdar.models.weight_mapping import (
+    LocalParam,
+    ParamRule,
+    QwenWeightMapping,
+    ShardKind,
+    iter_local_params,
+)
+
+ExportTarget = Literal["first", "all"]
+_EMBEDDING, _FINAL_NORM, _OUTPUT = "embedding", "final_norm", "output"
+
+
+def _item_of(mapping: QwenWeightMapping, lp: LocalParam) -> int | str | None:
+    """Which export item a local parameter belongs to: a layer index or a non-layer key."""
+    if lp.layer is not None:
+        return lp.layer
+    if lp.rule is mapping.embedding_rule:
+        return _EMBEDDING
+    if lp.rule is mapping.final_norm_rule:
+        return _FINAL_NORM
+    return _OUTPUT if lp.rule.exported else None
+
+
+def _rules_of(mapping: QwenWeightMapping, item: int | str) -> list[ParamRule]:
+    if isinstance(item, int):
+        return list(mapping.layer_rules.values())
+    return [{_EMBEDDING: mapping.embedding_rule, _FINAL_NORM: mapping.final_norm_rule,
+             _OUTPUT: mapping.output_rule}[item]]
+
+
+def _gather_rows(local: torch.Tensor, rows: int, tp: int, group) -> torch.Tensor:
+    """All-gather dim-0 shards straight into one ``[rows * tp, ...]`` buffer (no extra copy)."""
+    if tp == 1:
+        return local
+    full = torch.empty((rows * tp, *local.shape[1:]), dtype=local.dtype, device=local.device)
+    dist.all_gather(list(full.chunk(tp, dim=0)), local.contiguous(), group=group)
+    return full
+
+
+def _gather_to_hf(mapping: QwenWeightMapping, lp: LocalParam, tp: int, group) -> list[torch.Tensor]:
+    """This parameter's full HF tensor(s), gathered over TP (collective over the TP group)."""
+    local = lp.tensor.detach()
+    kind = lp.rule.kind
+    if kind is ShardKind.REPLICATED:
+        return [local]
+    if kind is ShardKind.VOCAB:
+        full = _gather_rows(local, local.shape[0], tp, group)
+        return [full[: mapping.arch.vocab_size]]  # drop the TP padding rows (a view)
+    if kind is ShardKind.GATE_UP:
+        gate, up = local.chunk(2, dim=0)
+        return [_gather_rows(gate, gate.shape[0], tp, group), _gather_rows(up, up.shape[0], tp, group)]
+    if kind is ShardKind.QKV:
+        return [_gather_rows(part, part.shape[0], tp, group) for part in mapping.split_qkv(local)]
+    if kind is ShardKind.ROW:
+        if tp == 1:
+            return [local]
+        pieces = [torch.empty_like(local) for _ in range(tp)]
+        dist.all_gather(pieces, local.contiguous(), group=group)
+        full = torch.cat(pieces, dim=1)
+        del pieces
+        return [full]
+    raise AssertionError(kind)
+
+
+def iter_hf_weights(model_chunks, arch: QwenArchitecture, *,
+                    target: ExportTarget = "first") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield every HF tensor of the model, full (unsharded), in HF checkpoint order.
+
+    ``model_chunks``: this rank's model (or list of virtual-pipeline chunks), possibly wrapped in
+    DDP/Float16Module. Every rank of the model-parallel group must iterate to the end; ranks of
+    other data-parallel replicas may iterate too (with ``target="first"`` they yield nothing and
+    run no collectives).
+    """
+    from megatron.core import parallel_state as ps
+
+    if target not in ("first", "all"):
+        raise ValueError(f"target must be 'first' or 'all', got {target!r}")
+    mapping = QwenWeightMapping(arch)
+    local_params = iter_local_params(model_chunks, mapping)
+    if not local_params:
+        raise ValueError("the model has no parameters")
+    dtype, device = local_params[0].tensor.dtype, local_params[0].tensor.device
+    rank = dist.get_rank()
+    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    if target == "first" and 0 not in dist.get_process_group_ranks(ps.get_model_parallel_group()):
+        return  # another data-parallel replica: rank 0's replica does the work
+
+    by_item: dict[int | str, dict[str, LocalParam]] = {}
+    for lp in local_params:
+        item = _item_of(mapping, lp)
+        if item is not None:
+            by_item.setdefault(item, {})[lp.rule.megatron_name] = lp
+    owners: dict[int | str, int] = {}
+    if pp > 1:
+        held: list[list] = [None] * pp  # type: ignore[list-item]
+        dist.all_gather_object(held, sorted(by_item, key=str), group=pp_group)
+        for stage, items in enumerate(held):
+            for item in items:
+                owners.setdefault(item, stage)
+    else:
+        owners = {item: 0 for item in by_item}
+    order: list[int | str] = [_EMBEDDING, *range(arch.num_layers), _FINAL_NORM]
+    if mapping.output_rule.exported:
+        order.append(_OUTPUT)
+    missing = [item for item in order if item not in owners]
+    if missing:
+        raise ValueError(f"no pipeline stage holds {missing[:5]}")
+
+    with torch.no_grad():
+        for item in order:
+            owner = owners[item]
+            mine = owner == pp_rank
+            for rule in _rules_of(mapping, item):
+                layer = item if isinstance(item, int) else None
+                names = rule.hf_names_for(layer)
+                tensors: list[torch.Tensor] | None = None
+                if mine:
+                    tensors = _gather_to_hf(mapping, by_item[item][rule.megatron_name], tp, tp_group)
+                if pp > 1 and owner != 0 or target == "all":
+                    tensors = _move_over_pipeline(tensors, rule, target, owner, pp_rank, tp_rank,
+                                                  pp_group, dtype, device)
+                if tensors is None or (target == "first" and rank != 0):
+                    continue
+                for name, tensor in zip(names, tensors):
+                    yield name, tensor
+                del tensors
+
+
+def _move_over_pipeline(tensors, rule: ParamRule, target: ExportTarget, owner: int, pp_rank: int,
+                        tp_rank: int, pp_group, dtype, device) -> list[torch.Tensor] | None:
+    """Bring the owner stage's HF tensors to the stage(s) that yield them."""
+    pp = dist.get_world_size(pp_group)
+    if pp == 1:
+        return tensors
+    src = dist.get_global_rank(pp_group, owner)
+    if target == "all":  # every stage of every TP rank's pipeline receives
+        if tensors is None:
+            tensors = [torch.empty(s, dtype=dtype, device=device) for s in rule.hf_shapes]
+        for t in tensors:
+            dist.broadcast(t if t.is_contiguous() else t.contiguous(), src=src, group=pp_group)
+        return tensors
+    # target == "first": only TP rank 0 of the owner stage talks to global rank 0 (stage 0)
+    if tp_rank != 0:
+        return None
+    if pp_rank == owner:
+        for t in tensors:
+            dist.send(t.contiguous(), dst=dist.get_global_rank(pp_group, 0), group=None)
+        return None
+    if pp_rank == 0:
+        received = [torch.empty(s, dtype=dtype, device=device) for s in rule.hf_shapes]
+        for t in received:
+            dist.recv(t, src=src)
+        return received
+    return None

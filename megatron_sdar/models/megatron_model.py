@@ -1,0 +1,183 @@
+"""Build Megatron-Core's ``TransformerConfig`` and ``GPTModel`` for a :class:`QwenArchitecture`.
+
+Must be called after Megatron's parallel state is initialized (see
+:func:`megatron_sdar.utils.distributed.initialize_megatron_parallel`): the TP/PP sizes and this
+rank's pipeline stage come from there.
+
+Layer spec: Transformer Engine's when TE imports (GPU training, FP8), Megatron's local modules
+otherwise (CPU). The two name a few parameters differently (TE fuses the pre-attention and
+pre-MLP RMSNorm weights into ``linear_qkv`` / ``linear_fc1``); the weight mapping accepts both,
+and Megatron's distributed checkpoints use the TE names for either spec, so a checkpoint written
+on CPU loads with TE and vice versa.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megatron_sdar.models.architecture import QwenArchitecture
+
+
+def transformer_engine_available() -> bool:
+    """True when megatron-core can build Transformer Engine layers in this environment."""
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
+        return False
+    return bool(HAVE_TE)
+
+
+def _yarn_config_class():
+    from megatron.core.transformer import TransformerConfig
+
+    @dataclass
+    class YarnTransformerConfig(TransformerConfig):
+        """``TransformerConfig`` plus the YaRN fields ``GPTModel(position_embedding_type='yarn')``
+        reads from its config. ``yarn_mscale``/``yarn_mscale_all_dim`` stay None so the attention
+        scale is ``0.1 * ln(factor) + 1``, as in transformers' Qwen."""
+
+        yarn_rotary_scaling_factor: float = 1.0
+        yarn_original_max_position_embeddings: int = 4096
+        yarn_beta_fast: float = 32.0
+        yarn_beta_slow: float = 1.0
+        yarn_mscale: float | None = None
+        yarn_mscale_all_dim: float | None = None
+        yarn_correction_range_round_to_int: bool = True
+
+    return YarnTransformerConfig
+
+
+def build_transformer_config(
+    arch: QwenArchitecture,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    params_dtype: torch.dtype | None = None,
+    initialize_weights: bool = True,
+    **overrides: Any,
+):
+    """The Megatron ``TransformerConfig`` equivalent to ``arch``.
+
+    ``tp``/``pp`` default to Megatron's current parallel state; ``params_dtype`` to the
+    checkpoint's dtype (keeps HF -> Megatron -> HF bit-exact). ``initialize_weights=False`` skips
+    the random init (weights are about to be loaded). ``overrides`` go to the config verbatim
+    (sequence_parallel, recompute, fp8, ...).
+    """
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_sdar.utils.device import cpu_shims_active
+
+    tp = ps.get_tensor_model_parallel_world_size() if tp is None else tp
+    pp = ps.get_pipeline_model_parallel_world_size() if pp is None else pp
+    arch.check_tensor_parallel(tp)
+    if arch.num_layers % pp and "pipeline_model_parallel_layout" not in overrides:
+        raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pipeline size {pp}")
+    dtype = params_dtype or arch.torch_dtype_object()
+    on_cpu = cpu_shims_active()
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.intermediate_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_key_value_heads,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.rms_norm_eps,
+        add_bias_linear=False,
+        add_qkv_bias=arch.qkv_bias,
+        qk_layernorm=arch.qk_norm,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        hidden_dropout=0.0,
+        attention_dropout=arch.attention_dropout,
+        init_method_std=arch.initializer_range,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        perform_initialization=initialize_weights,
+        use_cpu_initialization=on_cpu,
+        # the fused kernels below are CUDA-only
+        bias_activation_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    config_class = TransformerConfig
+    if arch.rope.kind == "yarn":
+        config_class = _yarn_config_class()
+        kwargs.update(
+            yarn_rotary_scaling_factor=arch.rope.factor,
+            yarn_original_max_position_embeddings=arch.rope.original_max_position_embeddings,
+            yarn_beta_fast=arch.rope.beta_fast,
+            yarn_beta_slow=arch.rope.beta_slow,
+        )
+    kwargs.update(overrides)
+    return config_class(**kwargs)
+
+
+def build_layer_spec(arch: QwenArchitecture, use_transformer_engine: bool | None = None):
+    """Transformer Engine layer spec if available (or requested), else the local spec."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine is None:
+        use_transformer_engine = transformer_engine_available()
+    if use_transformer_engine:
+        if not transformer_engine_available():
+            raise RuntimeError("use_transformer_engine=True but Transformer Engine is not importable")
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+
+
+def build_model(
+    arch: QwenArchitecture,
+    config=None,
+    *,
+    use_transformer_engine: bool | None = None,
+    vocab_multiple: int = 1,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    **config_overrides: Any,
+):
+    """This rank's ``GPTModel`` chunk for ``arch`` (its pipeline stage, its TP shard).
+
+    ``vocab_multiple``: the vocabulary is padded to a multiple of ``tp * vocab_multiple``.
+    ``config`` defaults to :func:`build_transformer_config` (``config_overrides`` go there).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if config is None:
+        config = build_transformer_config(arch, **config_overrides)
+    elif config_overrides:
+        raise TypeError("pass either config or config overrides, not both")
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+    rope = arch.rope
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=build_layer_spec(arch, use_transformer_engine),
+        vocab_size=arch.padded_vocab_size(config.tensor_model_parallel_size, vocab_multiple),
+        max_sequence_length=arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="yarn" if rope.kind == "yarn" else "rope",
+        rotary_base=rope.theta,
+        seq_len_interpolation_factor=rope.factor if rope.kind == "linear" else None,
+        vp_stage=vp_stage,
+    )
+    return model
