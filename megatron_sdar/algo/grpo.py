@@ -31,8 +31,11 @@ def group_advantages(
         return centered.float()
     sq = torch.zeros_like(sums).index_add_(0, inverse, centered * centered)
     std = torch.sqrt(sq / (counts - 1).clamp_min(1))
-    adv = centered / (std[inverse] + eps)
-    return torch.where(counts[inverse] > 1, adv, torch.zeros_like(adv)).float()
+    denom = std[inverse] + eps
+    # a group of one, or of identical rewards, carries no signal (and must not give 0/0)
+    valid = (counts[inverse] > 1) & (denom > 0)
+    adv = centered / torch.where(valid, denom, torch.ones_like(denom))
+    return torch.where(valid, adv, torch.zeros_like(adv)).float()
 
 
 def ppo_clip_loss(

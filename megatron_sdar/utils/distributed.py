@@ -70,3 +70,18 @@ def destroy() -> None:
         pass
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def cp_token_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Positions of a sequence that CP rank ``cp_rank`` holds under Megatron's load-balanced split.
+
+    The sequence is cut into ``2 * cp_size`` equal chunks and rank ``r`` takes chunks ``r`` and
+    ``2 * cp_size - 1 - r``, so causal attention work is even across ranks. ``seq_len`` must be a
+    multiple of ``2 * cp_size``.
+    """
+    if seq_len % (2 * cp_size):
+        raise ValueError(f"sequence length {seq_len} must be a multiple of 2 * cp_size = {2 * cp_size}")
+    chunk = seq_len // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk)
+    second = torch.arange((2 * cp_size - 1 - cp_rank) * chunk, (2 * cp_size - cp_rank) * chunk)
+    return torch.cat([first, second])
