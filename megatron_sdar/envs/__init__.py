@@ -1,0 +1,22 @@
+"""Text environments for SDAR: the built-in household world, ALFWorld, WebShop and Search-QA.
+
+    from megatron_sdar.envs import make
+    env = make("household", seed=0)
+    observation, info = env.reset(seed=1)
+    observation, reward, terminated, truncated, info = env.step("go to fridge 1")
+"""
+from megatron_sdar.envs.base import (
+    INVALID_ACTION_FEEDBACK,
+    REQUIRED_INFO_KEYS,
+    EnvError,
+    StepResult,
+    TextEnv,
+    normalize_command,
+)
+from megatron_sdar.envs.batch import EnvBatch
+from megatron_sdar.envs.registry import available_envs, make, register
+
+__all__ = [
+    "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "EnvBatch", "EnvError", "StepResult", "TextEnv",
+    "available_envs", "make", "normalize_command", "register",
+]

@@ -1,0 +1,141 @@
+"""The text-environment interface every SDAR environment implements.
+
+The convention is Gymnasium's (without depending on gymnasium):
+
+    observation, info = env.reset(seed=None)
+    observation, reward, terminated, truncated, info = env.step(action)
+
+Observations and actions are plain strings. ``info`` always carries the keys in
+:data:`REQUIRED_INFO_KEYS`:
+
+- ``won`` (bool): the task is solved.
+- ``task_type`` (str): the task family, used for per-type metrics and by the skill
+  retriever's ``task_to_skill`` mapping.
+- ``task`` (str): the task text shown to the agent (what keyword retrieval matches).
+- ``invalid_action`` (bool): the last action could not be parsed or was not applicable;
+  the environment answered :data:`INVALID_ACTION_FEEDBACK` (or its own equivalent) and the
+  state did not change. The rollout loop applies the reward penalty, not the environment.
+- ``turn`` (int): number of ``step`` calls since the last ``reset``.
+
+and, when the environment can enumerate them, ``admissible_actions`` (list of str).
+
+``terminated`` means the episode reached an end state (success, or a final action such
+as WebShop's purchase or Search-QA's answer); ``truncated`` means the turn budget
+``max_turns`` ran out first.
+"""
+from __future__ import annotations
+
+import abc
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+INVALID_ACTION_FEEDBACK = "Nothing happens."
+REQUIRED_INFO_KEYS = ("won", "task_type", "task", "invalid_action", "turn")
+
+
+class EnvError(RuntimeError):
+    """An environment could not be built or used (bad configuration, missing data)."""
+
+
+@dataclass
+class StepResult:
+    """One environment transition, as returned by ``step`` (and by batched stepping).
+
+    ``error`` is set only by :class:`~megatron_sdar.envs.batch.EnvBatch` when the
+    environment raised or exceeded its step timeout; the episode then ends as failed
+    (``terminated=True``, ``reward=0``, ``info["won"]=False``).
+    """
+
+    observation: str
+    reward: float
+    terminated: bool
+    truncated: bool
+    info: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
+    def as_tuple(self) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        return self.observation, self.reward, self.terminated, self.truncated, self.info
+
+
+class TextEnv(abc.ABC):
+    """Base class: turn counting, truncation at ``max_turns`` and seeding.
+
+    Subclasses implement :meth:`_reset` (start the task selected by ``rng``) and
+    :meth:`_step` (apply one action); this class fills ``turn``/``truncated`` and checks
+    that the step was called on a live episode.
+    """
+
+    #: registry name, set by subclasses
+    name: str = "text"
+
+    def __init__(self, max_turns: int = 50, seed: int | None = None) -> None:
+        if int(max_turns) < 1:
+            raise ValueError(f"max_turns must be >= 1, got {max_turns}")
+        self.max_turns = int(max_turns)
+        # Draws the task when reset() gets no seed; seeded so a whole run is reproducible.
+        self._rng = random.Random(seed)
+        self._turn = 0
+        self._episode_over = True
+        self._last_info: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ API
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
+        """Start a new episode. The same ``seed`` always gives the same task."""
+        task_seed = seed if seed is not None else self._rng.randrange(2**31)
+        self._turn = 0
+        self._episode_over = False
+        observation, info = self._reset(random.Random(task_seed), dict(options or {}))
+        info.setdefault("invalid_action", False)
+        info.setdefault("won", False)
+        info["turn"] = 0
+        info["seed"] = task_seed
+        self._last_info = info
+        return observation, info
+
+    def step(self, action: str) -> tuple[str, float, bool, bool, dict[str, Any]]:
+        if self._episode_over:
+            raise EnvError(f"{type(self).__name__}.step() called before reset() or after the episode ended")
+        if not isinstance(action, str):
+            raise TypeError(f"action must be a str, got {type(action).__name__}")
+        self._turn += 1
+        observation, reward, terminated, info = self._step(action)
+        info.setdefault("invalid_action", False)
+        info.setdefault("won", False)
+        info["turn"] = self._turn
+        truncated = (not terminated) and self._turn >= self.max_turns
+        self._episode_over = terminated or truncated
+        self._last_info = info
+        return observation, float(reward), bool(terminated), bool(truncated), info
+
+    def close(self) -> None:
+        """Release external resources (processes, sockets). Default: nothing."""
+
+    @property
+    def task(self) -> str:
+        """Task text of the current episode (what skill retrieval matches against)."""
+        return str(self._last_info.get("task", ""))
+
+    @property
+    def task_type(self) -> str:
+        return str(self._last_info.get("task_type", ""))
+
+    # ------------------------------------------------------- subclass hooks
+    @abc.abstractmethod
+    def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Start the task chosen with ``rng``; return (observation, info)."""
+
+    @abc.abstractmethod
+    def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        """Apply ``action``; return (observation, reward, terminated, info)."""
+
+
+def normalize_command(text: str) -> str:
+    """Lower-case, trim, collapse whitespace and drop one trailing period: the form in
+    which text-game commands are compared (``"Go to  Desk 1."`` -> ``"go to desk 1"``)."""
+    text = " ".join(str(text).strip().lower().split())
+    return text[:-1].rstrip() if text.endswith(".") else text

@@ -1,0 +1,528 @@
+"""A built-in household world in the style of ALFWorld (no download, pure Python).
+
+Each task is generated from a seed: a room (kitchen, living room, bedroom, bathroom) with
+a few numbered receptacles (``cabinet 1``, ``fridge 1``...), the goal objects and some
+distractor objects, and one of ALFWorld's six task families:
+
+==========================  =====================================================
+task type                   success condition
+==========================  =====================================================
+``pick_and_place``          an object of kind K is in/on a receptacle of kind R
+``pick_two``                two objects of kind K are in/on the same receptacle of kind R
+``clean``                   a clean object of kind K is in/on a receptacle of kind R
+``heat``                    a hot object of kind K is in/on a receptacle of kind R
+``cool``                    a cool object of kind K is in/on a receptacle of kind R
+``look_at_obj_in_light``    the agent holds an object of kind K next to a lamp that is on
+==========================  =====================================================
+
+Actions follow ALFWorld's vocabulary: ``go to R``, ``open R``, ``close R``,
+``take O from R``, ``put O in/on R`` (``put O in R``, ``put O on R`` and ALFWorld 0.4's
+``move O to R`` are accepted too), ``clean O with R`` (sinkbasin), ``heat O with R``
+(microwave), ``cool O with R`` (fridge), ``use L`` (toggle a lamp), ``examine X``,
+``inventory``, ``look``. An action that is not admissible in the current state leaves the
+state unchanged, answers ``"Nothing happens."`` and sets ``info["invalid_action"]``.
+
+Reward: 1.0 on the step that completes the task (``terminated=True``), else 0.0.
+:meth:`HouseholdEnv.expert_actions` returns a plan that solves the task from the
+current state (it simulates the plan on a copy of the state with the same rules).
+"""
+from __future__ import annotations
+
+import copy
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, TextEnv, normalize_command
+
+TASK_TYPES = ("pick_and_place", "pick_two", "clean", "heat", "cool", "look_at_obj_in_light")
+
+# Receptacle kinds: (openable, preposition used in "put O in/on R").
+RECEPTACLE_KINDS: dict[str, tuple[bool, str]] = {
+    "cabinet": (True, "in"), "drawer": (True, "in"), "fridge": (True, "in"), "microwave": (True, "in"),
+    "safe": (True, "in"), "countertop": (False, "on"), "diningtable": (False, "on"), "sinkbasin": (False, "in"),
+    "stoveburner": (False, "on"), "shelf": (False, "on"), "garbagecan": (False, "in"), "sofa": (False, "on"),
+    "armchair": (False, "on"), "coffeetable": (False, "on"), "sidetable": (False, "on"), "tvstand": (False, "on"),
+    "bed": (False, "on"), "desk": (False, "on"), "dresser": (False, "on"), "toilet": (False, "on"),
+    "bathtubbasin": (False, "in"),
+}
+# Kinds that may appear more than once in a room (cabinet 1, cabinet 2...).
+REPEATABLE_RECEPTACLES = frozenset({"cabinet", "drawer", "shelf", "sidetable", "stoveburner", "countertop"})
+APPLIANCE_FOR = {"heat": "microwave", "cool": "fridge", "clean": "sinkbasin"}
+LAMP_HOLDERS = ("desk", "sidetable", "dresser")
+LAMP_KIND = "desklamp"
+
+ROOMS: dict[str, tuple[str, ...]] = {
+    "kitchen": ("cabinet", "drawer", "countertop", "diningtable", "fridge", "microwave", "sinkbasin",
+                "stoveburner", "shelf", "garbagecan"),
+    "livingroom": ("sofa", "armchair", "coffeetable", "sidetable", "shelf", "drawer", "cabinet", "tvstand",
+                   "garbagecan", "desk"),
+    "bedroom": ("bed", "desk", "sidetable", "dresser", "drawer", "shelf", "garbagecan", "safe"),
+    "bathroom": ("countertop", "cabinet", "drawer", "sinkbasin", "toilet", "bathtubbasin", "shelf", "garbagecan"),
+}
+ROOM_TEXT = {"kitchen": "kitchen", "livingroom": "living room", "bedroom": "bedroom", "bathroom": "bathroom"}
+
+
+@dataclass(frozen=True)
+class ItemKind:
+    """Properties of a portable object kind."""
+
+    rooms: tuple[str, ...]
+    heatable: bool = False
+    coolable: bool = False
+    cleanable: bool = False
+    lookable: bool = False  # can be the object of a look_at_obj_in_light task
+
+
+_KITCHEN = ("kitchen",)
+_LIVING = ("livingroom", "bedroom")
+ITEM_KINDS: dict[str, ItemKind] = {
+    "apple": ItemKind(_KITCHEN, True, True, True), "bread": ItemKind(_KITCHEN, True, True, False),
+    "egg": ItemKind(_KITCHEN, True, True, True), "potato": ItemKind(_KITCHEN, True, True, True),
+    "tomato": ItemKind(_KITCHEN, True, True, True), "lettuce": ItemKind(_KITCHEN, False, True, True),
+    "mug": ItemKind(_KITCHEN, True, True, True), "cup": ItemKind(_KITCHEN, True, True, True),
+    "plate": ItemKind(_KITCHEN, True, True, True), "bowl": ItemKind(_KITCHEN, True, True, True),
+    "pan": ItemKind(_KITCHEN, False, True, True), "knife": ItemKind(_KITCHEN, False, False, True),
+    "fork": ItemKind(_KITCHEN, False, False, True), "spoon": ItemKind(_KITCHEN, False, False, True),
+    "spatula": ItemKind(_KITCHEN, False, False, True),
+    "soapbar": ItemKind(("bathroom",), cleanable=True), "cloth": ItemKind(("bathroom",), cleanable=True),
+    "sponge": ItemKind(("bathroom",), cleanable=True), "towel": ItemKind(("bathroom",)),
+    "toiletpaper": ItemKind(("bathroom",)), "spraybottle": ItemKind(("bathroom",)), "candle": ItemKind(("bathroom",)),
+    "book": ItemKind(_LIVING, lookable=True), "pen": ItemKind(_LIVING, lookable=True),
+    "pencil": ItemKind(_LIVING, lookable=True), "cd": ItemKind(_LIVING, lookable=True),
+    "cellphone": ItemKind(_LIVING, lookable=True), "keychain": ItemKind(_LIVING, lookable=True),
+    "creditcard": ItemKind(_LIVING, lookable=True), "remotecontrol": ItemKind(_LIVING, lookable=True),
+    "alarmclock": ItemKind(_LIVING, lookable=True), "vase": ItemKind(_LIVING, lookable=True),
+    "statue": ItemKind(_LIVING, lookable=True), "pillow": ItemKind(_LIVING, lookable=True),
+    "watch": ItemKind(_LIVING, lookable=True), "newspaper": ItemKind(_LIVING, lookable=True),
+}
+
+TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "pick_and_place": ("put a {obj} {prep} {recep}", "put some {obj} {prep} {recep}"),
+    "pick_two": ("put two {obj} {prep} {recep}", "find two {obj} and put them {prep} {recep}"),
+    "clean": ("put a clean {obj} {prep} {recep}", "clean some {obj} and put it {prep} {recep}"),
+    "heat": ("put a hot {obj} {prep} {recep}", "heat some {obj} and put it {prep} {recep}"),
+    "cool": ("put a cool {obj} {prep} {recep}", "cool some {obj} and put it {prep} {recep}"),
+    "look_at_obj_in_light": ("look at {obj} under the {recep}", "examine the {obj} with the {recep}"),
+}
+
+
+def _int_range(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
+    low, high = (value, value) if isinstance(value, int) else tuple(value)
+    if not 0 <= low <= high:
+        raise ValueError(f"{name} must be an int or a (low, high) pair with 0 <= low <= high, got {value!r}")
+    return int(low), int(high)
+
+
+@dataclass
+class HouseholdConfig:
+    """Difficulty knobs. Defaults are easy: 4-5 receptacles, 1-2 distractors, short plans
+    (2-9 expert steps), so a tiny model can learn the world on CPU.
+
+    ``num_receptacles`` counts every receptacle in the room, including the appliance and
+    the target the task needs; ``num_distractors`` counts objects that are not goal
+    objects; either is an int or an inclusive (low, high) range.
+    """
+
+    num_receptacles: int | tuple[int, int] = (4, 5)
+    num_distractors: int | tuple[int, int] = (1, 2)
+    max_turns: int = 20
+    task_types: tuple[str, ...] = TASK_TYPES
+
+    def __post_init__(self) -> None:
+        self.num_receptacles = _int_range(self.num_receptacles, "num_receptacles")
+        self.num_distractors = _int_range(self.num_distractors, "num_distractors")
+        if self.num_receptacles[0] < 3:
+            raise ValueError(f"num_receptacles must be >= 3 (source, appliance, target), got {self.num_receptacles}")
+        self.task_types = tuple(self.task_types)
+        unknown = [t for t in self.task_types if t not in TASK_TYPES]
+        if unknown or not self.task_types:
+            raise ValueError(f"task_types must be a non-empty subset of {TASK_TYPES}, got {self.task_types}")
+
+
+@dataclass
+class Receptacle:
+    name: str
+    kind: str
+    openable: bool
+    preposition: str
+    is_open: bool = False
+    contents: list[str] = field(default_factory=list)
+
+    @property
+    def accessible(self) -> bool:
+        """Objects inside can be seen, taken and put: open, or nothing to open."""
+        return self.is_open or not self.openable
+
+
+@dataclass
+class Item:
+    name: str
+    kind: str
+    location: str | None  # receptacle name; None while the agent holds it
+    is_clean: bool = False
+    is_hot: bool = False
+    is_cool: bool = False
+    is_on: bool = False  # lamps only
+    portable: bool = True
+
+
+@dataclass
+class HouseholdTask:
+    task_type: str
+    object_kind: str
+    target_kind: str  # receptacle kind, or the lamp kind for look_at_obj_in_light
+    text: str
+    room: str
+
+
+@dataclass
+class WorldState:
+    task: HouseholdTask
+    receptacles: dict[str, Receptacle]
+    items: dict[str, Item]
+    agent_at: str | None = None  # None: in the middle of the room
+    holding: str | None = None
+
+
+def _article_list(names: list[str]) -> str:
+    if not names:
+        return "nothing"
+    parts = [f"a {n}" for n in names]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + ", and " + parts[-1]
+
+
+# ----------------------------------------------------------------------------- generation
+def generate_world(rng: random.Random, config: HouseholdConfig) -> WorldState:
+    """Build one task deterministically from ``rng``."""
+    task_type = rng.choice(config.task_types)
+    appliance = APPLIANCE_FOR.get(task_type)
+    if task_type == "look_at_obj_in_light":
+        room = rng.choice(["livingroom", "bedroom"])
+    elif appliance is not None:
+        room = rng.choice([r for r, kinds in ROOMS.items() if appliance in kinds])
+    else:
+        room = rng.choice(sorted(ROOMS))
+    pool = ROOMS[room]
+
+    def usable(kind: str) -> bool:
+        spec = ITEM_KINDS[kind]
+        if room not in spec.rooms:
+            return False
+        return {"heat": spec.heatable, "cool": spec.coolable, "clean": spec.cleanable,
+                "look_at_obj_in_light": spec.lookable}.get(task_type, True)
+
+    object_kind = rng.choice(sorted(k for k in ITEM_KINDS if usable(k)))
+    kinds: list[str] = []
+    if task_type == "look_at_obj_in_light":
+        lamp_holder = rng.choice([k for k in LAMP_HOLDERS if k in pool])
+        kinds.append(lamp_holder)
+        target_kind = LAMP_KIND
+    else:
+        if appliance is not None:
+            kinds.append(appliance)
+        # Appliances are never targets: "cool X and put it in the fridge" is degenerate.
+        target_kind = rng.choice([k for k in pool if k not in APPLIANCE_FOR.values()])
+        kinds.append(target_kind)
+        # At least one place the goal object can start from that is not the target kind.
+        kinds.append(rng.choice([k for k in pool if k != target_kind and k not in kinds]))
+    n_receptacles = rng.randint(*config.num_receptacles)
+    while len(kinds) < n_receptacles:
+        # Every room has repeatable kinds (cabinet, shelf...), so this always terminates.
+        kind = rng.choice(pool)
+        if kind not in kinds or kind in REPEATABLE_RECEPTACLES:
+            kinds.append(kind)
+
+    receptacles: dict[str, Receptacle] = {}
+    counts: dict[str, int] = {}
+    for kind in sorted(kinds):
+        counts[kind] = counts.get(kind, 0) + 1
+        openable, prep = RECEPTACLE_KINDS[kind]
+        name = f"{kind} {counts[kind]}"
+        receptacles[name] = Receptacle(name, kind, openable, prep)
+
+    items: dict[str, Item] = {}
+    item_counts: dict[str, int] = {}
+
+    def add_item(kind: str, where: str, portable: bool = True) -> None:
+        item_counts[kind] = item_counts.get(kind, 0) + 1
+        name = f"{kind} {item_counts[kind]}"
+        items[name] = Item(name, kind, where, portable=portable)
+        receptacles[where].contents.append(name)
+
+    names = list(receptacles)
+    # Goal objects start away from any receptacle of the target kind so the task is not solved at reset.
+    sources = [n for n in names if receptacles[n].kind != target_kind]
+    for _ in range(2 if task_type == "pick_two" else 1):
+        add_item(object_kind, rng.choice(sources))
+    if task_type == "look_at_obj_in_light":
+        holders = [n for n in names if receptacles[n].kind in LAMP_HOLDERS]
+        add_item(LAMP_KIND, rng.choice(holders), portable=False)
+    distractor_kinds = sorted(k for k, s in ITEM_KINDS.items() if room in s.rooms and k != object_kind)
+    for _ in range(rng.randint(*config.num_distractors)):
+        add_item(rng.choice(distractor_kinds), rng.choice(names))
+
+    if task_type == "look_at_obj_in_light":
+        recep_text, prep = LAMP_KIND, ""
+    else:
+        recep_text, prep = target_kind, RECEPTACLE_KINDS[target_kind][1]
+    text = rng.choice(TASK_TEMPLATES[task_type]).format(obj=object_kind, prep=prep, recep=recep_text)
+    task = HouseholdTask(task_type, object_kind, target_kind, text, room)
+    return WorldState(task=task, receptacles=receptacles, items=items)
+
+
+# ----------------------------------------------------------------------------- rules
+_PUT_PATTERNS = (
+    re.compile(r"^put (?P<o>.+?) (?:in/on|in|on|into|onto) (?P<r>.+)$"),
+    re.compile(r"^move (?P<o>.+?) to (?P<r>.+)$"),
+)
+
+
+def canonical_action(state: WorldState, action: str) -> str:
+    """Map accepted spellings to the canonical admissible form (``put O in/on R``)."""
+    text = normalize_command(action)
+    for pattern in _PUT_PATTERNS:
+        match = pattern.match(text)
+        if match and match["r"] in state.receptacles:
+            return f"put {match['o']} in/on {match['r']}"
+    return text
+
+
+def admissible_actions(state: WorldState) -> list[str]:
+    actions = {"inventory", "look"}
+    actions.update(f"go to {r}" for r in state.receptacles if r != state.agent_at)
+    held = state.items[state.holding] if state.holding else None
+    if held is not None:
+        actions.add(f"examine {held.name}")
+    if state.agent_at is not None:
+        recep = state.receptacles[state.agent_at]
+        actions.add(f"examine {recep.name}")
+        if recep.openable:
+            actions.add(f"{'close' if recep.is_open else 'open'} {recep.name}")
+        for name in recep.contents:
+            item = state.items[name]
+            if item.kind == LAMP_KIND:
+                actions.add(f"use {name}")
+            if recep.accessible:
+                actions.add(f"examine {name}")
+                if item.portable and held is None:
+                    actions.add(f"take {name} from {recep.name}")
+        if held is not None:
+            if recep.accessible:
+                actions.add(f"put {held.name} in/on {recep.name}")
+            spec = ITEM_KINDS[held.kind]
+            if recep.kind == "microwave" and spec.heatable:
+                actions.add(f"heat {held.name} with {recep.name}")
+            if recep.kind == "fridge" and spec.coolable:
+                actions.add(f"cool {held.name} with {recep.name}")
+            if recep.kind == "sinkbasin" and spec.cleanable:
+                actions.add(f"clean {held.name} with {recep.name}")
+    return sorted(actions)
+
+
+def _describe_receptacle(recep: Receptacle) -> str:
+    if recep.openable and not recep.is_open:
+        return f"The {recep.name} is closed."
+    if recep.openable:
+        return f"The {recep.name} is open. In it, you see {_article_list(recep.contents)}."
+    return f"On the {recep.name}, you see {_article_list(recep.contents)}."
+
+
+def room_overview(state: WorldState) -> str:
+    return (f"You are in the middle of a {ROOM_TEXT[state.task.room]}. Looking quickly around you, "
+            f"you see {_article_list(list(state.receptacles))}.")
+
+
+def apply_action(state: WorldState, action: str) -> tuple[str, bool]:
+    """Apply an action in place. Returns (feedback, valid)."""
+    command = canonical_action(state, action)
+    if command not in admissible_actions(state):
+        return INVALID_ACTION_FEEDBACK, False
+    verb, _, rest = command.partition(" ")
+    here = state.receptacles.get(state.agent_at) if state.agent_at else None
+    if command == "look":
+        if here is None:
+            return room_overview(state), True
+        return f"You are facing the {here.name}. Next to it, you see nothing.", True
+    if command == "inventory":
+        if state.holding is None:
+            return "You are not carrying anything.", True
+        return f"You are carrying: a {state.holding}.", True
+    if command.startswith("go to "):
+        state.agent_at = command[len("go to "):]
+        return f"You arrive at {state.agent_at}. {_describe_receptacle(state.receptacles[state.agent_at])}", True
+    if verb == "open":
+        here.is_open = True
+        return f"You open the {here.name}. {_describe_receptacle(here)}", True
+    if verb == "close":
+        here.is_open = False
+        return f"You close the {here.name}.", True
+    if verb == "take":
+        name = rest[: rest.rindex(" from ")]
+        here.contents.remove(name)
+        state.items[name].location = None
+        state.holding = name
+        return f"You pick up the {name} from the {here.name}.", True
+    if verb == "put":
+        name = rest[: rest.rindex(" in/on ")]
+        here.contents.append(name)
+        state.items[name].location = here.name
+        state.holding = None
+        return f"You put the {name} {here.preposition} the {here.name}.", True
+    if verb in ("heat", "cool", "clean"):
+        item = state.items[state.holding]
+        if verb == "heat":
+            item.is_hot, item.is_cool = True, False
+        elif verb == "cool":
+            item.is_cool, item.is_hot = True, False
+        else:
+            item.is_clean = True
+        return f"You {verb} the {item.name} using the {here.name}.", True
+    if verb == "use":
+        lamp = state.items[rest]
+        lamp.is_on = not lamp.is_on
+        return f"You turn {'on' if lamp.is_on else 'off'} the {lamp.name}.", True
+    if verb == "examine":
+        if rest in state.receptacles:
+            return _describe_receptacle(state.receptacles[rest]), True
+        item = state.items[rest]
+        if item.kind == LAMP_KIND:
+            return f"This {item.name} is {'on' if item.is_on else 'off'}.", True
+        states = [s for s, flag in (("hot", item.is_hot), ("cool", item.is_cool), ("clean", item.is_clean)) if flag]
+        if not states:
+            return f"There's nothing special about {item.name}.", True
+        return f"This is a {' and '.join(states)} {item.name}.", True
+    raise AssertionError(f"admissible action without a rule: {command}")  # pragma: no cover
+
+
+def _state_ok(task: HouseholdTask, item: Item) -> bool:
+    return {"clean": item.is_clean, "heat": item.is_hot, "cool": item.is_cool}.get(task.task_type, True)
+
+
+def _placed(state: WorldState, item: Item) -> bool:
+    """The item is a finished goal object: right kind and state, in a target receptacle."""
+    task = state.task
+    return (item.kind == task.object_kind and item.location is not None and _state_ok(task, item)
+            and state.receptacles[item.location].kind == task.target_kind)
+
+
+def is_won(state: WorldState) -> bool:
+    task = state.task
+    if task.task_type == "look_at_obj_in_light":
+        held = state.items.get(state.holding) if state.holding else None
+        if held is None or held.kind != task.object_kind or state.agent_at is None:
+            return False
+        return any(state.items[n].kind == LAMP_KIND and state.items[n].is_on
+                   for n in state.receptacles[state.agent_at].contents)
+    if task.task_type == "pick_two":
+        per_receptacle: dict[str, int] = {}
+        for item in state.items.values():
+            if _placed(state, item):
+                per_receptacle[item.location] = per_receptacle.get(item.location, 0) + 1
+        return any(n >= 2 for n in per_receptacle.values())
+    return any(_placed(state, item) for item in state.items.values())
+
+
+# ----------------------------------------------------------------------------- expert
+def _go_or_open(state: WorldState, recep_name: str) -> str | None:
+    """First step towards having ``recep_name`` accessible, or None when it already is."""
+    if state.agent_at != recep_name:
+        return f"go to {recep_name}"
+    if not state.receptacles[recep_name].accessible:
+        return f"open {recep_name}"
+    return None
+
+
+def expert_next_action(state: WorldState) -> str | None:
+    """One optimal-enough step of the oracle policy (it knows where everything is)."""
+    if is_won(state):
+        return None
+    task = state.task
+    held = state.items[state.holding] if state.holding else None
+    if task.task_type == "look_at_obj_in_light":
+        lamp = next(i for i in state.items.values() if i.kind == LAMP_KIND)
+        if held is not None and held.kind == task.object_kind:
+            if state.agent_at != lamp.location:
+                return f"go to {lamp.location}"
+            return f"use {lamp.name}"
+    else:
+        targets = [r for r in state.receptacles.values() if r.kind == task.target_kind]
+        # pick_two: keep filling the receptacle that already holds a finished object.
+        target = max(targets, key=lambda r: sum(_placed(state, state.items[n]) for n in r.contents))
+        if held is not None and held.kind == task.object_kind:
+            if not _state_ok(task, held):
+                appliance = next(r for r in state.receptacles.values() if r.kind == APPLIANCE_FOR[task.task_type])
+                if state.agent_at != appliance.name:
+                    return f"go to {appliance.name}"
+                return f"{task.task_type} {held.name} with {appliance.name}"
+            step = _go_or_open(state, target.name)
+            return step or f"put {held.name} in/on {target.name}"
+    if held is not None:  # holding something useless: put it down where we stand
+        if state.agent_at is None:
+            return f"go to {next(iter(state.receptacles))}"
+        step = _go_or_open(state, state.agent_at)
+        return step or f"put {held.name} in/on {state.agent_at}"
+    candidates = [i for i in state.items.values()
+                  if i.kind == task.object_kind and i.location is not None and not _placed(state, i)]
+    if task.task_type == "pick_two":
+        # A finished object in another target receptacle is still a candidate to gather.
+        filled = max((r for r in state.receptacles.values() if r.kind == task.target_kind),
+                     key=lambda r: sum(_placed(state, state.items[n]) for n in r.contents))
+        candidates = [i for i in state.items.values()
+                      if i.kind == task.object_kind and i.location is not None and i.location != filled.name]
+    item = min(candidates, key=lambda i: (i.location != state.agent_at, i.name))
+    step = _go_or_open(state, item.location)
+    return step or f"take {item.name} from {item.location}"
+
+
+def expert_plan(state: WorldState, max_steps: int = 100) -> list[str]:
+    """Simulate the oracle on a copy of ``state``; the returned actions solve the task."""
+    sim = copy.deepcopy(state)
+    plan: list[str] = []
+    while (action := expert_next_action(sim)) is not None:
+        feedback, valid = apply_action(sim, action)
+        if not valid or len(plan) >= max_steps:
+            raise RuntimeError(f"household expert failed on task {sim.task.text!r} at {action!r}")
+        plan.append(action)
+    return plan
+
+
+# ----------------------------------------------------------------------------- env
+class HouseholdEnv(TextEnv):
+    """The built-in household world. ``make("household", num_receptacles=(6, 8), ...)``
+    takes the :class:`HouseholdConfig` fields as keyword arguments."""
+
+    name = "household"
+
+    def __init__(self, seed: int | None = None, max_turns: int | None = None, **config: Any) -> None:
+        if max_turns is not None:
+            config["max_turns"] = max_turns
+        try:
+            self.config = HouseholdConfig(**config)
+        except TypeError as exc:
+            raise TypeError(f"household: unknown option ({exc}); valid options: "
+                            f"{sorted(HouseholdConfig.__dataclass_fields__)}") from None
+        super().__init__(max_turns=self.config.max_turns, seed=seed)
+        self.state: WorldState | None = None
+
+    def _info(self, invalid: bool) -> dict[str, Any]:
+        state = self.state
+        return {"admissible_actions": admissible_actions(state), "won": is_won(state),
+                "task_type": state.task.task_type, "task": state.task.text, "invalid_action": invalid}
+
+    def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        self.state = generate_world(rng, self.config)
+        observation = f"{room_overview(self.state)}\n\nYour task is to: {self.state.task.text}."
+        return observation, self._info(False)
+
+    def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
+        feedback, valid = apply_action(self.state, action)
+        info = self._info(not valid)
+        return feedback, (1.0 if info["won"] else 0.0), info["won"], info
+
+    def expert_actions(self) -> list[str]:
+        """Actions that solve the current task from the current state."""
+        if self.state is None:
+            raise RuntimeError("call reset() before expert_actions()")
+        return expert_plan(self.state)

@@ -1,0 +1,75 @@
+"""Environment registry: ``make(name, **kwargs)``.
+
+Built-in names (imported lazily so that using one environment never needs another's
+dependencies):
+
+=============  ==========================================================  ===========
+name           class                                                       needs
+=============  ==========================================================  ===========
+household      :class:`~megatron_sdar.envs.household.HouseholdEnv`          nothing
+alfworld       :class:`~megatron_sdar.envs.alfworld_env.ALFWorldEnv`        alfworld
+webshop        :class:`~megatron_sdar.envs.webshop.LocalWebShopEnv`, or     bm25s
+               :class:`~megatron_sdar.envs.webshop_http.WebShopHTTPEnv`
+               when ``base_url=`` is given
+search         :class:`~megatron_sdar.envs.search_qa.SearchQAEnv`           bm25s
+=============  ==========================================================  ===========
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Any, Callable
+
+from megatron_sdar.envs.base import TextEnv
+
+EnvFactory = Callable[..., TextEnv]
+
+_BUILTIN: dict[str, str] = {
+    "household": "megatron_sdar.envs.household:HouseholdEnv",
+    "alfworld": "megatron_sdar.envs.alfworld_env:ALFWorldEnv",
+    "search": "megatron_sdar.envs.search_qa:SearchQAEnv",
+}
+_REGISTRY: dict[str, EnvFactory | str] = dict(_BUILTIN)
+
+
+def _webshop(**kwargs: Any) -> TextEnv:
+    if "base_url" in kwargs:
+        from megatron_sdar.envs.webshop_http import WebShopHTTPEnv
+
+        return WebShopHTTPEnv(**kwargs)
+    from megatron_sdar.envs.webshop import LocalWebShopEnv
+
+    return LocalWebShopEnv(**kwargs)
+
+
+_REGISTRY["webshop"] = _webshop
+
+
+def register(name: str, factory: EnvFactory) -> None:
+    """Add an environment: ``factory(**kwargs)`` must return a :class:`TextEnv`."""
+    if not callable(factory):
+        raise TypeError(f"factory for environment {name!r} must be callable")
+    if name in _REGISTRY:
+        raise ValueError(f"environment {name!r} is already registered")
+    _REGISTRY[name] = factory
+
+
+def available_envs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make(name: str, **kwargs: Any) -> TextEnv:
+    """Build environment ``name`` with ``kwargs`` (see each class for its options)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown environment {name!r}; available: {available_envs()}")
+    factory = _REGISTRY[name]
+    if isinstance(factory, str):
+        module, attr = factory.split(":")
+        factory = getattr(importlib.import_module(module), attr)
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        if not any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()):
+            raise TypeError(f"make({name!r}): {exc}; accepted options: "
+                            f"{[p for p in inspect.signature(factory).parameters if p != 'self']}") from None
+    return factory(**kwargs)

@@ -1,0 +1,82 @@
+"""ALFWorld adapter: the shipped hand-written game played through real alfworld/textworld."""
+import json
+import shutil
+
+import pytest
+
+from megatron_sdar.envs import INVALID_ACTION_FEEDBACK, EnvError, make
+from megatron_sdar.envs.alfworld_env import BUILTIN_DATA_DIR, collect_games
+
+SCRIPT = ["go to fridge 1", "open fridge 1", "take apple 1 from fridge 1", "go to microwave 1",
+          "heat apple 1 with microwave 1", "go to diningtable 1", "move apple 1 to diningtable 1"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    env = make("alfworld", split="valid_seen", data_dir="builtin")
+    yield env
+    env.close()
+
+
+def test_scripted_actions_win_the_shipped_game(env):
+    obs, info = env.reset(seed=0)
+    assert "Welcome to TextWorld, ALFRED" in obs  # text from alfworld's own grammar
+    assert info["task"] == "put a hot apple in diningtable"
+    assert info["task_type"] == "pick_heat_then_place_in_recep"
+    assert "help" not in info["admissible_actions"] and "go to fridge 1" in info["admissible_actions"]
+    for i, action in enumerate(SCRIPT):
+        obs, reward, terminated, truncated, info = env.step(action)
+        assert not info["invalid_action"], action
+        assert terminated == (i == len(SCRIPT) - 1)
+    assert obs == "You move the apple 1 to the diningtable 1."
+    assert reward == 1.0 and info["won"]
+
+
+def test_planner_expert_and_put_spelling(env):
+    env.reset(seed=0)
+    plan = env.expert_actions()  # fast-downward, as alfworld's planner expert
+    assert plan == SCRIPT
+    # Placing before heating does not satisfy the goal; the "put ... in/on" spelling maps to "move ... to".
+    for action in SCRIPT[:3] + ["go to diningtable 1", "put apple 1 in/on diningtable 1"]:
+        obs, reward, terminated, _, info = env.step(action)
+        assert not info["invalid_action"], action
+    assert not terminated and reward == 0.0
+    obs, reward, terminated, _, info = env.step("take apple 1 from diningtable 1")
+    replan = env.expert_actions()
+    assert "heat apple 1 with microwave 1" in replan
+    for action in replan:
+        obs, reward, terminated, _, info = env.step(action)
+    assert terminated and reward == 1.0
+
+
+def test_invalid_action(env):
+    env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step("take apple 1 from fridge 1")
+    assert obs == INVALID_ACTION_FEEDBACK and info["invalid_action"] and not terminated
+    obs, *_ , info = env.step("help")
+    assert info["invalid_action"]
+
+
+def test_split_layout_and_errors(tmp_path, monkeypatch):
+    # A user's alfworld-download tree: $ALFWORLD_DATA/json_2.1.1/<split>/<task>/<trial>/.
+    shutil.copytree(BUILTIN_DATA_DIR / "json_2.1.1", tmp_path / "json_2.1.1")
+    monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
+    games = collect_games(None, "eval_in_distribution")
+    assert len(games) == 1 and games[0].task_type == "pick_heat_then_place_in_recep"
+    assert collect_games(None, "valid_seen") == games
+    with pytest.raises(EnvError, match="no solvable games"):
+        collect_games(None, "valid_seen", task_types=("pick_two_obj_and_place",))
+    with pytest.raises(EnvError, match="train"):
+        make("alfworld", split="train")
+    with pytest.raises(ValueError, match="split must be one of"):
+        make("alfworld", split="test", data_dir="builtin")
+    # An unsolvable game is skipped, as alfworld does.
+    game_file = next((tmp_path / "json_2.1.1" / "valid_seen").rglob("game.tw-pddl"))
+    data = json.loads(game_file.read_text())
+    data["solvable"] = False
+    game_file.write_text(json.dumps(data))
+    with pytest.raises(EnvError, match="no solvable games"):
+        collect_games(None, "valid_seen")
+    monkeypatch.delenv("ALFWORLD_DATA")
+    with pytest.raises(EnvError, match="alfworld-download"):
+        collect_games(None, "valid_seen")
