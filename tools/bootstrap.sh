@@ -76,7 +76,7 @@ else
 fi
 
 # The venv is shared between checkouts (a CI clone, a worktree): point the editable install here.
-installed=$("$PY" -c 'import megatron_sdar, os; print(os.path.dirname(os.path.dirname(os.path.abspath(megatron_sdar.__file__))))' 2>/dev/null || true)
+installed=$(cd / && "$PY" -c 'import megatron_sdar, os; print(os.path.dirname(os.path.dirname(os.path.abspath(megatron_sdar.__file__))))' 2>/dev/null || true)
 if [ "$installed" != "$ROOT" ]; then
   log "installing megatron-sdar (editable) from $ROOT"
   pip_quietly "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
