@@ -67,9 +67,9 @@ def make_inputs(dtype_name, seed=0):
     return student.to(dtype), teacher.to(dtype), targets, w_lp, w_ent, w_div
 
 
-def _compute_all(dtype_name, tp_group, tp_rank, tp_size):
-    """Every op on this rank's shard; returns values and the gradient shards (float64)."""
-    student, teacher, targets, w_lp, w_ent, w_div = make_inputs(dtype_name)
+def _compute_all(dtype_name, tp_group, tp_rank, tp_size, device="cpu"):
+    """Every op on this rank's shard; returns values and the gradient shards (float64, on CPU)."""
+    student, teacher, targets, w_lp, w_ent, w_div = (t.to(device) for t in make_inputs(dtype_name))
     shard = slice(tp_rank * V // tp_size, (tp_rank + 1) * V // tp_size)
     out = {}
     s = student[:, shard].clone().requires_grad_(True)
@@ -87,15 +87,14 @@ def _compute_all(dtype_name, tp_group, tp_rank, tp_size):
         div = topk_tail_divergence(s, t_lp, t_ids, kind, tp_group, chunk_size=CHUNK)
         (div * w_div).sum().backward()
         out[f"topk_{kind}"], out[f"grad_topk_{kind}"] = div.double(), s.grad.double()
-    return out
+    return {k: v.detach().cpu() for k, v in out.items()}
 
 
 def _tp_worker(dtype_name):
     from megatron.core import parallel_state as ps
 
-    out = _compute_all(dtype_name, ps.get_tensor_model_parallel_group(),
-                       ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
-    return {k: v.detach() for k, v in out.items()}
+    return _compute_all(dtype_name, ps.get_tensor_model_parallel_group(),
+                        ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
 
 
 def _assert_close(got, ref, tol, what):
@@ -141,6 +140,12 @@ def _check_against_reference(per_rank, dtype_name):
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_single_process_matches_float64_reference(dtype_name):
     _check_against_reference([_compute_all(dtype_name, None, 0, 1)], dtype_name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_cuda_matches_float64_reference(dtype_name):
+    _check_against_reference([_compute_all(dtype_name, None, 0, 1, device="cuda")], dtype_name)
 
 
 @pytest.mark.multiproc

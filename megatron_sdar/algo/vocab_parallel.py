@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 128  # tokens; 128 x 151,936 fp32 = 78 MB per workspace buffer
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
 
@@ -81,6 +81,44 @@ def _check_logits(name: str, logits: torch.Tensor) -> None:
 
 
 # ------------------------------------------------------------------ log-probs and entropy
+class _Workspace:
+    """Two reusable fp32 ``[chunk, V_local]`` buffers: every chunk computes in place in them.
+
+    Fresh large allocations cost a page fault per page on CPU and allocator traffic on GPU; the
+    chunk loops below allocate only per-token vectors.
+    """
+
+    def __init__(self, rows: int, cols: int, device):
+        self.a = torch.empty(rows, cols, dtype=torch.float32, device=device)
+        self.b = torch.empty(rows, cols, dtype=torch.float32, device=device)
+
+    def views(self, rows: int):
+        return self.a[:rows], self.b[:rows]
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``sum_j x_ij y_ij`` per row without a ``[n, V]`` temporary (a batched matrix-vector dot)."""
+    return torch.bmm(x.unsqueeze(1), y.unsqueeze(2)).view(-1)
+
+
+def _shifted_exp_stats(z, tp_group, shifted, expd):
+    """Global ``(max, sum e, sum e * (z - max))`` of a chunk; ``e = exp(z - max)`` left in ``expd``.
+
+    ``sum e * (z - max)`` is the numerator of the expected logit. A ``-inf`` logit (an impossible
+    token) makes the plain dot ``0 * -inf = nan``: such rows are recomputed with ``xlogy``.
+    """
+    zmax = z.amax(dim=-1)
+    _all_reduce(zmax, dist.ReduceOp.MAX, tp_group)
+    torch.sub(z, zmax[:, None], out=shifted)
+    torch.exp(shifted, out=expd)
+    sums = torch.stack([expd.sum(-1), _row_dot(expd, shifted)], dim=-1)
+    bad = ~torch.isfinite(sums[:, 1])
+    has_inf = bool(bad.any())
+    if has_inf:
+        sums[bad, 1] = torch.special.xlogy(expd[bad], expd[bad]).sum(-1)
+    return zmax, sums, has_inf
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     """Gathered log-probs ``[n, k]`` at global ids ``indices [n, k]`` plus entropy ``[n]``."""
 
@@ -91,19 +129,25 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         logprobs = torch.empty(indices.shape, dtype=torch.float32, device=logits.device)
         entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
         log_norm = torch.empty(n, dtype=torch.float32, device=logits.device)
+        work = _Workspace(min(chunk_size, n), v_local, logits.device)
+        has_inf = False
         for s, e in _chunks(n, chunk_size):
             z = logits[s:e].float()
-            lz = _log_normalizer(z, tp_group)
+            shifted, expd = work.views(e - s)
+            zmax, sums, chunk_has_inf = _shifted_exp_stats(z, tp_group, shifted, expd)
+            has_inf |= chunk_has_inf
             idx = indices[s:e]
             local = (idx >= vocab_start) & (idx < vocab_end)
             picked = z.gather(-1, (idx - vocab_start).clamp(0, v_local - 1)) * local
-            stats = torch.cat([picked, _p_times(torch.exp(z - lz[:, None]), z).sum(-1, keepdim=True)], dim=-1)
-            _all_reduce(stats, dist.ReduceOp.SUM, tp_group)  # one collective for both statistics
-            logprobs[s:e] = stats[:, :-1] - lz[:, None]
-            entropy[s:e] = lz - stats[:, -1]
+            stats = torch.cat([sums, picked], dim=-1)
+            _all_reduce(stats, dist.ReduceOp.SUM, tp_group)  # one collective for all statistics
+            lz = zmax + torch.log(stats[:, 0])
+            logprobs[s:e] = stats[:, 2:] - lz[:, None]
+            # H = logZ - E[z] = log S - sum e (z - max) / S
+            entropy[s:e] = torch.log(stats[:, 0]) - stats[:, 1] / stats[:, 0]
             log_norm[s:e] = lz
         ctx.save_for_backward(logits, indices, log_norm, entropy)
-        ctx.tp_group, ctx.chunk_size = tp_group, chunk_size
+        ctx.tp_group, ctx.chunk_size, ctx.has_inf = tp_group, chunk_size, has_inf
         ctx.mark_non_differentiable(indices)
         return logprobs, entropy
 
@@ -113,20 +157,28 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n, v_local = logits.shape
         vocab_start, vocab_end = _vocab_range(v_local, ctx.tp_group)
         grad_logits = torch.empty_like(logits)
+        work = _Workspace(min(ctx.chunk_size, n), v_local, logits.device)
         for s, e in _chunks(n, ctx.chunk_size):
-            z = logits[s:e].float()
-            log_p = z - log_norm[s:e, None]
-            p = torch.exp(log_p)
-            g = torch.zeros_like(z)
-            if grad_logprobs is not None:
-                glp = grad_logprobs[s:e].float()
-                idx = indices[s:e]
-                local = (idx >= vocab_start) & (idx < vocab_end)
-                g.scatter_add_(-1, (idx - vocab_start).clamp(0, v_local - 1), glp * local)
-                g -= p * glp.sum(-1, keepdim=True)
+            log_p, g = work.views(e - s)
+            if logits.dtype == torch.float32:
+                g = grad_logits[s:e]  # compute the gradient in place, no copy
+            torch.sub(logits[s:e].float(), log_norm[s:e, None], out=log_p)
+            torch.exp(log_p, out=g)  # p
+            glp = (grad_logprobs[s:e].float() if grad_logprobs is not None
+                   else torch.zeros(e - s, indices.shape[1], device=logits.device))
+            # d/dz_k of (sum_i glp_i lp_i + gH H) = onehot - p_k (sum glp + gH (log p_k + H))
             if grad_entropy is not None:
-                g -= grad_entropy[s:e, None].float() * _p_times(p, log_p + entropy[s:e, None])
-            grad_logits[s:e] = g.to(logits.dtype)
+                g_h = grad_entropy[s:e, None].float()
+                log_p.mul_(g_h).add_(glp.sum(-1, keepdim=True) + g_h * entropy[s:e, None])
+                g.mul_(log_p).neg_()
+                if ctx.has_inf:
+                    g.nan_to_num_(nan=0.0)  # p = 0 at a -inf logit: its gradient is 0
+            else:
+                g.mul_(-glp.sum(-1, keepdim=True))
+            local = (indices[s:e] >= vocab_start) & (indices[s:e] < vocab_end)
+            g.scatter_add_(-1, (indices[s:e] - vocab_start).clamp(0, v_local - 1), glp * local)
+            if g.data_ptr() != grad_logits[s:e].data_ptr():
+                grad_logits[s:e] = g
         return grad_logits, None, None, None
 
 
@@ -229,48 +281,94 @@ def vocab_parallel_topk(
 
 # ------------------------------------------------------------- full-vocabulary divergences
 class _VocabParallelDivergence(torch.autograd.Function):
-    """Per-token divergence ``[n]`` between student and teacher sharded logits ``[n, V_local]``."""
+    """Per-token divergence ``[n]`` between student and teacher sharded logits ``[n, V_local]``.
+
+    KL terms are computed from shifted logits without materializing log-softmax tensors:
+    ``KL(S || T) = sum_j eS_j (zS_j - zT_j) / S_S - (lzS - lzT)`` with ``eS = exp(zS - max)``,
+    ``S_S = sum eS`` (and symmetrically for the forward KL).
+    """
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, kind, tp_group, chunk_size):
-        n = student_logits.shape[0]
+        n, v_local = student_logits.shape
         div = torch.empty(n, dtype=torch.float32, device=student_logits.device)
         norms = torch.empty(n, 2, dtype=torch.float32, device=student_logits.device)
+        work = _Workspace(min(chunk_size, n), v_local, student_logits.device)
+        has_inf = False
         for s, e in _chunks(n, chunk_size):
             zs, zt = student_logits[s:e].float(), teacher_logits[s:e].float()
-            lzs, lzt = _log_normalizer(zs, tp_group), _log_normalizer(zt, tp_group)
-            log_ps, log_pt = zs - lzs[:, None], zt - lzt[:, None]
-            ps, pt = torch.exp(log_ps), torch.exp(log_pt)
-            if kind == "reverse_kl":
-                local = _p_times(ps, log_ps - log_pt).sum(-1)
-            elif kind == "forward_kl":
-                local = _p_times(pt, log_pt - log_ps).sum(-1)
-            else:
+            if kind == "jsd":
+                lzs, lzt = _log_normalizer(zs, tp_group), _log_normalizer(zt, tp_group)
+                log_ps, log_pt = zs - lzs[:, None], zt - lzt[:, None]
+                ps, pt = torch.exp(log_ps), torch.exp(log_pt)
                 log_m = torch.logaddexp(log_ps, log_pt) - math.log(2.0)
                 local = 0.5 * (_p_times(ps, log_ps - log_m) + _p_times(pt, log_pt - log_m)).sum(-1)
+            else:
+                # e = exp(z - max) of both, then the outer distribution's e weights the log-ratio
+                e_s, e_t = work.views(e - s)
+                max_s, max_t = zs.amax(-1), zt.amax(-1)
+                maxes = torch.stack([max_s, max_t])
+                _all_reduce(maxes, dist.ReduceOp.MAX, tp_group)
+                torch.sub(zs, maxes[0][:, None], out=e_s).exp_()
+                torch.sub(zt, maxes[1][:, None], out=e_t).exp_()
+                sums = _all_reduce(torch.stack([e_s.sum(-1), e_t.sum(-1)]), dist.ReduceOp.SUM, tp_group)
+                lzs, lzt = maxes[0] + torch.log(sums[0]), maxes[1] + torch.log(sums[1])
+                p, total = (e_s, sums[0]) if kind == "reverse_kl" else (e_t, sums[1])
+                diff = e_t if kind == "reverse_kl" else e_s  # reuse the other buffer
+                if kind == "reverse_kl":
+                    torch.sub(zs, zt, out=diff)
+                else:
+                    torch.sub(zt, zs, out=diff)
+                local = _row_dot(p, diff)
+                bad = ~torch.isfinite(local)
+                if bool(bad.any()):
+                    has_inf = True
+                    local[bad] = _p_times(p[bad], diff[bad]).sum(-1)
+                local = local / total
             div[s:e] = _all_reduce(local, dist.ReduceOp.SUM, tp_group)
+            if kind == "reverse_kl":
+                div[s:e] -= lzs - lzt
+            elif kind == "forward_kl":
+                div[s:e] -= lzt - lzs
             norms[s:e, 0], norms[s:e, 1] = lzs, lzt
         ctx.save_for_backward(student_logits, teacher_logits, norms, div)
-        ctx.kind, ctx.tp_group, ctx.chunk_size = kind, tp_group, chunk_size
+        ctx.kind, ctx.tp_group, ctx.chunk_size, ctx.has_inf = kind, tp_group, chunk_size, has_inf
         return div
 
     @staticmethod
     def backward(ctx, grad_div):
         student_logits, teacher_logits, norms, div = ctx.saved_tensors
+        n, v_local = student_logits.shape
         grad_student = torch.empty_like(student_logits)
-        for s, e in _chunks(student_logits.shape[0], ctx.chunk_size):
-            log_ps = student_logits[s:e].float() - norms[s:e, 0:1]
-            log_pt = teacher_logits[s:e].float() - norms[s:e, 1:2]
-            ps = torch.exp(log_ps)
+        work = _Workspace(min(ctx.chunk_size, n), v_local, student_logits.device)
+        for s, e in _chunks(n, ctx.chunk_size):
+            zs, zt = student_logits[s:e].float(), teacher_logits[s:e].float()
+            gd = grad_div[s:e, None].float()
+            a, b = work.views(e - s)
+            if student_logits.dtype == torch.float32:
+                b = grad_student[s:e]  # compute the gradient in place, no copy
             if ctx.kind == "reverse_kl":
-                g = _p_times(ps, log_ps - log_pt - div[s:e, None])
+                # pS_k (log pS_k - log pT_k - KL) = pS_k ((zS - zT)_k - (lzS - lzT) - KL)
+                torch.sub(zs, zt, out=a)
+                a.sub_((norms[s:e, 0] - norms[s:e, 1] + div[s:e])[:, None])
+                torch.sub(zs, norms[s:e, 0:1], out=b)
+                b.exp_().mul_(a).mul_(gd)
+                if ctx.has_inf:
+                    b.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+                g = b
             elif ctx.kind == "forward_kl":
-                g = ps - torch.exp(log_pt)
+                torch.sub(zt, norms[s:e, 1:2], out=a)
+                torch.sub(zs, norms[s:e, 0:1], out=b)
+                g = b.exp_().sub_(a.exp_()).mul_(gd)
             else:
-                a = 0.5 * (log_ps - (torch.logaddexp(log_ps, log_pt) - math.log(2.0)))
-                mean_a = _all_reduce(_p_times(ps, a).sum(-1, keepdim=True), dist.ReduceOp.SUM, ctx.tp_group)
-                g = _p_times(ps, a - mean_a)
-            grad_student[s:e] = (g * grad_div[s:e, None].float()).to(student_logits.dtype)
+                log_ps = zs - norms[s:e, 0:1]
+                log_pt = zt - norms[s:e, 1:2]
+                ps = torch.exp(log_ps)
+                a_js = 0.5 * (log_ps - (torch.logaddexp(log_ps, log_pt) - math.log(2.0)))
+                mean_a = _all_reduce(_p_times(ps, a_js).sum(-1, keepdim=True), dist.ReduceOp.SUM, ctx.tp_group)
+                g = _p_times(ps, a_js - mean_a) * gd
+            if g.data_ptr() != grad_student[s:e].data_ptr():
+                grad_student[s:e] = g
         return grad_student, None, None, None, None
 
 
