@@ -17,7 +17,7 @@ keeping it across an optimizer step.
 """
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -53,37 +53,47 @@ def _rules_of(mapping: QwenWeightMapping, item: int | str) -> list[ParamRule]:
              _OUTPUT: mapping.output_rule}[item]]
 
 
+# Single-buffer all-gather (named all_gather_single from torch 2.13 on): the result lands in the
+# output buffer directly, where a list all-gather may stage it in a temporary of the full size.
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _gather_rows(local: torch.Tensor, rows: int, tp: int, group) -> torch.Tensor:
     """All-gather dim-0 shards straight into one ``[rows * tp, ...]`` buffer (no extra copy)."""
     if tp == 1:
         return local
     full = torch.empty((rows * tp, *local.shape[1:]), dtype=local.dtype, device=local.device)
-    dist.all_gather(list(full.chunk(tp, dim=0)), local.contiguous(), group=group)
+    _all_gather_into(full, local.contiguous(), group=group)
     return full
 
 
-def _gather_to_hf(mapping: QwenWeightMapping, lp: LocalParam, tp: int, group) -> list[torch.Tensor]:
-    """This parameter's full HF tensor(s), gathered over TP (collective over the TP group)."""
+def _gather_to_hf(mapping: QwenWeightMapping, lp: LocalParam, tp: int, group) -> list[Callable[[], torch.Tensor]]:
+    """One thunk per HF tensor of this parameter; calling it gathers that full tensor over TP.
+
+    Thunks, not tensors: the caller materializes (and releases) one HF tensor at a time, so
+    gate and up (or q, k and v) are never all full at once.
+    """
     local = lp.tensor.detach()
     kind = lp.rule.kind
     if kind is ShardKind.REPLICATED:
-        return [local]
+        return [lambda: local]
     if kind is ShardKind.VOCAB:
-        full = _gather_rows(local, local.shape[0], tp, group)
-        return [full[: mapping.arch.vocab_size]]  # drop the TP padding rows (a view)
-    if kind is ShardKind.GATE_UP:
-        gate, up = local.chunk(2, dim=0)
-        return [_gather_rows(gate, gate.shape[0], tp, group), _gather_rows(up, up.shape[0], tp, group)]
-    if kind is ShardKind.QKV:
-        return [_gather_rows(part, part.shape[0], tp, group) for part in mapping.split_qkv(local)]
+        # drop the TP padding rows (a view)
+        return [lambda: _gather_rows(local, local.shape[0], tp, group)[: mapping.arch.vocab_size]]
+    if kind in (ShardKind.GATE_UP, ShardKind.QKV):
+        # gate/up: views of the local shard; q/k/v: small contiguous copies (1/tp of the tensor)
+        parts = local.chunk(2, dim=0) if kind is ShardKind.GATE_UP else mapping.split_qkv(local)
+        return [lambda part=part: _gather_rows(part, part.shape[0], tp, group) for part in parts]
     if kind is ShardKind.ROW:
         if tp == 1:
-            return [local]
-        pieces = [torch.empty_like(local) for _ in range(tp)]
-        dist.all_gather(pieces, local.contiguous(), group=group)
-        full = torch.cat(pieces, dim=1)
-        del pieces
-        return [full]
+            return [lambda: local]
+
+        def gather_columns() -> torch.Tensor:
+            # [tp * out, in/tp] -> [out, tp * in/tp]: one transient copy of the parameter
+            stacked = _gather_rows(local, local.shape[0], tp, group).view(tp, *local.shape)
+            return stacked.permute(1, 0, 2).reshape(local.shape[0], tp * local.shape[1])
+
+        return [gather_columns]
     raise AssertionError(kind)
 
 
@@ -139,43 +149,40 @@ def iter_hf_weights(model_chunks, arch: QwenArchitecture, *,
             mine = owner == pp_rank
             for rule in _rules_of(mapping, item):
                 layer = item if isinstance(item, int) else None
-                names = rule.hf_names_for(layer)
-                tensors: list[torch.Tensor] | None = None
-                if mine:
-                    tensors = _gather_to_hf(mapping, by_item[item][rule.megatron_name], tp, tp_group)
-                if pp > 1 and owner != 0 or target == "all":
-                    tensors = _move_over_pipeline(tensors, rule, target, owner, pp_rank, tp_rank,
-                                                  pp_group, dtype, device)
-                if tensors is None or (target == "first" and rank != 0):
-                    continue
-                for name, tensor in zip(names, tensors):
-                    yield name, tensor
-                del tensors
+                thunks = _gather_to_hf(mapping, by_item[item][rule.megatron_name], tp, tp_group) if mine else None
+                for i, (name, shape) in enumerate(zip(rule.hf_names_for(layer), rule.hf_shapes)):
+                    tensor = thunks[i]() if mine else None
+                    if (pp > 1 and owner != 0) or target == "all":
+                        tensor = _move_over_pipeline(tensor, shape, target, owner, pp_rank, tp_rank,
+                                                     pp_group, dtype, device)
+                    if tensor is not None and (target == "all" or rank == 0):
+                        yield name, tensor
+                    del tensor
 
 
-def _move_over_pipeline(tensors, rule: ParamRule, target: ExportTarget, owner: int, pp_rank: int,
-                        tp_rank: int, pp_group, dtype, device) -> list[torch.Tensor] | None:
-    """Bring the owner stage's HF tensors to the stage(s) that yield them."""
+def _move_over_pipeline(tensor: torch.Tensor | None, shape: tuple[int, ...], target: ExportTarget,
+                        owner: int, pp_rank: int, tp_rank: int, pp_group, dtype,
+                        device) -> torch.Tensor | None:
+    """Bring one HF tensor from the owner stage to the stage(s) that yield it (None elsewhere)."""
     pp = dist.get_world_size(pp_group)
     if pp == 1:
-        return tensors
+        return tensor
     src = dist.get_global_rank(pp_group, owner)
     if target == "all":  # every stage of every TP rank's pipeline receives
-        if tensors is None:
-            tensors = [torch.empty(s, dtype=dtype, device=device) for s in rule.hf_shapes]
-        for t in tensors:
-            dist.broadcast(t if t.is_contiguous() else t.contiguous(), src=src, group=pp_group)
-        return tensors
+        if tensor is None:
+            tensor = torch.empty(shape, dtype=dtype, device=device)
+        elif not tensor.is_contiguous():
+            tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=src, group=pp_group)
+        return tensor
     # target == "first": only TP rank 0 of the owner stage talks to global rank 0 (stage 0)
     if tp_rank != 0:
         return None
     if pp_rank == owner:
-        for t in tensors:
-            dist.send(t.contiguous(), dst=dist.get_global_rank(pp_group, 0), group=None)
+        dist.send(tensor.contiguous(), dst=dist.get_global_rank(pp_group, 0))
         return None
     if pp_rank == 0:
-        received = [torch.empty(s, dtype=dtype, device=device) for s in rule.hf_shapes]
-        for t in received:
-            dist.recv(t, src=src)
+        received = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(received, src=src)
         return received
     return None
