@@ -137,14 +137,17 @@ def _check_against_reference(per_rank, dtype_name):
                       f"grad topk {kind}")
 
 
+@pytest.mark.parametrize("fused", ["0", "1"], ids=["eager", "fused"])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_single_process_matches_float64_reference(dtype_name):
+def test_single_process_matches_float64_reference(dtype_name, fused, monkeypatch):
+    monkeypatch.setenv("MEGATRON_SDAR_FUSED_OBJECTIVE", fused)  # torch.compile'd kernels or eager
     _check_against_reference([_compute_all(dtype_name, None, 0, 1)], dtype_name)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_cuda_matches_float64_reference(dtype_name):
+    # fused (compiled Triton) kernels are the CUDA default
     _check_against_reference([_compute_all(dtype_name, None, 0, 1, device="cuda")], dtype_name)
 
 
@@ -153,9 +156,13 @@ def test_cuda_matches_float64_reference(dtype_name):
 def test_tensor_parallel_matches_float64_reference(tp):
     per_rank = run_distributed(_tp_worker, world_size=tp, tp=tp, args=("float32",))
     _check_against_reference(per_rank, "float32")
-    per_rank = run_distributed(_tp_worker, world_size=tp, tp=tp, args=("bfloat16",)) if tp == 2 else None
-    if per_rank is not None:
+    if tp == 2:
+        per_rank = run_distributed(_tp_worker, world_size=tp, tp=tp, args=("bfloat16",))
         _check_against_reference(per_rank, "bfloat16")
+        # the fused (torch.compile) kernels combine per-rank statistics differently: check them too
+        per_rank = run_distributed(_tp_worker, world_size=tp, tp=tp, args=("float32",),
+                                   env={"MEGATRON_SDAR_FUSED_OBJECTIVE": "1"})
+        _check_against_reference(per_rank, "float32")
 
 
 def test_topk_tail_is_exact_when_tail_is_empty_and_a_lower_bound_otherwise():

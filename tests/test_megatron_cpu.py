@@ -81,11 +81,12 @@ def _forward_backward(forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_sdar.utils.device import causal_attention_mask
+    from megatron_sdar.utils.device import causal_attention_mask, current_device
 
-    model = _build_gpt_with_deterministic_weights()
-    tokens, labels = _batch()
-    position_ids = torch.arange(SEQ).expand(BATCH, SEQ)
+    device = current_device()
+    model = _build_gpt_with_deterministic_weights().to(device)
+    tokens, labels = (t.to(device) for t in _batch())
+    position_ids = torch.arange(SEQ, device=device).expand(BATCH, SEQ)
     mask = causal_attention_mask(SEQ)
 
     def forward_step(data_iterator, model):
@@ -114,12 +115,12 @@ def _forward_backward(forward_only: bool):
     )
     result = {}
     if ps.is_pipeline_last_stage():
-        result["logits"] = torch.cat([d["logits"] for d in store])
+        result["logits"] = torch.cat([d["logits"] for d in store]).cpu()
         result["loss"] = float(sum(d["loss"] for d in store) / len(store))
     if not forward_only:
         # Squared grad norm over the whole model: TP-sharded params summed over TP; replicated
         # ones counted on TP rank 0 only; then summed over pipeline stages.
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=device)
         for p in model.parameters():
             if p.grad is None:
                 continue
@@ -128,6 +129,17 @@ def _forward_backward(forward_only: bool):
         dist.all_reduce(sq, group=ps.get_model_parallel_group())
         result["grad_norm"] = float(sq.sqrt())
     return result
+
+
+@pytest.mark.gpu
+@pytest.mark.multiproc
+def test_gpt_on_gpu_matches_cpu_shims():
+    """On a GPU machine: no shims, real CUDA; same numbers as the CPU path of the same model."""
+    gpu = run_distributed(_forward_backward, world_size=1, args=(False,))[0]
+    cpu = run_distributed(_forward_backward, world_size=1, args=(False,),
+                          env={"MEGATRON_SDAR_FORCE_CPU": "1"})[0]
+    torch.testing.assert_close(gpu["logits"], cpu["logits"], atol=1e-4, rtol=0)
+    assert abs(gpu["grad_norm"] - cpu["grad_norm"]) < 1e-4 * max(1.0, cpu["grad_norm"])
 
 
 def _last_stage_result(results):

@@ -9,6 +9,8 @@ Variants:
 
 * ``ours_logprobs_entropy``: :func:`vocab_parallel_logprobs_entropy` (chunked custom autograd);
 * ``ours_reverse_kl``: :func:`vocab_parallel_divergence` (exact full-vocabulary reverse KL);
+  both with the fused ``torch.compile`` kernels (``--eager`` for the eager chunk kernels; one
+  untimed warm-up call absorbs the compilation);
 * ``megatron_cross_entropy``: Megatron-Core's ``vocab_parallel_cross_entropy`` (the plain
   vocab-parallel cross entropy that the trainer would otherwise use);
 * ``naive_logprobs_entropy`` / ``naive_reverse_kl``: ``log_softmax`` of student (and teacher)
@@ -90,6 +92,9 @@ def run_variant(variant: str, tokens: int, vocab: int, device: str, repeats: int
         base = torch.cuda.memory_allocated()
     else:
         base = _rss_bytes()
+    step()  # warm-up (compilation, allocator), not timed
+    if device == "cuda":
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -112,6 +117,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--naive-cap-gb", type=float, default=20.0)
+    parser.add_argument("--eager", action="store_true", help="our eager chunk kernels, not the fused ones")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -130,7 +136,8 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
+               MEGATRON_SDAR_FUSED_OBJECTIVE="0" if args.eager else "1")
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
@@ -145,7 +152,8 @@ def main() -> None:
             results.append(json.loads(line[len("RESULT "):]))
 
     ce = next((r for r in results if r["variant"] == "megatron_cross_entropy" and r.get("seconds")), None)
-    print(f"\ntokens={args.tokens} vocab={args.vocab} device={args.device}; one fp32 logits tensor = "
+    print(f"\ntokens={args.tokens} vocab={args.vocab} device={args.device} "
+          f"kernels={'eager' if args.eager else 'fused'}; one fp32 logits tensor = "
           f"{args.tokens * args.vocab * 4 / 2**30:.2f} GiB")
     print(f"{'variant':<26}{'time s':>9}{'x CE time':>11}{'extra peak GiB':>16}{'x logits':>10}")
     for r in results:

@@ -32,6 +32,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megatron_sdar.algo import fused_kernels as fused
+
 DEFAULT_CHUNK_SIZE = 128  # tokens; 128 x 151,936 fp32 = 78 MB per workspace buffer
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
 
@@ -129,13 +131,19 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         logprobs = torch.empty(indices.shape, dtype=torch.float32, device=logits.device)
         entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
         log_norm = torch.empty(n, dtype=torch.float32, device=logits.device)
-        work = _Workspace(min(chunk_size, n), v_local, logits.device)
+        use_fused = fused.use_fused(logits.device)
+        work = None if use_fused else _Workspace(min(chunk_size, n), v_local, logits.device)
         has_inf = False
         for s, e in _chunks(n, chunk_size):
             z = logits[s:e].float()
-            shifted, expd = work.views(e - s)
-            zmax, sums, chunk_has_inf = _shifted_exp_stats(z, tp_group, shifted, expd)
-            has_inf |= chunk_has_inf
+            if use_fused:
+                local_max, local_sum, local_lin = fused.lse_stats(z)
+                zmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
+                sums = torch.stack(fused.rescale_to_global_max(local_max, zmax, local_sum, local_lin), -1)
+            else:
+                shifted, expd = work.views(e - s)
+                zmax, sums, chunk_has_inf = _shifted_exp_stats(z, tp_group, shifted, expd)
+                has_inf |= chunk_has_inf
             idx = indices[s:e]
             local = (idx >= vocab_start) & (idx < vocab_end)
             picked = z.gather(-1, (idx - vocab_start).clamp(0, v_local - 1)) * local
@@ -157,15 +165,25 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n, v_local = logits.shape
         vocab_start, vocab_end = _vocab_range(v_local, ctx.tp_group)
         grad_logits = torch.empty_like(logits)
-        work = _Workspace(min(ctx.chunk_size, n), v_local, logits.device)
+        use_fused = fused.use_fused(logits.device)
+        work = None if use_fused else _Workspace(min(ctx.chunk_size, n), v_local, logits.device)
         for s, e in _chunks(n, ctx.chunk_size):
+            glp = (grad_logprobs[s:e].float() if grad_logprobs is not None
+                   else torch.zeros(e - s, indices.shape[1], device=logits.device))
+            if use_fused:
+                g_h = (grad_entropy[s:e].float() if grad_entropy is not None
+                       else torch.zeros(e - s, device=logits.device))
+                g = fused.logprob_entropy_grad(logits[s:e].float(), log_norm[s:e],
+                                               glp.sum(-1) + g_h * entropy[s:e], g_h)
+                local = (indices[s:e] >= vocab_start) & (indices[s:e] < vocab_end)
+                g.scatter_add_(-1, (indices[s:e] - vocab_start).clamp(0, v_local - 1), glp * local)
+                grad_logits[s:e] = g
+                continue
             log_p, g = work.views(e - s)
             if logits.dtype == torch.float32:
                 g = grad_logits[s:e]  # compute the gradient in place, no copy
             torch.sub(logits[s:e].float(), log_norm[s:e, None], out=log_p)
             torch.exp(log_p, out=g)  # p
-            glp = (grad_logprobs[s:e].float() if grad_logprobs is not None
-                   else torch.zeros(e - s, indices.shape[1], device=logits.device))
             # d/dz_k of (sum_i glp_i lp_i + gH H) = onehot - p_k (sum glp + gH (log p_k + H))
             if grad_entropy is not None:
                 g_h = grad_entropy[s:e, None].float()
@@ -293,10 +311,25 @@ class _VocabParallelDivergence(torch.autograd.Function):
         n, v_local = student_logits.shape
         div = torch.empty(n, dtype=torch.float32, device=student_logits.device)
         norms = torch.empty(n, 2, dtype=torch.float32, device=student_logits.device)
-        work = _Workspace(min(chunk_size, n), v_local, student_logits.device)
+        use_fused = fused.use_fused(student_logits.device) and kind != "jsd"
+        work = None if use_fused else _Workspace(min(chunk_size, n), v_local, student_logits.device)
         has_inf = False
         for s, e in _chunks(n, chunk_size):
             zs, zt = student_logits[s:e].float(), teacher_logits[s:e].float()
+            if use_fused:
+                z_out, z_in = (zs, zt) if kind == "reverse_kl" else (zt, zs)
+                m_out, sum_out, m_in, sum_in, d = fused.kl_stats(z_out, z_in)
+                maxes = _all_reduce(torch.stack([m_out, m_in]), dist.ReduceOp.MAX, tp_group)
+                scale_out = torch.exp(m_out - maxes[0])
+                sums = torch.stack([fused.rescale_to_global_max(m_out, maxes[0], sum_out),
+                                    fused.rescale_to_global_max(m_in, maxes[1], sum_in),
+                                    torch.where(sum_out > 0, d * scale_out, torch.zeros_like(d))])
+                _all_reduce(sums, dist.ReduceOp.SUM, tp_group)
+                lz_out, lz_in = maxes[0] + torch.log(sums[0]), maxes[1] + torch.log(sums[1])
+                div[s:e] = sums[2] / sums[0] - (lz_out - lz_in)
+                lzs, lzt = (lz_out, lz_in) if kind == "reverse_kl" else (lz_in, lz_out)
+                norms[s:e, 0], norms[s:e, 1] = lzs, lzt
+                continue
             if kind == "jsd":
                 lzs, lzt = _log_normalizer(zs, tp_group), _log_normalizer(zt, tp_group)
                 log_ps, log_pt = zs - lzs[:, None], zt - lzt[:, None]
@@ -340,9 +373,18 @@ class _VocabParallelDivergence(torch.autograd.Function):
         student_logits, teacher_logits, norms, div = ctx.saved_tensors
         n, v_local = student_logits.shape
         grad_student = torch.empty_like(student_logits)
-        work = _Workspace(min(ctx.chunk_size, n), v_local, student_logits.device)
+        use_fused = fused.use_fused(student_logits.device) and ctx.kind != "jsd"
+        work = None if use_fused else _Workspace(min(ctx.chunk_size, n), v_local, student_logits.device)
         for s, e in _chunks(n, ctx.chunk_size):
             zs, zt = student_logits[s:e].float(), teacher_logits[s:e].float()
+            if use_fused:
+                if ctx.kind == "reverse_kl":
+                    offset = norms[s:e, 0] - norms[s:e, 1] + div[s:e]
+                    g = fused.reverse_kl_grad(zs, zt, norms[s:e, 0], offset, grad_div[s:e].float())
+                else:
+                    g = fused.forward_kl_grad(zs, zt, norms[s:e, 0], norms[s:e, 1], grad_div[s:e].float())
+                grad_student[s:e] = g
+                continue
             gd = grad_div[s:e, None].float()
             a, b = work.views(e - s)
             if student_logits.dtype == torch.float32:

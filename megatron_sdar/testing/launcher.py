@@ -64,7 +64,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank, layout, port, fn, args, kwargs, result_queue, init):
+def _worker(rank, layout, port, fn, args, kwargs, result_queue, init, env):
     os.environ.update(
         OMP_NUM_THREADS="1",
         MKL_NUM_THREADS="1",
@@ -74,6 +74,7 @@ def _worker(rank, layout, port, fn, args, kwargs, result_queue, init):
         LOCAL_RANK=str(rank),
         WORLD_SIZE=str(layout.world_size),
     )
+    os.environ.update(env)
     try:
         import torch
 
@@ -81,7 +82,7 @@ def _worker(rank, layout, port, fn, args, kwargs, result_queue, init):
         from megatron_sdar.utils import distributed as dist_utils
 
         if init != "none":
-            dist_utils.init_process_group(backend="gloo", timeout_s=120)
+            dist_utils.init_process_group(timeout_s=120)  # gloo on CPU, NCCL on GPU
         if init == "megatron":
             dist_utils.initialize_megatron_parallel(
                 tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, seed=1234
@@ -114,8 +115,12 @@ def run_distributed(
     kwargs: dict | None = None,
     timeout: float = 300.0,
     init: str = "megatron",
+    env: dict[str, str] | None = None,
 ) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return results in rank order."""
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return results in rank order.
+
+    ``env`` adds environment variables in the workers (e.g. ``MEGATRON_SDAR_FORCE_CPU=1``).
+    """
     layout = ParallelLayout(world_size, tp, pp, cp, ep)
     layout.validate()
     if init not in ("megatron", "process_group", "none"):
@@ -126,7 +131,7 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(rank, layout, port, fn, tuple(args), kwargs or {}, result_queue, init),
+            args=(rank, layout, port, fn, tuple(args), kwargs or {}, result_queue, init, env or {}),
             daemon=False,
         )
         for rank in range(world_size)
