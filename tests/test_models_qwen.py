@@ -247,16 +247,18 @@ def _forward_logits(model, tokens: torch.Tensor):
 
     from megatron_sdar.utils.device import causal_attention_mask
 
+    device = next(model.parameters()).device  # CPU here, CUDA on a GPU machine
+    tokens = tokens.to(device)
     batch, seq = tokens.shape
-    position_ids = torch.arange(seq).expand(batch, seq)
+    position_ids = torch.arange(seq, device=device).expand(batch, seq)
 
     def forward_step(data_iterator, model):
-        output = model(next(data_iterator), position_ids, causal_attention_mask(seq))
+        output = model(next(data_iterator), position_ids, causal_attention_mask(seq, device=device))
 
         def collect(out):
             if not ps.is_pipeline_last_stage():
                 return out, {}
-            return out.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(out).detach().clone()}
+            return out.sum() * 0, {"logits": gather_from_tensor_model_parallel_region(out).detach().cpu()}
 
         return output, collect
 
@@ -289,7 +291,7 @@ def _load_forward_export(model_dirs: dict, tokens: torch.Tensor) -> dict:
             names, mismatched = [], []
             for name, tensor in iter_hf_weights(model, arch, target=target):
                 names.append(name)
-                if not torch.equal(tensor, original[name]):
+                if not torch.equal(tensor.cpu(), original[name]):
                     mismatched.append(name)
             exported[target] = {"names": names, "mismatched": mismatched}
         results[key] = {
@@ -376,3 +378,49 @@ def _te_forward(path: str, tokens: torch.Tensor) -> torch.Tensor:
         out = model(tokens, torch.arange(seq, device="cuda").expand_as(tokens),
                     causal_attention_mask(seq, device="cuda"))
     return out[..., : arch.vocab_size].float().cpu()
+
+
+@pytest.mark.gpu
+def test_local_spec_on_gpu_matches_transformers_and_exports_exactly(tiny_models):
+    """GPU path without CPU shims: CUDA params, fused bias-SwiGLU; fp32 logits and bf16 export."""
+    results = run_distributed(_gpu_local_spec_check, world_size=1,
+                              args=({k: tiny_models[k] for k in ("qwen2", "qwen3")}, _tokens()), timeout=600)[0]
+    for key, res in results.items():
+        assert res["fp32_logit_diff"] < 1e-4, (key, res)
+        assert res["fp32_export_exact"] and res["bf16_export_exact"], (key, res)
+
+
+def _gpu_local_spec_check(model_dirs: dict, tokens: torch.Tensor) -> dict:
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from megatron_sdar.models.exporter import iter_hf_weights
+    from megatron_sdar.models.hf_loader import load_hf_weights
+    from megatron_sdar.models.megatron_model import build_model
+    from megatron_sdar.utils.device import causal_attention_mask, cpu_shims_active
+
+    assert not cpu_shims_active() and torch.cuda.is_available()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    out = {}
+    for key, path in model_dirs.items():
+        arch = QwenArchitecture.from_hf_config(path)
+        original = load_file(f"{path}/model.safetensors")
+        res = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            model = build_model(arch, use_transformer_engine=False, initialize_weights=False, params_dtype=dtype)
+            assert next(model.parameters()).is_cuda
+            load_hf_weights(model, arch, path)
+            tag = "fp32" if dtype == torch.float32 else "bf16"
+            res[f"{tag}_export_exact"] = all(
+                torch.equal(t.cpu(), original[n].to(dtype)) for n, t in iter_hf_weights(model, arch))
+            if dtype == torch.float32:
+                model.eval()
+                seq = tokens.shape[1]
+                with torch.no_grad():
+                    got = model(tokens.cuda(), torch.arange(seq, device="cuda").expand_as(tokens).contiguous(),
+                                causal_attention_mask(seq, device="cuda"))[..., : arch.vocab_size]
+                    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()(tokens.cuda()).logits
+                res["fp32_logit_diff"] = (got - ref).abs().max().item()
+            del model
+        out[key] = res
+    return out

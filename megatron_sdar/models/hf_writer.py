@@ -111,6 +111,12 @@ class StreamingSafetensorsWriter:
         handle.write(raw)
         self._written.add(name)
 
+    def abort(self) -> None:
+        """Close the files without checks (an incomplete checkpoint stays on disk)."""
+        for handle in self._handles:
+            handle.close()
+        self._handles = []
+
     def close(self) -> list[str]:
         """Finish; returns the file names written. Raises if a planned tensor never arrived."""
         for handle in self._handles:
@@ -175,9 +181,12 @@ def write_hf_checkpoint(pairs: Iterable[tuple[str, torch.Tensor]], shapes: dict[
     try:
         for name, tensor in pairs:
             writer.write(name, tensor)
-            del tensor
+            del tensor  # release it before the exporter gathers the next one
             if bar is not None:
                 bar.update(1)
+    except BaseException:
+        writer.abort()
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -29,6 +29,16 @@ def transformer_engine_available() -> bool:
     return bool(HAVE_TE)
 
 
+def _fused_softmax_kernels_available() -> bool:
+    """Megatron's fused masked-softmax CUDA kernels (built with Megatron-LM, absent from the wheel)."""
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401
+        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _yarn_config_class():
     from megatron.core.transformer import TransformerConfig
 
@@ -103,9 +113,9 @@ def build_transformer_config(
         fp16=dtype == torch.float16,
         perform_initialization=initialize_weights,
         use_cpu_initialization=on_cpu,
-        # the fused kernels below are CUDA-only
+        # the fused kernels below are CUDA-only; the softmax one also needs Megatron-LM's build
         bias_activation_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu,
+        masked_softmax_fusion=not on_cpu and _fused_softmax_kernels_available(),
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
@@ -180,4 +190,9 @@ def build_model(
         seq_len_interpolation_factor=rope.factor if rope.kind == "linear" else None,
         vp_stage=vp_stage,
     )
+    from megatron_sdar.utils.device import cpu_shims_active
+
+    if not cpu_shims_active() and torch.cuda.is_available():
+        # Megatron creates its linears on the GPU but torch-norm modules (local spec) on the CPU
+        model.cuda(torch.cuda.current_device())
     return model
