@@ -147,7 +147,6 @@ def test_single_process_matches_float64_reference(dtype_name, fused, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_cuda_matches_float64_reference(dtype_name):
-    # fused (compiled Triton) kernels are the CUDA default
     _check_against_reference([_compute_all(dtype_name, None, 0, 1, device="cuda")], dtype_name)
 
 

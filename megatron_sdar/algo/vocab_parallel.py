@@ -173,11 +173,12 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             if use_fused:
                 g_h = (grad_entropy[s:e].float() if grad_entropy is not None
                        else torch.zeros(e - s, device=logits.device))
-                g = fused.logprob_entropy_grad(logits[s:e].float(), log_norm[s:e],
-                                               glp.sum(-1) + g_h * entropy[s:e], g_h)
+                g = grad_logits[s:e]  # written in place by the compiled kernel
+                fused.logprob_entropy_grad(g, logits[s:e].float(), log_norm[s:e],
+                                           glp.sum(-1) + g_h * entropy[s:e], g_h)
                 local = (indices[s:e] >= vocab_start) & (indices[s:e] < vocab_end)
-                g.scatter_add_(-1, (indices[s:e] - vocab_start).clamp(0, v_local - 1), glp * local)
-                grad_logits[s:e] = g
+                g.scatter_add_(-1, (indices[s:e] - vocab_start).clamp(0, v_local - 1),
+                               (glp * local).to(g.dtype))
                 continue
             log_p, g = work.views(e - s)
             if logits.dtype == torch.float32:
@@ -378,12 +379,14 @@ class _VocabParallelDivergence(torch.autograd.Function):
         for s, e in _chunks(n, ctx.chunk_size):
             zs, zt = student_logits[s:e].float(), teacher_logits[s:e].float()
             if use_fused:
+                # the compiled kernel writes the gradient chunk in place (cast included)
                 if ctx.kind == "reverse_kl":
                     offset = norms[s:e, 0] - norms[s:e, 1] + div[s:e]
-                    g = fused.reverse_kl_grad(zs, zt, norms[s:e, 0], offset, grad_div[s:e].float())
+                    fused.reverse_kl_grad(grad_student[s:e], zs, zt, norms[s:e, 0], offset,
+                                          grad_div[s:e].float())
                 else:
-                    g = fused.forward_kl_grad(zs, zt, norms[s:e, 0], norms[s:e, 1], grad_div[s:e].float())
-                grad_student[s:e] = g
+                    fused.forward_kl_grad(grad_student[s:e], zs, zt, norms[s:e, 0], norms[s:e, 1],
+                                          grad_div[s:e].float())
                 continue
             gd = grad_div[s:e, None].float()
             a, b = work.views(e - s)
