@@ -25,8 +25,7 @@ def ref_logprobs_entropy(logits, targets):
     return lsm.gather(-1, targets[..., None]).squeeze(-1), ent
 
 
-def ref_divergence(student, teacher, kind):
-    ls, lt = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+def ref_divergence_of_logprobs(ls, lt, kind):
     ps, pt = ls.exp(), lt.exp()
     if kind == "reverse_kl":
         return (ps * (ls - lt)).sum(-1)
@@ -34,6 +33,10 @@ def ref_divergence(student, teacher, kind):
         return (pt * (lt - ls)).sum(-1)
     lm = torch.logaddexp(ls, lt) - torch.log(torch.tensor(2.0, dtype=ls.dtype))
     return 0.5 * (ps * (ls - lm) + pt * (lt - lm)).sum(-1)
+
+
+def ref_divergence(student, teacher, kind):
+    return ref_divergence_of_logprobs(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1), kind)
 
 
 def ref_topk_tail(student, t_lp, t_ids, kind, eps=1e-6):
@@ -42,14 +45,7 @@ def ref_topk_tail(student, t_lp, t_ids, kind, eps=1e-6):
     def tail(lp):
         return torch.cat([lp, torch.log((1 - lp.exp().sum(-1, keepdim=True)).clamp_min(eps))], -1)
 
-    ls, lt = tail(s_lp), tail(t_lp.double())
-    ps, pt = ls.exp(), lt.exp()
-    if kind == "reverse_kl":
-        return (ps * (ls - lt)).sum(-1)
-    if kind == "forward_kl":
-        return (pt * (lt - ls)).sum(-1)
-    lm = torch.logaddexp(ls, lt) - torch.log(torch.tensor(2.0, dtype=ls.dtype))
-    return 0.5 * (ps * (ls - lm) + pt * (lt - lm)).sum(-1)
+    return ref_divergence_of_logprobs(tail(s_lp), tail(t_lp.double()), kind)
 
 
 def make_inputs(dtype_name, seed=0):
