@@ -354,7 +354,9 @@ class _WebShopEnvBase(TextEnv):
     page: Page
 
     def _open(self, path: str, form: dict[str, str] | None = None) -> Page:
-        raise NotImplementedError
+        """Fetch a shop page: the local shop (LocalWebShopEnv) or a WebShop server over HTTP
+        (WebShopHTTPEnv) implement it; the base class is never instantiated on its own."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _open")
 
     def _task_type(self) -> str:
         return "webshop"
