@@ -64,13 +64,14 @@ def build_transformer_config(
     *,
     tp: int | None = None,
     pp: int | None = None,
+    cp: int | None = None,
     params_dtype: torch.dtype | None = None,
     initialize_weights: bool = True,
     **overrides: Any,
 ):
     """The Megatron ``TransformerConfig`` equivalent to ``arch``.
 
-    ``tp``/``pp`` default to Megatron's current parallel state; ``params_dtype`` to the
+    ``tp``/``pp``/``cp`` default to Megatron's current parallel state; ``params_dtype`` to the
     checkpoint's dtype (keeps HF -> Megatron -> HF bit-exact). ``initialize_weights=False`` skips
     the random init (weights are about to be loaded). ``overrides`` go to the config verbatim
     (sequence_parallel, recompute, fp8, ...).
@@ -83,6 +84,8 @@ def build_transformer_config(
 
     tp = ps.get_tensor_model_parallel_world_size() if tp is None else tp
     pp = ps.get_pipeline_model_parallel_world_size() if pp is None else pp
+    if cp is None:  # unlike tp/pp, callers building a config without parallel state get CP=1
+        cp = ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else 1
     arch.check_tensor_parallel(tp)
     if arch.num_layers % pp and "pipeline_model_parallel_layout" not in overrides:
         raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pipeline size {pp}")
@@ -107,6 +110,8 @@ def build_transformer_config(
         init_method_std=arch.initializer_range,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        # RoPE covers s * cp positions and slices this rank's chunks from it
+        context_parallel_size=cp,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -134,7 +139,12 @@ def build_transformer_config(
 
 
 def build_layer_spec(arch: QwenArchitecture, use_transformer_engine: bool | None = None):
-    """Transformer Engine layer spec if available (or requested), else the local spec."""
+    """Transformer Engine layer spec if available (or requested), else the local spec.
+
+    The local spec's core attention is :class:`~megatron_sdar.models.cp_attention.
+    ContextParallelDotProductAttention`: Megatron's ``DotProductAttention`` at CP=1 (identical),
+    all-gather context parallelism at CP>1 (Megatron's own asserts CP=1; TE brings its own CP).
+    """
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -146,7 +156,11 @@ def build_layer_spec(arch: QwenArchitecture, use_transformer_engine: bool | None
         if not transformer_engine_available():
             raise RuntimeError("use_transformer_engine=True but Transformer Engine is not importable")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
-    return get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+    from megatron_sdar.models.cp_attention import ContextParallelDotProductAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+    spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
+    return spec
 
 
 def build_model(

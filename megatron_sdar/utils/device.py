@@ -9,9 +9,9 @@ Megatron-Core assumes CUDA in a handful of ways; on CPU we:
    ``device=torch.cuda.current_device()``), and turn the stream / event / synchronize calls into
    no-ops;
 2. push a :class:`torch.overrides.TorchFunctionMode` that rewrites ``device="cuda"`` in factory
-   calls and ``.to("cuda")`` to the CPU, makes ``.cuda()`` a no-op, and makes a bare
-   ``Tensor.type()`` report ``torch.cuda.*`` names (``DistributedOptimizer`` checks parameter
-   types by name);
+   calls and ``.to("cuda")`` to the CPU, drops ``pin_memory=True``, makes ``.cuda()`` a no-op,
+   and makes a bare ``Tensor.type()`` report ``torch.cuda.*`` names (``DistributedOptimizer``
+   checks parameter types by name);
 3. create the RNG tracker with ``inference_rng_tracker=True`` (the training tracker forks CUDA
    RNG states), see :func:`megatron_sdar.utils.distributed.initialize_megatron_parallel`;
 4. require explicit causal masks (the fused causal softmax is CUDA-only): see
@@ -54,6 +54,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and _is_cuda_device(device):
             kwargs = dict(kwargs, device="cpu")
+        if kwargs.get("pin_memory"):  # pinning needs a CUDA driver (e.g. Megatron's CP RoPE slicing)
+            kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)
