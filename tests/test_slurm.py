@@ -1,0 +1,168 @@
+"""The Slurm launcher without Slurm: syntax, the dry run's per-rank commands, job-array selection and
+the preemption path (USR1 -> forwarded to the step -> checkpoint -> ``scontrol requeue``)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "slurm"
+SCRIPTS = sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch")])
+RECIPE = "alfworld_qwen2_5_7b"
+
+
+def _env(tmp_path: Path, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SDAR_"))}
+    env.update(SLURM_JOB_ID="4242", SLURM_JOB_NAME="sdar", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2",
+               SDAR_GPUS_PER_NODE="8", SDAR_OUTPUT_ROOT=str(tmp_path / "out"))
+    env.update(extra)
+    return env
+
+
+def _dry_run(tmp_path: Path, *overrides: str, **env: str) -> str:
+    proc = subprocess.run(["bash", str(SLURM / "sdar.sbatch"), "--dry-run", *overrides], cwd=tmp_path,
+                          env=_env(tmp_path, **env), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_scripts_parse_with_bash_n():
+    assert {p.name for p in SCRIPTS} >= {"sdar.sbatch", "rank_env.sh", "submit.sh"}
+    for script in SCRIPTS:
+        proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script.name}: {proc.stderr}"
+
+
+def test_srun_dry_run_two_nodes_eight_gpus(tmp_path):
+    out = _dry_run(tmp_path, f"experiment={RECIPE}", "algo.distill_coef=0.02")
+    rows = re.findall(r"host=(\S+) RANK=(\d+) LOCAL_RANK=(\d+) WORLD_SIZE=(\d+) MASTER_ADDR=(\S+) "
+                      r"MASTER_PORT=(\d+) cmd: (.*)", out)
+    assert [int(r[1]) for r in rows] == list(range(16))
+    for host, rank, local, world, master, port, cmd in rows:
+        assert host == ("gpu07" if int(rank) < 8 else "gpu08")
+        assert int(local) == int(rank) % 8 and world == "16" and master == "gpu07"
+        assert port == str(20000 + 4242)
+        assert cmd.startswith("python -m megatron_sdar.train ")
+        run_dir = tmp_path / "out" / "sdar-4242"
+        assert f"experiment={RECIPE} algo.distill_coef=0.02 trainer.output_dir={run_dir} trainer.resume=auto" in cmd
+    step = re.search(r"\[dry-run\] step: (.*)", out).group(1)
+    assert step.startswith("srun ") and "--nodes=2 --ntasks=16 --ntasks-per-node=8" in step
+    assert "rank_env.sh python -m megatron_sdar.train" in step
+    assert (tmp_path / "out" / "sdar-4242" / "logs" / "launcher.log").is_file()
+
+
+def test_torchrun_dry_run_two_nodes_eight_gpus(tmp_path):
+    out = _dry_run(tmp_path, f"experiment={RECIPE}", SDAR_LAUNCHER="torchrun")
+    nodes = re.findall(r"host=(\S+) node_rank=(\d) MASTER_ADDR=(\S+) MASTER_PORT=\d+ cmd: (.*)", out)
+    assert [(h, n) for h, n, _, _ in nodes] == [("gpu07", "0"), ("gpu08", "1")]
+    for _, node_rank, master, cmd in nodes:
+        assert master == "gpu07"
+        assert cmd.startswith("torchrun --nnodes=2 --nproc-per-node=8 ")
+        assert f"--node-rank={node_rank} --master-addr=gpu07 --master-port=24242" in cmd
+        assert "SIGUSR1" in cmd and f"-m megatron_sdar.train experiment={RECIPE}" in cmd
+    workers = re.findall(r"host=(\S+) torchrun worker RANK=(\d+) LOCAL_RANK=(\d+) WORLD_SIZE=16", out)
+    assert [int(r) for _, r, _ in workers] == list(range(16))
+    assert all(int(lr) == int(r) % 8 and h == ("gpu07" if int(r) < 8 else "gpu08") for h, r, lr in workers)
+    step = re.search(r"\[dry-run\] step: (.*)", out).group(1)
+    assert "--ntasks=2 --ntasks-per-node=1" in step and "--node-rank=$NODE_RANK" in step
+
+
+def test_container_options_and_nodelist_expansion(tmp_path):
+    out = _dry_run(tmp_path, SLURM_JOB_NODELIST="a[1-2,09],b3", SLURM_NNODES="4", SDAR_GPUS_PER_NODE="1",
+                   SDAR_CONTAINER_IMAGE="nvcr.io#nvidia/pytorch:25.01-py3", SDAR_CONTAINER_MOUNTS="/data:/data")
+    hosts = re.findall(r"host=(\S+) RANK=", out)
+    assert hosts == ["a1", "a2", "a09", "b3"]
+    assert "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" in out and "--container-mounts=/data:/data" in out
+
+
+def test_job_array_selects_sweep_line(tmp_path):
+    sweep = SLURM / "sweeps" / "seeds.txt"
+    out = _dry_run(tmp_path, f"experiment={RECIPE}", SDAR_SWEEP=str(sweep), SLURM_ARRAY_JOB_ID="900",
+                   SLURM_ARRAY_TASK_ID="4", SLURM_JOB_ID="905")
+    cmd = re.search(r"RANK=0 .* cmd: (.*)", out).group(1)
+    assert f"experiment={RECIPE} algo=grpo trainer.seed=1 trainer.output_dir=" in cmd
+    assert "sdar-900_4" in cmd  # run dir keyed by array job and task
+    proc = subprocess.run(["bash", str(SLURM / "sdar.sbatch"), "--dry-run"], cwd=tmp_path, capture_output=True,
+                          text=True, env=_env(tmp_path, SDAR_SWEEP=str(sweep), SLURM_ARRAY_TASK_ID="6"))
+    assert proc.returncode == 2 and "has 6 entries" in proc.stderr
+
+
+def test_submit_reads_recipe_slurm_block(tmp_path):
+    proc = subprocess.run(["bash", str(SLURM / "submit.sh"), "--array=0-1", "--", "experiment=alfworld_qwen2_5_72b"],
+                          env=dict(os.environ, SDAR_DRY_RUN="1"), capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--nodes=8 --gpus-per-node=8 --ntasks-per-node=8 --time=72:00:00 --array=0-1" in proc.stdout
+    bad = subprocess.run(["bash", str(SLURM / "submit.sh"), "experiment=nope"], capture_output=True, text=True,
+                         env=dict(os.environ, SDAR_DRY_RUN="1"))
+    assert bad.returncode == 2 and "no recipe" in bad.stderr
+
+
+# A stand-in for the trainer's preemption contract (finish the step, checkpoint, exit 0 on
+# SIGUSR1/SIGTERM). The real trainer (megatron_sdar.train) has not landed, so this short-lived
+# process plays its part; it checkpoints into $SDAR_RUN_DIR/checkpoints like trainer.output_dir.
+STAND_IN = r"""
+import os, signal, sys, time
+from pathlib import Path
+run = Path(os.environ["SDAR_RUN_DIR"])
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+(run / "stand_in.ready").write_text("ready")
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.05)                      # "training steps"
+if not got:
+    sys.exit(3)
+time.sleep(0.3)                           # finish the current step
+ckpt = run / "checkpoints" / "iter_0000007"
+ckpt.mkdir(parents=True)
+(ckpt / "done").write_text("ok")
+print("stand-in: checkpoint written after signal", got[0], flush=True)
+sys.exit(0)
+"""
+
+
+@pytest.mark.parametrize("sig, requeue", [(signal.SIGUSR1, True), (signal.SIGTERM, False)], ids=["usr1", "term"])
+def test_signal_forwarded_checkpoint_then_requeue(tmp_path, sig, requeue):
+    """The sbatch script runs in dry-run mode with a real (stand-in) training step process. USR1
+    (time limit near) must be forwarded, the checkpoint awaited, then ``scontrol requeue <jobid>``
+    issued (logged, not executed, in dry-run); TERM (cancel) checkpoints without requeueing."""
+    stand_in = tmp_path / "stand_in.py"
+    stand_in.write_text(STAND_IN)
+    env = _env(tmp_path, SDAR_DRY_RUN_STEP=f"{sys.executable} {stand_in}", SLURM_JOB_NODELIST="n1",
+               SLURM_NNODES="1", SDAR_GPUS_PER_NODE="2")
+    proc = subprocess.Popen(["bash", str(SLURM / "sdar.sbatch"), "--dry-run", f"experiment={RECIPE}"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    run_dir = tmp_path / "out" / "sdar-4242"
+    try:
+        deadline = time.time() + 30
+        while not (run_dir / "stand_in.ready").exists():
+            assert proc.poll() is None and time.time() < deadline, "the stand-in step never started"
+            time.sleep(0.05)
+        os.kill(proc.pid, sig)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    log = (run_dir / "logs" / "launcher.log").read_text()
+    name = sig.name
+    events = [f"received {name}; forwarding it to the training step", "training step exited with status 0",
+              f"checkpoint written: {run_dir}/checkpoints/iter_0000007"]
+    if requeue:
+        events.append("[dry-run] would run: scontrol requeue 4242")
+    else:
+        events.append("not requeueing")
+        assert "scontrol requeue" not in log
+    positions = [log.find(e) for e in events]
+    assert all(p >= 0 for p in positions), (events, log)
+    assert positions == sorted(positions), log
+    assert "stand-in: checkpoint written after signal" in out
