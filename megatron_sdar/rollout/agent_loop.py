@@ -1,0 +1,345 @@
+"""The multi-turn agent loop: G episodes per task, all live episodes generated together.
+
+Each turn, for every live episode:
+
+1. :class:`ChatFormatter` renders the prompt with the tokenizer's chat template: a system
+   prompt, then one user message = the episode's first observation (room + task), the last
+   ``history_window`` (action, observation) pairs, the current observation, the admissible
+   actions when the environment lists them, and the answer format. The teacher's prompt is the
+   same messages with the privileged context (retrieved skills) in front of the user content.
+2. The rollout engine generates one response per live episode (one call for the whole batch).
+3. The action is parsed (``action_pattern``, default ``<action>...</action>``); an unparsable
+   response is an invalid action (the environment is not stepped, the agent is told the format).
+4. Environments step in parallel threads with a timeout (:class:`~megatron_sdar.envs.EnvBatch`):
+   an environment that raises or hangs ends its episode as failed (``rollout/env_errors``).
+5. An episode ends on done, on the turn limit, or when its prompt cannot fit
+   ``max_prompt_tokens`` even with the history window dropped (``rollout/overlong``).
+
+Episode reward = environment return - ``invalid_action_penalty`` x invalid actions.
+
+Several ranks: each rank runs its own episodes (the caller splits the tasks); the loop keeps
+ranks in lockstep (vLLM's data-parallel replicas step together), so every rank calls the engine
+once per turn until no rank has a live episode. Skill retrieval is done for all tasks of all
+ranks in the same order on every rank, so every rank's retriever state stays identical.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from megatron_sdar.envs import EnvBatch, TextEnv
+from megatron_sdar.rollout.engine import RolloutEngine, SamplingConfig
+from megatron_sdar.rollout.trajectory import Episode, TrajectoryBatch, Turn
+
+DEFAULT_SYSTEM_PROMPT = "You are an agent acting in a text environment. Think briefly, then act."
+FORMAT_REMINDER = "Reply with your next action inside <action>...</action>."
+FORMAT_FEEDBACK = "Invalid response: put exactly one action inside <action>...</action>."
+CONTEXT_HEADER = "Skills that may help:\n"
+
+
+@dataclass
+class AgentLoopConfig:
+    """The ``rollout`` knobs of the loop.
+
+    ``history_window``: (action, observation) pairs kept in the prompt. ``action_pattern``: a
+    regex whose first group is the action (None: the whole stripped response is the action).
+    ``overlong``: ``"truncate_history"`` drops the oldest pairs until the prompt fits, then
+    ends the episode; ``"end"`` ends it at once.
+    """
+
+    max_turns: int = 50
+    history_window: int = 4
+    max_prompt_tokens: int = 2048
+    max_response_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    action_pattern: str | None = r"<action>(.*?)</action>"
+    invalid_action_penalty: float = 0.1
+    overlong: str = "truncate_history"
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    format_reminder: str = FORMAT_REMINDER
+    show_admissible_actions: bool = True
+    skills_in_student_prompt: bool = False
+    step_timeout_s: float = 60.0
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_turns < 1:
+            raise ValueError(f"max_turns must be >= 1, got {self.max_turns}")
+        if self.history_window < 0:
+            raise ValueError(f"history_window must be >= 0, got {self.history_window}")
+        if self.max_prompt_tokens < 8 or self.max_response_tokens < 1:
+            raise ValueError("max_prompt_tokens must be >= 8 and max_response_tokens >= 1")
+        if self.overlong not in ("truncate_history", "end"):
+            raise ValueError(f"overlong must be 'truncate_history' or 'end', got {self.overlong!r}")
+        if self.invalid_action_penalty < 0:
+            raise ValueError(f"invalid_action_penalty must be >= 0, got {self.invalid_action_penalty}")
+        if self.action_pattern is not None:
+            try:
+                compiled = re.compile(self.action_pattern, re.DOTALL)
+            except re.error as exc:
+                raise ValueError(f"action_pattern {self.action_pattern!r} is not a valid regex: {exc}") from None
+            if compiled.groups < 1:
+                raise ValueError(f"action_pattern {self.action_pattern!r} needs one capture group (the action)")
+
+
+def parse_action(response: str, pattern: str | None) -> str | None:
+    """The action in ``response`` (last match of ``pattern``'s first group), or None."""
+    if pattern is None:
+        action = response.strip()
+        return action or None
+    matches = re.findall(pattern, response, flags=re.DOTALL)
+    if not matches:
+        return None
+    action = matches[-1] if isinstance(matches[-1], str) else matches[-1][0]
+    action = " ".join(action.split())
+    return action or None
+
+
+@dataclass
+class EpisodeState:
+    """What the prompt of the next turn is built from."""
+
+    first_observation: str
+    observation: str
+    admissible_actions: list[str] | None = None
+    history: list[tuple[str, str]] = field(default_factory=list)  # (action text, observation)
+
+
+class ChatFormatter:
+    """Renders prompts with the tokenizer's chat template; the trainer rebuilds the same ids."""
+
+    def __init__(self, tokenizer, config: AgentLoopConfig) -> None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("the tokenizer has no chat template; agent prompts need one")
+        self.tokenizer = tokenizer
+        self.config = config
+
+    def user_content(self, state: EpisodeState, history_window: int) -> str:
+        parts = [state.first_observation]
+        history = state.history[-history_window:] if history_window > 0 else []
+        if history:
+            lines = [f"> {action}\n{observation}" for action, observation in history]
+            parts.append("Recent steps:\n" + "\n".join(lines))
+        if state.history:
+            parts.append(f"Current observation: {state.observation}")
+        if self.config.show_admissible_actions and state.admissible_actions:
+            parts.append("Admissible actions: " + ", ".join(state.admissible_actions))
+        if self.config.format_reminder:
+            parts.append(self.config.format_reminder)
+        return "\n\n".join(parts)
+
+    def messages(self, user_content: str, privileged_context: str = "") -> list[dict[str, str]]:
+        if privileged_context:
+            user_content = CONTEXT_HEADER + privileged_context.strip() + "\n\n" + user_content
+        messages = [{"role": "user", "content": user_content}]
+        if self.config.system_prompt:
+            messages.insert(0, {"role": "system", "content": self.config.system_prompt})
+        return messages
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids (generation prompt appended), exactly as the rollout and the trainer use them."""
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def teacher_messages(self, student_messages: list[dict[str, str]], privileged_context: str) -> list[dict[str, str]]:
+        """The teacher's messages: the privileged context in front of the student's user content."""
+        out = [dict(m) for m in student_messages]
+        if privileged_context:
+            out[-1]["content"] = CONTEXT_HEADER + privileged_context.strip() + "\n\n" + out[-1]["content"]
+        return out
+
+
+@dataclass
+class EpisodeSpec:
+    """One episode to run: its environment, the task's group id (global across ranks), the
+    task seed (same for the G episodes of a task), and a global episode id (sampling seed)."""
+
+    env: TextEnv
+    group: int
+    task_seed: int
+    episode_id: int
+
+
+def _all_ranks_any(flag: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _all_ranks_gather(obj):
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class AgentLoop:
+    """Runs episodes with a :class:`RolloutEngine`. ``retriever``: a
+    :class:`~megatron_sdar.skills.SkillRetriever` (or None: no privileged context)."""
+
+    def __init__(self, engine: RolloutEngine, tokenizer, config: AgentLoopConfig, retriever=None) -> None:
+        self.engine = engine
+        self.config = config
+        self.formatter = ChatFormatter(tokenizer, config)
+        self.tokenizer = tokenizer
+        self.retriever = retriever
+
+    def _retrieve(self, tasks: dict[int, tuple[str, str]]) -> dict[int, tuple[str, tuple[str, ...]]]:
+        """Skills per group, chosen identically on every rank (all ranks' tasks, group order)."""
+        merged: dict[int, tuple[str, str]] = {}
+        for part in _all_ranks_gather(tasks):
+            merged.update(part)
+        out: dict[int, tuple[str, tuple[str, ...]]] = {}
+        for group in sorted(merged):
+            if self.retriever is None:
+                out[group] = ("", ())
+                continue
+            task, task_type = merged[group]
+            retrieval = self.retriever.retrieve(task, task_type)
+            out[group] = (retrieval.context, tuple(retrieval.skill_names))
+        return out
+
+    def _prompt(self, state: EpisodeState, episode: Episode) -> tuple[list[dict[str, str]], list[int]] | None:
+        """Messages and ids of the next prompt, within ``max_prompt_tokens`` (None: cannot fit)."""
+        config = self.config
+        student_context = episode.privileged_context if config.skills_in_student_prompt else ""
+        window = config.history_window
+        while True:
+            messages = self.formatter.messages(self.formatter.user_content(state, window), student_context)
+            ids = self.formatter.encode(messages)
+            if len(ids) <= config.max_prompt_tokens:
+                return messages, ids
+            if config.overlong != "truncate_history" or window == 0:
+                return None
+            window = min(window, len(state.history)) - 1
+
+    def run(self, specs: Sequence[EpisodeSpec], step_callback: Callable[[dict], None] | None = None) -> TrajectoryBatch:
+        """Run every episode of ``specs`` to its end; return this rank's trajectories."""
+        config = self.config
+        batch = EnvBatch([s.env for s in specs], step_timeout_s=config.step_timeout_s) if specs else None
+        episodes: list[Episode] = []
+        states: list[EpisodeState | None] = []
+        live: list[bool] = []
+        if batch is not None:
+            for spec, result in zip(specs, batch.reset([s.task_seed for s in specs])):
+                info = result.info
+                episode = Episode(group=spec.group, task=str(info.get("task", "")),
+                                  task_type=str(info.get("task_type", "")), seed=spec.task_seed)
+                if result.error is not None:
+                    episode.env_error = result.error
+                episodes.append(episode)
+                states.append(EpisodeState(result.observation, result.observation, info.get("admissible_actions")))
+                live.append(result.error is None)
+        contexts = self._retrieve({e.group: (e.task, e.task_type) for e in episodes})
+        for episode in episodes:
+            episode.privileged_context, episode.skill_names = contexts[episode.group]
+
+        sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p,
+                                  max_tokens=config.max_response_tokens)
+        progress = self._progress_bar(len(episodes))
+        started, tokens, env_steps = time.perf_counter(), 0, 0
+        turn = 0
+        while _all_ranks_any(any(live)) and turn < config.max_turns:
+            prompts: list[tuple[int, list[dict[str, str]], list[int]]] = []
+            for i, episode in enumerate(episodes):
+                if not live[i]:
+                    continue
+                built = self._prompt(states[i], episode)
+                if built is None:
+                    episode.overlong, live[i] = True, False
+                    continue
+                prompts.append((i, *built))
+            seeds = [self._sampling_seed(specs[i].episode_id, turn) for i, _, _ in prompts]
+            generations = self.engine.generate([ids for _, _, ids in prompts], sampling, seeds=seeds)
+            actions: list[str | None] = [None] * len(episodes)
+            for (i, messages, ids), gen in zip(prompts, generations):
+                episode = episodes[i]
+                text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
+                action = parse_action(text, config.action_pattern)
+                teacher_ids = self.formatter.encode(
+                    self.formatter.teacher_messages(messages, episode.privileged_context))
+                episode.turns.append(Turn(prompt_ids=gen.prompt_ids, response_ids=gen.token_ids,
+                                          rollout_logprobs=gen.logprobs, teacher_prompt_ids=teacher_ids,
+                                          messages=messages, response_text=text, action=action,
+                                          finish_reason=gen.finish_reason))
+                tokens += len(gen.token_ids)
+                if action is None:
+                    self._record(episode, states[i], "(no action)", FORMAT_FEEDBACK, invalid=True)
+                else:
+                    actions[i] = action
+            results = batch.step(actions) if batch is not None and any(a is not None for a in actions) else []
+            for i, result in enumerate(results):
+                if result is None:
+                    continue
+                env_steps += 1
+                episode = episodes[i]
+                episode.env_return += result.reward
+                info = result.info
+                if result.error is not None:
+                    episode.env_error = result.error
+                invalid = bool(info.get("invalid_action", False))
+                self._record(episode, states[i], actions[i], result.observation, invalid=invalid,
+                             admissible=info.get("admissible_actions"))
+                episode.won = bool(info.get("won", False))
+                if result.done:
+                    live[i] = False
+                    episode.truncated = result.truncated
+            turn += 1
+            if progress is not None:
+                elapsed = max(time.perf_counter() - started, 1e-9)
+                progress.update(1)
+                progress.set_postfix(live=sum(live), tok_s=f"{tokens / elapsed:.0f}",
+                                     env_s=f"{env_steps / elapsed:.1f}")
+            if step_callback is not None:
+                step_callback({"turn": turn, "live": sum(live)})
+        for i, episode in enumerate(episodes):
+            if live[i]:
+                episode.truncated = True  # turn limit of the loop
+            episode.reward = episode.env_return - config.invalid_action_penalty * episode.invalid_actions
+        if progress is not None:
+            progress.close()
+        if batch is not None:
+            batch.close()
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        out = TrajectoryBatch(episodes)
+        out.metrics = {"rollout/seconds": elapsed, "rollout/tokens_per_s": tokens / elapsed,
+                       "rollout/env_steps_per_s": env_steps / elapsed, "rollout/loop_turns": float(turn)}
+        return out
+
+    @staticmethod
+    def _record(episode: Episode, state: EpisodeState, action: str, observation: str, *, invalid: bool,
+                admissible: list[str] | None = None) -> None:
+        turn = episode.turns[-1]
+        turn.invalid_action = invalid
+        episode.invalid_actions += int(invalid)
+        state.history.append((action, observation))
+        state.observation = observation
+        if admissible is not None:
+            state.admissible_actions = admissible
+
+    def _sampling_seed(self, episode_id: int, turn: int) -> int:
+        return (self.config.seed * 1_000_003 + episode_id * 10_007 + turn) % (2**31 - 1)
+
+    def _progress_bar(self, episodes: int):
+        import torch.distributed as dist
+
+        if not self.config.progress or (dist.is_initialized() and dist.get_rank() != 0):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.max_turns, desc=f"rollout ({episodes} episodes/rank)", unit="turn",
+                    leave=False, dynamic_ncols=True)

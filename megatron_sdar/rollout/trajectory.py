@@ -1,0 +1,134 @@
+"""What a rollout produces: episodes made of turns, each turn one model call.
+
+Training unit = one turn: the student sees ``prompt_ids`` (system prompt, task, the last k
+turns, the current observation) and produced ``response_ids``; the teacher scores the same
+``response_ids`` after ``teacher_prompt_ids`` (the privileged context in front of the same
+prompt). Every trained token of an episode shares the episode's reward / advantage.
+
+Token ids are never re-derived from decoded text: ``prompt_ids`` are exactly what vLLM saw, and
+:class:`~megatron_sdar.rollout.agent_loop.ChatFormatter` rebuilds them bit-identically from the
+stored ``messages`` (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+
+@dataclass
+class Turn:
+    """One model call of an episode.
+
+    ``prompt_ids``: [P] ids vLLM saw; ``response_ids``: [R] sampled ids (including the stop
+    token when generation stopped on it); ``rollout_logprobs``: [R] vLLM's log-probs of
+    ``response_ids``; ``teacher_prompt_ids``: [P'] privileged context + the same prompt;
+    ``messages``: the chat messages ``prompt_ids`` was rendered from.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    teacher_prompt_ids: list[int]
+    messages: list[dict[str, str]]
+    response_text: str = ""
+    action: str | None = None
+    invalid_action: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def input_ids(self) -> list[int]:
+        """[P + R] the student's sequence."""
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def response_start(self) -> int:
+        """Index of the first model-generated token in :attr:`input_ids` (turn boundary)."""
+        return len(self.prompt_ids)
+
+    @property
+    def loss_mask(self) -> list[int]:
+        """[P + R] 1 on model-generated tokens, 0 on prompt tokens."""
+        return [0] * len(self.prompt_ids) + [1] * len(self.response_ids)
+
+
+@dataclass
+class Episode:
+    """One episode of one task. ``group`` indexes the task: the G episodes of a task share it
+    (GRPO's group); ``reward`` = environment return - penalty x invalid actions."""
+
+    group: int
+    task: str
+    task_type: str
+    seed: int
+    turns: list[Turn] = field(default_factory=list)
+    reward: float = 0.0
+    env_return: float = 0.0
+    won: bool = False
+    invalid_actions: int = 0
+    env_error: str | None = None
+    truncated: bool = False
+    overlong: bool = False
+    privileged_context: str = ""
+    skill_names: tuple[str, ...] = ()
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns)
+
+
+@dataclass
+class TrajectoryBatch:
+    """All episodes of one rollout (this rank's share until the trainer gathers them)."""
+
+    episodes: list[Episode]
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def turns(self) -> Iterator[tuple[int, Turn]]:
+        """(episode index, turn) for every turn of every episode, in order."""
+        for index, episode in enumerate(self.episodes):
+            for turn in episode.turns:
+                yield index, turn
+
+    @property
+    def num_turns(self) -> int:
+        return sum(e.num_turns for e in self.episodes)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return sum(len(t.response_ids) for _, t in self.turns())
+
+    @staticmethod
+    def merge(batches: list["TrajectoryBatch"]) -> "TrajectoryBatch":
+        """Concatenate the episodes of several ranks (groups renumbered to stay distinct)."""
+        episodes: list[Episode] = []
+        offset = 0
+        for batch in batches:
+            groups = {e.group for e in batch.episodes}
+            for episode in batch.episodes:
+                episode.group += offset
+                episodes.append(episode)
+            offset += (max(groups) + 1) if groups else 0
+        return TrajectoryBatch(episodes)
+
+    def summary(self) -> dict[str, Any]:
+        """Rollout metrics: success per task type, reward, turns, invalid-action rate."""
+        if not self.episodes:
+            return {}
+        n = len(self.episodes)
+        metrics: dict[str, Any] = {
+            "rollout/success_rate": sum(e.won for e in self.episodes) / n,
+            "rollout/reward_mean": sum(e.reward for e in self.episodes) / n,
+            "rollout/turns_mean": sum(e.num_turns for e in self.episodes) / n,
+            "rollout/invalid_action_rate": (sum(e.invalid_actions for e in self.episodes)
+                                            / max(1, sum(e.num_turns for e in self.episodes))),
+            "rollout/env_errors": float(sum(e.env_error is not None for e in self.episodes)),
+            "rollout/overlong": float(sum(e.overlong for e in self.episodes)),
+            "rollout/episodes": float(n),
+            "rollout/response_tokens": float(self.num_response_tokens),
+        }
+        by_type: dict[str, list[bool]] = {}
+        for e in self.episodes:
+            by_type.setdefault(e.task_type, []).append(e.won)
+        for task_type, wins in sorted(by_type.items()):
+            metrics[f"rollout/success_rate/{task_type}"] = sum(wins) / len(wins)
+        return metrics

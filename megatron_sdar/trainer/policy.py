@@ -1,0 +1,142 @@
+"""The policy: this rank's Megatron model chunks wrapped in Megatron DDP, and Megatron's optimizer.
+
+    policy = build_policy(arch, OptimConfig(lr=1e-6), hf_dir=...)   # after parallel init
+    ... forward/backward through policy.model ...
+    update = policy.step()        # grad sync, clip, optimizer step; skipped on non-finite grads
+
+On GPU the distributed optimizer shards fp32 master weights and Adam states over data-parallel
+ranks (``use_distributed_optimizer``); on CPU the same code runs over gloo (the CPU shims make
+Megatron's type checks pass).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_sdar.models.architecture import QwenArchitecture
+
+
+@dataclass
+class OptimConfig:
+    """Adam with warmup + cosine decay to ``min_lr``; gradient clipping by global norm."""
+
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_steps: int | None = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr} min_lr={self.min_lr}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0, got {self.clip_grad}")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        import math
+
+        if self.warmup_steps and step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if not self.decay_steps:
+            return self.lr
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.decay_steps - self.warmup_steps))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepResult:
+    applied: bool
+    grad_norm: float
+    lr: float
+
+
+class Policy:
+    """Model chunks (Megatron DDP) + optimizer for this rank."""
+
+    def __init__(self, arch: QwenArchitecture, model: list, optimizer, optim_config: OptimConfig) -> None:
+        self.arch = arch
+        self.model = model
+        self.optimizer = optimizer
+        self.optim_config = optim_config
+        self.steps_taken = 0
+
+    @property
+    def config(self):
+        return self.model[0].config
+
+    def zero_grad(self) -> None:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def finish_grad_sync(self) -> None:
+        for chunk in self.model:
+            chunk.finish_grad_sync()
+
+    def step(self) -> StepResult:
+        """Data-parallel grad sync, clipping and one optimizer step at the scheduled lr.
+
+        Megatron's optimizer checks the gradients for inf/NaN across all ranks; on a non-finite
+        gradient it skips the update (``applied=False``) and the weights stay as they were.
+        """
+        self.finish_grad_sync()
+        lr = self.optim_config.lr_at(self.steps_taken)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        applied, grad_norm, _ = self.optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        if applied:
+            self.steps_taken += 1
+        return StepResult(bool(applied), grad_norm, lr)
+
+    def unwrapped(self) -> list:
+        return [chunk.module for chunk in self.model]
+
+
+def build_policy(arch: QwenArchitecture, optim_config: OptimConfig, *, hf_dir: str | Path | None = None,
+                 params_dtype: torch.dtype | None = None, **config_overrides: Any) -> Policy:
+    """Build this rank's model (virtual-pipeline chunks when vpp is set), load ``hf_dir``'s
+    weights if given, wrap it in Megatron DDP and create Megatron's optimizer."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_sdar.models.hf_loader import load_hf_weights
+    from megatron_sdar.models.megatron_model import build_model, build_transformer_config
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
+    config = build_transformer_config(arch, params_dtype=params_dtype,
+                                      initialize_weights=hf_dir is None, **config_overrides)
+    if vpp > 1:
+        chunks = [build_model(arch, config, vp_stage=i) for i in range(vpp)]
+    else:
+        chunks = [build_model(arch, config)]
+    if hf_dir is not None:
+        load_hf_weights(chunks, arch, hf_dir)
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim_config.use_distributed_optimizer,
+    )
+    model = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
+    dtype = config.params_dtype
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=optim_config.lr, min_lr=optim_config.min_lr,
+            weight_decay=optim_config.weight_decay, adam_beta1=optim_config.adam_beta1,
+            adam_beta2=optim_config.adam_beta2, adam_eps=optim_config.adam_eps,
+            clip_grad=optim_config.clip_grad, bf16=dtype == torch.bfloat16, fp16=False,
+            params_dtype=dtype, use_distributed_optimizer=optim_config.use_distributed_optimizer,
+        ),
+        model,
+    )
+    return Policy(arch, model, optimizer, optim_config)

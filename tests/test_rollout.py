@@ -1,0 +1,210 @@
+"""The colocated vLLM rollout engine, the Megatron -> vLLM weight sync and the multi-turn agent loop,
+with a tiny Qwen2, the real vLLM engine and the built-in household world."""
+import pytest
+
+from megatron_sdar.testing import run_distributed
+
+LOGPROB_BOUND = 1e-3  # fp32 on CPU; larger means a resharding bug
+
+
+def _megatron_logprobs(model, sequences, starts):
+    """Megatron's log-probs of ``seq[start:]`` for each sequence (TP-sharded logits, PP=1)."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from megatron_sdar.algo.vocab_parallel import vocab_parallel_gather_logprobs
+    from megatron_sdar.utils.device import causal_attention_mask
+
+    out = []
+    with torch.no_grad():
+        for seq, start in zip(sequences, starts):
+            ids = torch.tensor([seq])
+            logits = model(ids, torch.arange(len(seq))[None], causal_attention_mask(len(seq)))
+            lp = vocab_parallel_gather_logprobs(logits[0, start - 1:-1].float(), ids[0, start:][:, None],
+                                                ps.get_tensor_model_parallel_group())
+            out.append(lp[:, 0].tolist())
+    return out
+
+
+def _max_diff(a, b):
+    return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
+
+
+class _FlakyHousehold:
+    """A household environment whose step raises on its second call (a broken env server)."""
+
+    def __new__(cls, **kwargs):
+        from megatron_sdar.envs.household import HouseholdEnv
+
+        class Flaky(HouseholdEnv):
+            def _step(self, action):
+                if self._turn >= 2:
+                    raise ConnectionError("environment server went away")
+                return super()._step(action)
+
+        return Flaky(**kwargs)
+
+
+def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: int | None):
+    """Rollout with G=4 groups, check token round trip and log-probs, take a Megatron optimizer
+    step, resync, check vLLM's scores of the same tokens moved with the weights."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoTokenizer
+
+    from megatron_sdar.envs import make
+    from megatron_sdar.models.architecture import QwenArchitecture
+    from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource,
+                                       RolloutEngine, RolloutEngineConfig, TrajectoryBatch)
+    from megatron_sdar.skills import SkillBank, SkillRetriever, builtin_skill_dir
+    from megatron_sdar.trainer.policy import OptimConfig, build_policy
+
+    rank = dist.get_rank()
+    arch = QwenArchitecture.from_hf_config(model_dir)
+    policy = build_policy(arch, OptimConfig(lr=3e-3, clip_grad=0.0), hf_dir=model_dir)
+    model = policy.unwrapped()[0]
+    # perturb the trainer's weights before the first sync: vLLM's checkpoint weights are stale
+    torch.manual_seed(7)  # same on every rank: replicated parameters stay replicated
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 0.05 * torch.randn_like(p))
+    engine = RolloutEngine(model_dir, RolloutEngineConfig(tp=1, max_model_len=512, bucket_mb=0.25))
+    source = MegatronWeightSource(policy.model, arch, bucket_mb=0.25)
+    stats = engine.sync_weights(source)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    retriever = SkillRetriever(SkillBank.from_dir(builtin_skill_dir("household")), mode="keyword")
+    config = AgentLoopConfig(max_turns=3, history_window=2, max_prompt_tokens=400, max_response_tokens=12,
+                             action_pattern=None, progress=False)
+    loop = AgentLoop(engine, tokenizer, config, retriever)
+    groups = 2 * dist.get_world_size()
+    specs = []
+    for k in range(rank_episodes[rank]):  # G=4 episodes per task, two tasks per rank
+        group = 2 * rank + k // 4
+        factory = _FlakyHousehold if (raise_on is not None and group * 4 + k % 4 == raise_on) else None
+        env = factory(seed=group) if factory else make("household", seed=group)
+        specs.append(EpisodeSpec(env=env, group=group, task_seed=100 + group, episode_id=group * 4 + k % 4))
+    batch = loop.run(specs)
+
+    result = {"sync_bytes": stats.bytes, "sync_buckets": stats.buckets, "groups": groups,
+              "summary": batch.summary(), "metrics": batch.metrics,
+              "episodes": [(e.group, e.num_turns, e.env_error, len(e.skill_names), e.reward, e.invalid_actions)
+                           for e in batch.episodes]}
+    # the token ids the trainer rebuilds from the stored messages equal what vLLM saw
+    result["roundtrip"] = all(loop.formatter.encode(t.messages) == t.prompt_ids for _, t in batch.turns())
+    result["teacher_has_context"] = all(
+        len(t.teacher_prompt_ids) > len(t.prompt_ids) and t.teacher_prompt_ids[-3:] == t.prompt_ids[-3:]
+        for e in batch.episodes if e.privileged_context for t in e.turns)
+    # every rank scores every rank's sequences (TP ranks must see the same input)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, batch)
+    merged = TrajectoryBatch.merge(gathered)
+    turns = [t for _, t in merged.turns()]
+    seqs = [t.input_ids for t in turns]
+    starts = [t.response_start for t in turns]
+    rollout_lp = [t.rollout_logprobs for t in turns]
+    result["pre_diff"] = _max_diff(_megatron_logprobs(model, seqs, starts), rollout_lp)
+    result["turns"] = len(turns)
+
+    # one Megatron optimizer step on the rollout's tokens (maximize their likelihood), then resync
+    policy.zero_grad()
+    from megatron.core import parallel_state as ps
+
+    from megatron_sdar.algo.vocab_parallel import vocab_parallel_gather_logprobs
+    from megatron_sdar.utils.device import causal_attention_mask
+    for seq, start in zip(seqs[:4], starts[:4]):
+        ids = torch.tensor([seq])
+        logits = policy.model[0](ids, torch.arange(len(seq))[None], causal_attention_mask(len(seq)))
+        lp = vocab_parallel_gather_logprobs(logits[0, start - 1:-1].float(), ids[0, start:][:, None],
+                                            ps.get_tensor_model_parallel_group())
+        (-lp.mean()).backward()
+    update = policy.step()
+    result["applied"], result["grad_norm"] = update.applied, update.grad_norm
+    engine.sync_weights(source)
+    vllm_after = engine.score(seqs, starts)
+    result["post_diff"] = _max_diff(_megatron_logprobs(model, seqs, starts), vllm_after)
+    result["moved"] = _max_diff(vllm_after, rollout_lp)
+    engine.shutdown()
+    return result
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen2(tmp_path_factory):
+    from megatron_sdar.models.tiny import build_tiny_qwen
+
+    return str(build_tiny_qwen(tmp_path_factory.mktemp("rollout") / "qwen2", "qwen2"))
+
+
+@pytest.mark.multiproc
+def test_rollout_sync_step_resync_single_process(tiny_qwen2):
+    """G=4 groups on one rank; one episode's environment raises mid-episode."""
+    result = run_distributed(_rollout_sync_and_step, world_size=1, args=(tiny_qwen2, [8], 5),
+                             timeout=600, env={"OMP_NUM_THREADS": "2"})[0]
+    assert result["sync_buckets"] > 1 and result["sync_bytes"] > 4e6  # 0.25 MB buckets, ~5 MB model
+    assert result["roundtrip"] and result["teacher_has_context"]
+    assert result["turns"] > 8  # multi-turn
+    assert result["pre_diff"] < LOGPROB_BOUND, result["pre_diff"]
+    assert result["applied"] and result["grad_norm"] > 0
+    assert result["post_diff"] < LOGPROB_BOUND, result["post_diff"]
+    assert result["moved"] > 10 * LOGPROB_BOUND, result["moved"]
+    episodes = result["episodes"]
+    assert len(episodes) == 8 and {g for g, *_ in episodes} == {0, 1}
+    broken = [e for e in episodes if e[2] is not None]
+    assert len(broken) == 1 and "environment server went away" in broken[0][2]
+    assert result["summary"]["rollout/env_errors"] == 1.0
+    # the others ran to the turn limit (a random policy never solves a task)
+    assert all(turns == 3 for g, turns, err, *_ in episodes if err is None)
+    assert all(n_skills == 1 for *_, n_skills, _, _ in episodes)  # keyword retrieval, one skill per task
+    # every unsolved turn counts as invalid or not; reward = -0.1 x invalid actions
+    assert all(abs(reward + 0.1 * invalid) < 1e-9 for *_, reward, invalid in episodes)
+    assert result["metrics"]["rollout/tokens_per_s"] > 0
+
+
+@pytest.mark.multiproc
+def test_rollout_tp2_training_with_rollout_tp1(tiny_qwen2):
+    """Training TP=2, two rollout replicas of TP=1; rank 1 has fewer episodes (lockstep)."""
+    results = run_distributed(_rollout_sync_and_step, world_size=2, tp=2, args=(tiny_qwen2, [8, 4], None),
+                              timeout=600, env={"OMP_NUM_THREADS": "1"})
+    for result in results:
+        assert result["roundtrip"]
+        assert result["pre_diff"] < LOGPROB_BOUND, result["pre_diff"]
+        assert result["post_diff"] < LOGPROB_BOUND, result["post_diff"]
+        assert result["moved"] > 10 * LOGPROB_BOUND
+    assert [len(r["episodes"]) for r in results] == [8, 4]
+    assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-6)
+
+
+def test_parse_action_and_config_errors():
+    from megatron_sdar.rollout import AgentLoopConfig, parse_action
+
+    pattern = AgentLoopConfig().action_pattern
+    assert parse_action("<think>x</think><action> go to  desk 1 </action>", pattern) == "go to desk 1"
+    assert parse_action("<action>a</action> then <action>b</action>", pattern) == "b"
+    assert parse_action("go to desk 1", pattern) is None
+    assert parse_action("<action>  </action>", pattern) is None
+    assert parse_action("  look \n", None) == "look"
+    with pytest.raises(ValueError, match="capture group"):
+        AgentLoopConfig(action_pattern=r"<action>.*</action>")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        AgentLoopConfig(action_pattern=r"<action>(")
+    with pytest.raises(ValueError, match="overlong"):
+        AgentLoopConfig(overlong="drop")
+
+
+def test_chat_formatter_history_window_and_context(tmp_path):
+    from megatron_sdar.models.tiny import build_tokenizer
+    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter
+    from megatron_sdar.rollout.agent_loop import EpisodeState
+
+    tok = build_tokenizer(tmp_path)
+    fmt = ChatFormatter(tok, AgentLoopConfig(history_window=2))
+    state = EpisodeState("Room. Your task is to: heat egg.", "You arrive at fridge 1.", ["look", "open fridge 1"],
+                         history=[("go to a", "obs a"), ("go to b", "obs b"), ("go to fridge 1", "You arrive.")])
+    text = fmt.user_content(state, 2)
+    assert "go to a" not in text and "> go to b\nobs b" in text and "> go to fridge 1" in text
+    assert "Admissible actions: look, open fridge 1" in text and text.startswith("Room. Your task")
+    messages = fmt.messages(text)
+    teacher = fmt.teacher_messages(messages, "Heat with the microwave.")
+    assert teacher[-1]["content"].startswith("Skills that may help:\nHeat with the microwave.")
+    assert messages[-1]["content"] == text  # the student's messages are not modified
+    ids = fmt.encode(messages)
+    assert tok.decode(ids).endswith("<|im_start|>assistant\n")
