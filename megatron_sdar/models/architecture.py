@@ -12,10 +12,13 @@ Supported families (``model_type``):
 * ``qwen3``: QK RMSNorm per head, optional attention bias, explicit ``head_dim`` (which may differ
   from ``hidden_size / num_attention_heads``).
 
-Mixture-of-experts families (``qwen2_moe``, ``qwen3_moe``) are recognised and rejected for now; the
-record keeps a :class:`MoESpec` slot and the weight mapping is rule-based
-(:mod:`megatron_sdar.models.weight_mapping`) so they can be added by filling that slot and adding
-the expert rules, without restructuring.
+* ``qwen3_moe``: Qwen3 attention with a sparse mixture-of-experts block in every layer (a softmax
+  router ``mlp.gate`` over ``num_experts`` SwiGLU experts of width ``moe_intermediate_size``, top
+  ``num_experts_per_tok``, optionally renormalised; no shared expert), recorded in :class:`MoESpec`.
+  Only the layout of the released checkpoints is converted: ``decoder_sparse_step=1`` and no
+  ``mlp_only_layers`` (a model mixing dense and sparse layers is rejected, see ``from_hf_config``).
+
+``qwen2_moe`` (a shared expert behind a sigmoid gate in every layer) is recognised and rejected.
 """
 from __future__ import annotations
 
@@ -24,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3")
-_PLANNED_MODEL_TYPES = ("qwen2_moe", "qwen3_moe")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
+_PLANNED_MODEL_TYPES = ("qwen2_moe",)
 # rope types whose frequencies Megatron-Core computes exactly like transformers
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
 
@@ -52,22 +55,30 @@ class RopeSpec:
 
 @dataclass(frozen=True)
 class MoESpec:
-    """Placeholder for the Qwen-MoE families (not converted yet)."""
+    """The sparse MLP of every layer of a Qwen3-MoE model.
+
+    Routing (transformers' ``Qwen3MoeTopKRouter``): ``p = softmax(x @ gate.T)`` in float32 over all
+    experts, keep the ``num_experts_per_token`` largest, divide them by their sum when
+    ``norm_topk_prob``; the block's output is the ``p``-weighted sum of the chosen experts' SwiGLU
+    outputs. ``router_aux_loss_coef`` is HF's load-balancing loss weight: it changes training
+    only, never the forward, and is kept so a trainer can opt into Megatron's aux loss with it.
+    """
 
     num_experts: int
     num_experts_per_token: int
     expert_ffn_hidden_size: int
-    shared_expert_ffn_hidden_size: int | None = None
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.0
 
 
 @dataclass(frozen=True)
 class QwenArchitecture:
-    """A validated Qwen dense decoder. Shapes below use h=hidden_size, d=head_dim."""
+    """A validated Qwen decoder (dense, or MoE when ``moe`` is set). Shapes: h=hidden_size, d=head_dim."""
 
     model_type: str
     vocab_size: int  # rows of embed_tokens / lm_head in the HF checkpoint (no TP padding)
     hidden_size: int
-    intermediate_size: int
+    intermediate_size: int  # the dense MLP's width (unused when every layer is sparse)
     num_layers: int
     num_attention_heads: int
     num_key_value_heads: int
@@ -114,13 +125,34 @@ class QwenArchitecture:
             problems.append(f"num_key_value_heads={self.num_key_value_heads}")
         if self.num_attention_heads % tp:
             problems.append(f"num_attention_heads={self.num_attention_heads}")
-        if self.intermediate_size % tp:
+        if self.moe is None and self.intermediate_size % tp:
             problems.append(f"intermediate_size={self.intermediate_size}")
         if problems:
             raise UnsupportedConfigError(
                 f"tensor parallel size {tp} must divide {', '.join(problems)} "
                 "(each TP rank owns whole key/value groups)"
             )
+
+    def check_expert_parallel(self, ep: int, etp: int) -> None:
+        """Raise unless the experts can be spread over ``ep`` ranks, each split over ``etp`` ranks.
+
+        Every expert-parallel rank owns ``num_experts / ep`` whole experts; inside an expert, the
+        SwiGLU width is split over the expert-tensor-parallel ranks like a dense MLP over TP.
+        """
+        if self.moe is None:
+            if ep > 1 or etp > 1:
+                raise UnsupportedConfigError(
+                    f"expert parallelism (ep={ep}, etp={etp}) needs a mixture-of-experts model, "
+                    f"{self.model_type} is dense")
+            return
+        problems = []
+        if self.moe.num_experts % ep:
+            problems.append(f"expert parallel size {ep} must divide num_experts={self.moe.num_experts}")
+        if self.moe.expert_ffn_hidden_size % etp:
+            problems.append(f"expert tensor parallel size {etp} must divide "
+                            f"moe_intermediate_size={self.moe.expert_ffn_hidden_size}")
+        if problems:
+            raise UnsupportedConfigError("; ".join(problems))
 
     def torch_dtype_object(self):
         import torch
@@ -142,8 +174,8 @@ class QwenArchitecture:
         model_type = cfg.get("model_type")
         if model_type in _PLANNED_MODEL_TYPES:
             raise UnsupportedConfigError(
-                f"model_type={model_type!r}: mixture-of-experts Qwen is not converted yet "
-                f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"model_type={model_type!r}: Qwen2-MoE (a gated shared expert next to the routed "
+                f"ones) is not converted (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise UnsupportedConfigError(
@@ -184,6 +216,8 @@ class QwenArchitecture:
         else:
             qkv_bias, qk_norm = bool(cfg.get("attention_bias", False)), True
 
+        moe = _parse_moe(cfg, need) if model_type == "qwen3_moe" else None
+
         max_pos = int(cfg.get("max_position_embeddings", 32768))
         dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
@@ -206,8 +240,43 @@ class QwenArchitecture:
             torch_dtype=dtype,
             attention_dropout=float(cfg.get("attention_dropout", 0.0) or 0.0),
             initializer_range=float(cfg.get("initializer_range", 0.02)),
+            moe=moe,
             hf_config=cfg,
         )
+
+
+def _parse_moe(cfg: Mapping[str, Any], need) -> MoESpec | None:
+    """The MoE block of a ``qwen3_moe`` config, or None when ``num_experts == 0`` (all layers dense,
+    as in transformers: then the model is a Qwen3 with the dense weight names)."""
+    # transformers >= 5 writes num_local_experts (num_experts is an alias); released configs say num_experts
+    num_experts = cfg.get("num_experts", cfg.get("num_local_experts"))
+    if num_experts is None:
+        raise UnsupportedConfigError("config.json of a qwen3_moe model lacks 'num_experts'")
+    num_experts = int(num_experts)
+    if num_experts == 0:
+        return None
+    top_k = int(need("num_experts_per_tok"))
+    width = int(need("moe_intermediate_size"))
+    if not 0 < top_k <= num_experts:
+        raise UnsupportedConfigError(f"num_experts_per_tok={top_k} must be in [1, num_experts={num_experts}]")
+    step = int(cfg.get("decoder_sparse_step", 1) or 1)
+    dense_layers = sorted(int(i) for i in (cfg.get("mlp_only_layers") or []))
+    if step != 1 or dense_layers:
+        raise UnsupportedConfigError(
+            f"qwen3_moe with dense MLP layers (decoder_sparse_step={step}, mlp_only_layers={dense_layers}) "
+            "is not supported: only models whose every layer is sparse (decoder_sparse_step=1, no "
+            "mlp_only_layers; all released Qwen3-MoE checkpoints) convert")
+    for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+        if cfg.get(key):
+            raise UnsupportedConfigError(f"{key}={cfg[key]}: Qwen3-MoE has no shared expert; "
+                                         "shared experts are not supported")
+    return MoESpec(
+        num_experts=num_experts,
+        num_experts_per_token=top_k,
+        expert_ffn_hidden_size=width,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
+        router_aux_loss_coef=float(cfg.get("router_aux_loss_coef", 0.0) or 0.0),
+    )
 
 
 def _parse_rope(cfg: Mapping[str, Any], max_pos: int) -> RopeSpec:
