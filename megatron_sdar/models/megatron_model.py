@@ -65,16 +65,19 @@ def build_transformer_config(
     tp: int | None = None,
     pp: int | None = None,
     cp: int | None = None,
+    ep: int | None = None,
+    etp: int | None = None,
     params_dtype: torch.dtype | None = None,
     initialize_weights: bool = True,
     **overrides: Any,
 ):
     """The Megatron ``TransformerConfig`` equivalent to ``arch``.
 
-    ``tp``/``pp``/``cp`` default to Megatron's current parallel state; ``params_dtype`` to the
+    ``tp``/``pp``/``cp``/``ep`` (expert parallel)/``etp`` (expert tensor parallel) default to
+    Megatron's current parallel state (``ep=1``, ``etp=tp`` without one); ``params_dtype`` to the
     checkpoint's dtype (keeps HF -> Megatron -> HF bit-exact). ``initialize_weights=False`` skips
     the random init (weights are about to be loaded). ``overrides`` go to the config verbatim
-    (sequence_parallel, recompute, fp8, ...).
+    (sequence_parallel, recompute, fp8, an aux loss for MoE training, ...).
     """
     import torch.nn.functional as F
     from megatron.core import parallel_state as ps
@@ -84,9 +87,15 @@ def build_transformer_config(
 
     tp = ps.get_tensor_model_parallel_world_size() if tp is None else tp
     pp = ps.get_pipeline_model_parallel_world_size() if pp is None else pp
+    have_state = ps.model_parallel_is_initialized()
     if cp is None:  # unlike tp/pp, callers building a config without parallel state get CP=1
-        cp = ps.get_context_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        cp = ps.get_context_parallel_world_size() if have_state else 1
+    if ep is None:
+        ep = ps.get_expert_model_parallel_world_size() if have_state else 1
+    if etp is None:
+        etp = ps.get_expert_tensor_parallel_world_size() if have_state else tp
     arch.check_tensor_parallel(tp)
+    arch.check_expert_parallel(ep, etp)
     if arch.num_layers % pp and "pipeline_model_parallel_layout" not in overrides:
         raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pipeline size {pp}")
     dtype = params_dtype or arch.torch_dtype_object()
@@ -125,6 +134,8 @@ def build_transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    if arch.moe is not None:
+        kwargs.update(_moe_config_fields(arch, ep, etp, on_cpu))
     config_class = TransformerConfig
     if arch.rope.kind == "yarn":
         config_class = _yarn_config_class()
@@ -136,6 +147,46 @@ def build_transformer_config(
         )
     kwargs.update(overrides)
     return config_class(**kwargs)
+
+
+def _moe_config_fields(arch: QwenArchitecture, ep: int, etp: int, on_cpu: bool) -> dict[str, Any]:
+    """Megatron MoE settings that reproduce transformers' Qwen3-MoE block exactly.
+
+    Routing: softmax router in float32 (``moe_router_dtype``, as HF's ``softmax(dtype=float)``).
+    HF without ``norm_topk_prob`` keeps the top-k of the full softmax: Megatron's
+    ``moe_router_pre_softmax``. HF with it divides those by their sum, which equals a softmax over
+    the top-k logits: Megatron's default order (top-k, then softmax). The chosen experts are the
+    same either way (softmax is monotonic).
+
+    No auxiliary loss and no token dropping (unlimited capacity), so the forward is HF's; a
+    trainer that wants a load-balancing loss passes ``moe_router_load_balancing_type="aux_loss"``
+    and ``moe_aux_loss_coeff=arch.moe.router_aux_loss_coef`` as overrides (neither changes the
+    forward). Dispatcher: ``alltoall`` (point-to-point token exchange between EP ranks); it only
+    uses all-to-all/all-gather collectives, which gloo provides, so EP runs on CPU too. Grouped
+    GEMM (``TEGroupedMLP``) needs Transformer Engine: on the GPU spec only, see
+    :func:`build_layer_spec`.
+    """
+    moe = arch.moe
+    assert moe is not None
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size,
+        moe_router_topk=moe.num_experts_per_token,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not moe.norm_topk_prob,
+        moe_router_dtype="fp32",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=None,
+        moe_input_jitter_eps=None,
+        moe_expert_capacity_factor=None,
+        moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
+        moe_grouped_gemm=not on_cpu and transformer_engine_available(),
+        moe_permute_fusion=False,
+        moe_router_fusion=False,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
 
 
 def build_layer_spec(arch: QwenArchitecture, use_transformer_engine: bool | None = None):
@@ -152,13 +203,18 @@ def build_layer_spec(arch: QwenArchitecture, use_transformer_engine: bool | None
 
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
+    num_experts = arch.moe.num_experts if arch.moe is not None else None
     if use_transformer_engine:
         if not transformer_engine_available():
             raise RuntimeError("use_transformer_engine=True but Transformer Engine is not importable")
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_norm)
+        # MoE: TEGroupedMLP (one grouped GEMM over the local experts, params linear_fc1.weight{i})
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=arch.qk_norm)
     from megatron_sdar.models.cp_attention import ContextParallelDotProductAttention
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=arch.qk_norm)
+    # MoE: SequentialMLP (a loop over local experts, params local_experts.{i}.linear_fc1.weight)
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
+                                    normalization="RMSNorm", qk_layernorm=arch.qk_norm)
     spec.submodules.self_attention.submodules.core_attention = ContextParallelDotProductAttention
     return spec
 

@@ -63,13 +63,18 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512, extra_text: str 
     return hf_tok
 
 
+TINY_ARCHS = ("qwen2", "qwen3", "qwen3_moe")
+
+
 def tiny_qwen_config(arch: str = "qwen2", vocab_size: int = 512, **overrides):
-    """A transformers config of the Qwen2 (QKV bias, untied) or Qwen3 (QK-norm, tied) family.
+    """A transformers config of the Qwen2 (QKV bias, untied), Qwen3 (QK-norm, tied) or Qwen3-MoE
+    (QK-norm, untied like the released MoE models, 4 experts of width 128, top-2, renormalised)
+    family.
 
     Defaults: hidden 256, 4 query heads of 64 (vLLM's CPU attention rejects head_dim 16), 2 KV
     heads (GQA), 2 layers.
     """
-    from transformers import Qwen2Config, Qwen3Config
+    from transformers import Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -94,7 +99,13 @@ def tiny_qwen_config(arch: str = "qwen2", vocab_size: int = 512, **overrides):
         common.update(tie_word_embeddings=True, head_dim=64)
         common.update(overrides)
         return Qwen3Config(**common)
-    raise ValueError(f"arch must be 'qwen2' or 'qwen3', got {arch!r}")
+    if arch == "qwen3_moe":
+        common.update(tie_word_embeddings=False, head_dim=64, num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=128, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[])
+        common.update(overrides)
+        return Qwen3MoeConfig(**common)
+    raise ValueError(f"arch must be one of {TINY_ARCHS}, got {arch!r}")
 
 
 def build_tiny_qwen(out_dir: str | Path, arch: str = "qwen2", seed: int = 0, extra_text: str = "",
@@ -112,7 +123,9 @@ def build_tiny_qwen(out_dir: str | Path, arch: str = "qwen2", seed: int = 0, ext
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # The default init (std 0.02) gives near-uniform outputs; a larger scale makes greedy
-    # decoding well separated, so numerical comparisons are meaningful.
+    # decoding well separated, so numerical comparisons are meaningful. For MoE the same scale
+    # spreads the router logits so tokens pick different experts (HF inits the router to zeros,
+    # which would send every token to the same top-k by tie-breaking). Experts are 3-D tensors.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
