@@ -161,10 +161,12 @@ def _moe_config_fields(arch: QwenArchitecture, ep: int, etp: int, on_cpu: bool) 
     No auxiliary loss and no token dropping (unlimited capacity), so the forward is HF's; a
     trainer that wants a load-balancing loss passes ``moe_router_load_balancing_type="aux_loss"``
     and ``moe_aux_loss_coeff=arch.moe.router_aux_loss_coef`` as overrides (neither changes the
-    forward). Dispatcher: ``alltoall`` (point-to-point token exchange between EP ranks); it only
-    uses all-to-all/all-gather collectives, which gloo provides, so EP runs on CPU too. Grouped
-    GEMM (``TEGroupedMLP``) needs Transformer Engine: on the GPU spec only, see
-    :func:`build_layer_spec`.
+    forward). Token dispatcher: ``alltoall`` on GPU (each token goes only to the EP ranks of its
+    experts); ``allgather`` on CPU (every EP rank sees all tokens and keeps those of its experts:
+    more traffic, same result), because megatron-core's alltoall dispatcher copies its split
+    sizes to the host on a side stream and waits on the recorded CUDA event, which the CPU shim's
+    null stream returns as None. Grouped GEMM (``TEGroupedMLP``) needs Transformer Engine: on
+    the GPU spec only, see :func:`build_layer_spec`.
     """
     moe = arch.moe
     assert moe is not None
