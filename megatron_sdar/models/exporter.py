@@ -14,6 +14,13 @@ that yield them. At any moment a rank holds at most one layer's full HF tensors 
 model shard (for the embedding: the full embedding). The yielded tensors may alias the live
 parameters (replicated norms at any TP, everything at TP=1): copy a tensor before modifying it or
 keeping it across an optimizer step.
+
+Mixture of experts: every expert tensor comes out on its own (``mlp.experts.{e}.gate_proj`` ...,
+experts in index order within a layer). The expert-parallel rank holding expert ``e`` gathers it
+over its expert-tensor-parallel group and broadcasts it over the expert-parallel group, so both
+targets get every expert (vLLM needs all of them on every rank) while no rank holds more than one
+expert tensor beyond its shard. Because the EP peers of rank 0 belong to other data-parallel
+replicas, with ``ep > 1`` *every* rank must iterate, for ``target="first"`` too.
 """
 from __future__ import annotations
 
@@ -44,6 +51,17 @@ def _item_of(mapping: QwenWeightMapping, lp: LocalParam) -> int | str | None:
     if lp.rule is mapping.final_norm_rule:
         return _FINAL_NORM
     return _OUTPUT if lp.rule.exported else None
+
+
+def _broadcast_expert(tensor: torch.Tensor | None, shape: tuple[int, ...], holder: int, ep_group,
+                      dtype, device) -> torch.Tensor:
+    """Give one expert tensor, gathered on its expert-parallel rank ``holder``, to every EP rank."""
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=device)
+    elif not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    dist.broadcast(tensor, src=dist.get_global_rank(ep_group, holder), group=ep_group)
+    return tensor
 
 
 def _rules_of(mapping: QwenWeightMapping, item: int | str) -> list[ParamRule]:
@@ -104,7 +122,8 @@ def iter_hf_weights(model_chunks, arch: QwenArchitecture, *,
     ``model_chunks``: this rank's model (or list of virtual-pipeline chunks), possibly wrapped in
     DDP/Float16Module. Every rank of the model-parallel group must iterate to the end; ranks of
     other data-parallel replicas may iterate too (with ``target="first"`` they yield nothing and
-    run no collectives).
+    run no collectives). With expert parallelism (``ep > 1``) every rank must iterate: the experts
+    of rank 0's layers live on ranks of other data-parallel replicas.
     """
     from megatron.core import parallel_state as ps
 
@@ -119,14 +138,20 @@ def iter_hf_weights(model_chunks, arch: QwenArchitecture, *,
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
-    if target == "first" and 0 not in dist.get_process_group_ranks(ps.get_model_parallel_group()):
+    ep, ep_rank, etp, ep_group, etp_group, experts_per_rank = 1, 0, 1, None, None, 1
+    if mapping.num_experts:
+        ep, etp = ps.get_expert_model_parallel_world_size(), ps.get_expert_tensor_parallel_world_size()
+        ep_rank = ps.get_expert_model_parallel_rank()
+        ep_group, etp_group = ps.get_expert_model_parallel_group(), ps.get_expert_tensor_parallel_group()
+        experts_per_rank = mapping.num_experts // ep
+    if target == "first" and ep == 1 and 0 not in dist.get_process_group_ranks(ps.get_model_parallel_group()):
         return  # another data-parallel replica: rank 0's replica does the work
 
-    by_item: dict[int | str, dict[str, LocalParam]] = {}
+    by_item: dict[int | str, dict[tuple[str, int | None], LocalParam]] = {}
     for lp in local_params:
         item = _item_of(mapping, lp)
         if item is not None:
-            by_item.setdefault(item, {})[lp.rule.megatron_name] = lp
+            by_item.setdefault(item, {})[(lp.rule.megatron_name, lp.expert)] = lp
     owners: dict[int | str, int] = {}
     if pp > 1:
         held: list[list] = [None] * pp  # type: ignore[list-item]
@@ -147,11 +172,18 @@ def iter_hf_weights(model_chunks, arch: QwenArchitecture, *,
         for item in order:
             owner = owners[item]
             mine = owner == pp_rank
-            for rule in _rules_of(mapping, item):
-                layer = item if isinstance(item, int) else None
-                thunks = _gather_to_hf(mapping, by_item[item][rule.megatron_name], tp, tp_group) if mine else None
-                for i, (name, shape) in enumerate(zip(rule.hf_names_for(layer), rule.hf_shapes)):
-                    tensor = thunks[i]() if mine else None
+            layer = item if isinstance(item, int) else None
+            for rule, expert in ((r, e) for r in _rules_of(mapping, item) for e in mapping.experts_of(r)):
+                thunks = None
+                if mine and not rule.expert:
+                    thunks = _gather_to_hf(mapping, by_item[item][(rule.megatron_name, None)], tp, tp_group)
+                elif mine and expert // experts_per_rank == ep_rank:
+                    thunks = _gather_to_hf(mapping, by_item[item][(rule.megatron_name, expert)], etp, etp_group)
+                for i, (name, shape) in enumerate(zip(rule.hf_names_for(layer, expert), rule.hf_shapes)):
+                    tensor = thunks[i]() if thunks is not None else None
+                    if mine and rule.expert and ep > 1:
+                        tensor = _broadcast_expert(tensor, shape, expert // experts_per_rank, ep_group,
+                                                   dtype, device)
                     if (pp > 1 and owner != 0) or target == "all":
                         tensor = _move_over_pipeline(tensor, shape, target, owner, pp_rank, tp_rank,
                                                      pp_group, dtype, device)

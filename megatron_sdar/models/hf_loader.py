@@ -3,7 +3,8 @@
 Each rank opens the safetensors files one at a time and reads, with ``safe_open(...).get_slice``,
 only the row/column ranges of the tensors its TP shard and pipeline stage own: a rank never holds
 more of the checkpoint than its own parameters (plus the slices of one fused parameter being
-assembled).
+assembled). For MoE models a rank reads only its own experts (expert-parallel rank) and, inside
+them, its expert-tensor-parallel slice.
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ def load_hf_weights(model_chunks, arch: QwenArchitecture, hf_dir: str | Path, *,
                     progress: bool = False) -> LoadReport:
     """Fill this rank's parameters from the HF checkpoint in ``hf_dir`` (in place).
 
-    Works for any TP/PP layout (reads Megatron's parallel state) and either layer spec. Raises
+    Works for any TP/PP/EP layout (reads Megatron's parallel state) and either layer spec. Raises
     :class:`CheckpointMismatchError` when the files do not match ``arch``.
     """
     from megatron.core import parallel_state as ps
@@ -109,13 +110,18 @@ def load_hf_weights(model_chunks, arch: QwenArchitecture, hf_dir: str | Path, *,
     index = HFCheckpointIndex.open(hf_dir)
     index.check_against(mapping)
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    if arch.moe is not None:
+        etp, etp_rank = ps.get_expert_tensor_parallel_world_size(), ps.get_expert_tensor_parallel_rank()
 
     params = iter_local_params(model_chunks, mapping)
     plans: list[tuple[LocalParam, list[SliceRead]]] = []
     reads_by_file: dict[str, list[SliceRead]] = defaultdict(list)
     for lp in params:
         padded = lp.tensor.shape[0] * tp if lp.rule.kind is ShardKind.VOCAB else None
-        plan = mapping.read_plan(lp.rule, lp.layer, tp_rank, tp, padded)
+        if lp.rule.expert:
+            plan = mapping.read_plan(lp.rule, lp.layer, etp_rank, etp, expert=lp.expert)
+        else:
+            plan = mapping.read_plan(lp.rule, lp.layer, tp_rank, tp, padded)
         plans.append((lp, plan))
         for read in plan:
             reads_by_file[index.file_of[read.hf_name]].append(read)

@@ -5,8 +5,7 @@ the HF tensor(s) it is made of, and a :class:`ShardKind` saying how those HF ten
 split over tensor-parallel ranks. Both directions use the same rules: the loader
 (:mod:`megatron_sdar.models.hf_loader`) turns a rule into the byte ranges one TP rank reads, the
 exporter (:mod:`megatron_sdar.models.exporter`) turns it into the gathers that rebuild the HF
-tensors. Adding an architecture (e.g. Qwen3-MoE: a router rule, expert rules with an ``{expert}``
-placeholder split over expert-parallel ranks) means adding rules and, if new, a shard kind.
+tensors. Adding an architecture means adding rules and, if new, a shard kind.
 
 Layouts (h = hidden, d = head_dim, n_q / n_kv = query / key-value heads, g = n_q / n_kv, f = ffn):
 
@@ -17,7 +16,18 @@ Layouts (h = hidden, d = head_dim, n_q / n_kv = query / key-value heads, g = n_q
   ``gate_r = gate_proj[r*f/tp:(r+1)*f/tp]`` (so the unsharded fc1 is NOT ``[gate; up]`` for tp>1).
 * ``ROW``: split over the input dimension (``o_proj``, ``down_proj``).
 * ``VOCAB``: rows of the (padded) vocabulary; rows past the HF vocabulary are zeros.
-* ``REPLICATED``: every TP rank holds the full tensor (RMSNorm weights).
+* ``REPLICATED``: every TP rank holds the full tensor (RMSNorm weights, the MoE router).
+
+Mixture of experts (Qwen3-MoE): the router ``mlp.router.weight [E, h]`` is HF's ``mlp.gate.weight``
+(replicated). Expert rules carry ``expert=True`` and an ``{expert}`` placeholder in their HF names:
+one rule covers ``mlp.experts.{e}.gate_proj/up_proj`` (``GATE_UP``, fused into the expert's
+``linear_fc1``) and one ``down_proj`` (``ROW``, ``linear_fc2``) for every expert ``e``. Expert
+parallel rank ``r`` of ``ep`` holds experts ``[r * E/ep, (r+1) * E/ep)`` as local experts
+``0 .. E/ep - 1``; inside one expert, the width is split over the *expert* tensor-parallel ranks
+(``etp``, Megatron's default ``etp = tp``) exactly like a dense MLP over TP. Megatron names a local
+expert ``mlp.experts.local_experts.{i}.linear_fc1.weight`` (``SequentialMLP``, local spec) or
+``mlp.experts.linear_fc1.weight{i}`` (``TEGroupedMLP``, TE spec); both map to the rule
+``mlp.experts.linear_fc1.weight`` with local index ``i``.
 """
 from __future__ import annotations
 
@@ -37,6 +47,9 @@ _TE_ALIASES = {
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
 }
 _LAYER_PARAM = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# a local expert's parameter: SequentialMLP (local_experts.{i}.<p>.weight) or TEGroupedMLP (<p>.weight{i})
+_SEQUENTIAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc[12]\.weight)$")
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12]\.weight)(\d+)$")
 
 
 class ShardKind(enum.Enum):
@@ -53,9 +66,10 @@ class ParamRule:
 
     ``megatron_name`` is relative to the layer (``self_attention.linear_qkv.weight``) for
     per-layer rules, absolute (``embedding.word_embeddings.weight``) otherwise. ``hf_names``
-    are templates with ``{layer}`` (the global 0-based layer index); ``hf_shapes`` their full
-    shapes. ``exported`` is False for a parameter whose HF tensor another rule already exports
-    (the tied output layer of the last pipeline stage).
+    are templates with ``{layer}`` (the global 0-based layer index) and, for ``expert`` rules,
+    ``{expert}`` (the global expert index); ``hf_shapes`` their full shapes. ``exported`` is False
+    for a parameter whose HF tensor another rule already exports (the tied output layer of the
+    last pipeline stage). ``expert`` rules are sharded over the expert tensor-parallel group.
     """
 
     megatron_name: str
@@ -64,9 +78,12 @@ class ParamRule:
     kind: ShardKind
     per_layer: bool
     exported: bool = True
+    expert: bool = False
 
-    def hf_names_for(self, layer: int | None) -> tuple[str, ...]:
-        return tuple(n.format(layer=layer) for n in self.hf_names)
+    def hf_names_for(self, layer: int | None, expert: int | None = None) -> tuple[str, ...]:
+        if self.expert and expert is None:
+            raise ValueError(f"{self.megatron_name} is an expert parameter: pass the expert index")
+        return tuple(n.format(layer=layer, expert=expert) for n in self.hf_names)
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,18 @@ class SliceRead:
     dim: int
     start: int
     stop: int
+
+
+def split_expert_name(layer_param: str) -> tuple[str, int | None]:
+    """``(rule name, local expert index)`` of a layer-relative parameter name (index None if not
+    an expert's): both Megatron expert layouts map to ``mlp.experts.linear_fc{1,2}.weight``."""
+    m = _SEQUENTIAL_EXPERT.match(layer_param)
+    if m:
+        return f"mlp.experts.{m.group(2)}", int(m.group(1))
+    m = _GROUPED_EXPERT.match(layer_param)
+    if m:
+        return f"mlp.experts.{m.group(1)}", int(m.group(2))
+    return layer_param, None
 
 
 def canonical_megatron_name(name: str) -> str:
@@ -119,10 +148,24 @@ class QwenWeightMapping:
                       ((h, a.q_size),), ShardKind.ROW, True),
             ParamRule("pre_mlp_layernorm.weight", (f"{layer}post_attention_layernorm.weight",), ((h,),),
                       ShardKind.REPLICATED, True),
-            ParamRule("mlp.linear_fc1.weight", (f"{layer}mlp.gate_proj.weight", f"{layer}mlp.up_proj.weight"),
-                      ((f, h), (f, h)), ShardKind.GATE_UP, True),
-            ParamRule("mlp.linear_fc2.weight", (f"{layer}mlp.down_proj.weight",), ((h, f),), ShardKind.ROW, True),
         ]
+        if a.moe is None:
+            rules += [
+                ParamRule("mlp.linear_fc1.weight", (f"{layer}mlp.gate_proj.weight", f"{layer}mlp.up_proj.weight"),
+                          ((f, h), (f, h)), ShardKind.GATE_UP, True),
+                ParamRule("mlp.linear_fc2.weight", (f"{layer}mlp.down_proj.weight",), ((h, f),), ShardKind.ROW,
+                          True),
+            ]
+        else:
+            e, fe = a.moe.num_experts, a.moe.expert_ffn_hidden_size
+            expert = layer + "mlp.experts.{expert}."
+            rules += [
+                ParamRule("mlp.router.weight", (f"{layer}mlp.gate.weight",), ((e, h),), ShardKind.REPLICATED, True),
+                ParamRule("mlp.experts.linear_fc1.weight", (f"{expert}gate_proj.weight", f"{expert}up_proj.weight"),
+                          ((fe, h), (fe, h)), ShardKind.GATE_UP, True, expert=True),
+                ParamRule("mlp.experts.linear_fc2.weight", (f"{expert}down_proj.weight",), ((h, fe),),
+                          ShardKind.ROW, True, expert=True),
+            ]
         vocab = (a.vocab_size, h)
         self.embedding_rule = ParamRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",),
                                         (vocab,), ShardKind.VOCAB, False)
@@ -141,14 +184,23 @@ class QwenWeightMapping:
         }
 
     # --- names ---------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return self.arch.moe.num_experts if self.arch.moe is not None else 0
+
+    def experts_of(self, rule: ParamRule) -> tuple[int | None, ...]:
+        """The expert indices a rule is instantiated for (``(None,)`` for a non-expert rule)."""
+        return tuple(range(self.num_experts)) if rule.expert else (None,)
+
     def rule_for(self, canonical_name: str, layer_offset: int | Iterable[int] = 0) -> tuple[ParamRule, int | None]:
         """The rule of a canonical Megatron parameter name and its global layer index (or None).
 
-        ``layer_offset`` is added to the chunk-local layer index in the name.
+        ``layer_offset`` is added to the chunk-local layer index in the name. Expert parameters
+        (either Megatron layout) resolve to their expert rule; see :func:`split_expert_name`.
         """
         m = _LAYER_PARAM.match(canonical_name)
         if m:
-            rule = self.layer_rules.get(m.group(2))
+            rule = self.layer_rules.get(split_expert_name(m.group(2))[0])
             if rule is None:
                 raise KeyError(f"no HF mapping for Megatron parameter {canonical_name!r}")
             return rule, int(m.group(1)) + int(layer_offset)
@@ -164,7 +216,8 @@ class QwenWeightMapping:
             shapes.update(zip(rule.hf_names_for(None), rule.hf_shapes))
         for layer in range(self.arch.num_layers):
             for rule in self.layer_rules.values():
-                shapes.update(zip(rule.hf_names_for(layer), rule.hf_shapes))
+                for expert in self.experts_of(rule):
+                    shapes.update(zip(rule.hf_names_for(layer, expert), rule.hf_shapes))
         for rule in self.export_order_rules("tail"):
             shapes.update(zip(rule.hf_names_for(None), rule.hf_shapes))
         return shapes
@@ -177,9 +230,13 @@ class QwenWeightMapping:
 
     # --- HF -> Megatron ------------------------------------------------------------------------
     def read_plan(self, rule: ParamRule, layer: int | None, tp_rank: int, tp: int,
-                  padded_vocab: int | None = None) -> list[SliceRead]:
-        """The HF slices TP rank ``tp_rank`` of ``tp`` needs for its shard of ``rule``'s parameter."""
-        names = rule.hf_names_for(layer)
+                  padded_vocab: int | None = None, expert: int | None = None) -> list[SliceRead]:
+        """The HF slices TP rank ``tp_rank`` of ``tp`` needs for its shard of ``rule``'s parameter.
+
+        For an expert rule, ``expert`` is the global expert index and ``tp_rank``/``tp`` are the
+        expert tensor-parallel rank and size.
+        """
+        names = rule.hf_names_for(layer, expert)
         kind = rule.kind
         if kind is ShardKind.REPLICATED:
             return [SliceRead(names[0], 0, 0, rule.hf_shapes[0][0])]
@@ -248,11 +305,11 @@ class QwenWeightMapping:
                 v.reshape(groups * d, *rest).contiguous())
 
     def shard_from_full(self, rule: ParamRule, layer: int | None, full: dict[str, torch.Tensor],
-                        tp_rank: int, tp: int, local_shape: torch.Size) -> torch.Tensor:
+                        tp_rank: int, tp: int, local_shape: torch.Size, expert: int | None = None) -> torch.Tensor:
         """In-memory variant of read + assemble (tests, small models): full HF tensors -> shard."""
         padded = local_shape[0] * tp if rule.kind is ShardKind.VOCAB else None
         pieces = [full[r.hf_name].narrow(r.dim, r.start, r.stop - r.start)
-                  for r in self.read_plan(rule, layer, tp_rank, tp, padded)]
+                  for r in self.read_plan(rule, layer, tp_rank, tp, padded, expert)]
         return self.assemble(rule, pieces, local_shape)
 
 
@@ -264,6 +321,7 @@ class LocalParam:
     rule: ParamRule
     layer: int | None  # global 0-based layer index, None for non-layer parameters
     tensor: torch.Tensor  # the parameter itself (its ``.data`` is read / written)
+    expert: int | None = None  # global expert index (expert parameters only)
 
 
 def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
@@ -276,6 +334,12 @@ def unwrap_model(module: torch.nn.Module) -> torch.nn.Module:
 def iter_local_params(model_chunks, mapping: QwenWeightMapping) -> list[LocalParam]:
     """All parameters of this rank's model chunk(s) (one module or a list, for virtual pipeline)."""
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    first_expert = 0
+    if mapping.num_experts:
+        from megatron.core import parallel_state as ps
+
+        ep = ps.get_expert_model_parallel_world_size()
+        first_expert = ps.get_expert_model_parallel_rank() * (mapping.num_experts // ep)
     out: list[LocalParam] = []
     for chunk in chunks:
         chunk = unwrap_model(chunk)
@@ -287,7 +351,9 @@ def iter_local_params(model_chunks, mapping: QwenWeightMapping) -> list[LocalPar
                 # layer_number is Megatron's global 1-based index (pipeline offsets included)
                 global_layer = layers[int(m.group(1))].layer_number - 1
                 rule, layer = mapping.rule_for(name, global_layer - int(m.group(1)))
+                local_expert = split_expert_name(m.group(2))[1]
+                expert = None if local_expert is None else first_expert + local_expert
             else:
-                rule, layer = mapping.rule_for(name)
-            out.append(LocalParam(name, rule, layer, param))
+                (rule, layer), expert = mapping.rule_for(name), None
+            out.append(LocalParam(name, rule, layer, param, expert))
     return out
