@@ -112,7 +112,8 @@ def test_qwen3_30b_a3b_config_maps_to_moe_architecture():
     assert QwenArchitecture.from_hf_config(_qwen3_30b_a3b_config(num_experts=0)).moe is None
     dense = QwenArchitecture.from_hf_config(_qwen3_30b_a3b_config(model_type="qwen3"))
     assert dense.moe is None
-    with pytest.raises(UnsupportedConfigError, match="needs a mixture-of-experts model"):
+    dense.check_expert_parallel(ep=1, etp=4)  # Megatron sets etp = tp for dense models too
+    with pytest.raises(UnsupportedConfigError, match="expert parallel size 2 needs a mixture-of-experts model"):
         dense.check_expert_parallel(ep=2, etp=1)
 
 

@@ -139,11 +139,10 @@ class QwenArchitecture:
         Every expert-parallel rank owns ``num_experts / ep`` whole experts; inside an expert, the
         SwiGLU width is split over the expert-tensor-parallel ranks like a dense MLP over TP.
         """
-        if self.moe is None:
-            if ep > 1 or etp > 1:
+        if self.moe is None:  # etp is irrelevant (Megatron defaults it to tp for every model)
+            if ep > 1:
                 raise UnsupportedConfigError(
-                    f"expert parallelism (ep={ep}, etp={etp}) needs a mixture-of-experts model, "
-                    f"{self.model_type} is dense")
+                    f"expert parallel size {ep} needs a mixture-of-experts model, {self.model_type} is dense")
             return
         problems = []
         if self.moe.num_experts % ep:
