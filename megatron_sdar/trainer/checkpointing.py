@@ -1,0 +1,562 @@
+"""Training checkpoints: model, optimizer, per-rank RNG states and the trainer's own state.
+
+    path = save_checkpoint(root, step, policy, trainer_state)      # collective
+    latest = find_latest_checkpoint(root)                         # any process, no collectives
+    trainer_state = load_checkpoint(latest, policy)               # collective
+
+Layout of ``root`` (one training run per root)::
+
+    root/step_00000120/            a complete checkpoint
+        metadata.json, *.distcp    Megatron distributed checkpoint of {"model", "optimizer"}
+        megatron_sdar_model.json   the HF config and layout, as :mod:`megatron_sdar.models.checkpoint`
+                                   writes it (so tools/convert_checkpoint.py exports a training checkpoint)
+        rng/rank_00000.pt ...      each rank's RNG states
+        trainer_state.json         the trainer's dict (rank 0's copy)
+        complete.json              written last: layout, optimizer kind, size of every file above
+    root/.tmp-step_00000140/       a save in progress (or one that died): ignored, removed later
+
+Why a marker and a rename: a job killed mid-save (Slurm preemption, node failure) must never leave
+something that looks like the newest checkpoint. Everything is written into a ``.tmp-`` directory;
+only after every rank has finished (barrier) does rank 0 write ``complete.json`` and rename the
+directory into place. ``complete.json`` records each file's size, so a checkpoint damaged later (a
+full disk while copying it, a truncated rsync) is detected without reading the tensors, and
+:func:`find_latest_checkpoint` falls back to the previous one.
+
+What may change between save and load (checked, with a clear error where not supported):
+
+* model weights: any TP/PP/DP layout (Megatron's distributed checkpoint reshards them);
+* optimizer state (Adam moments, step, fp32 master weights) of the regular optimizer: any TP/PP/DP
+  layout too, since each state tensor is stored with its parameter's own sharding;
+* optimizer state of the distributed optimizer (``use_distributed_optimizer=True``) depends on
+  ``optimizer_sharding`` at save time: ``"dp_reshardable"`` (the default, as in Megatron-LM: each
+  rank writes its own flat buffer slices, no communication) loads at another DP size but the same
+  TP/PP/CP/EP; ``"fully_reshardable"`` loads at any layout but gathers each TPxPP shard's whole
+  optimizer state over DP while saving (memory: the non-distributed optimizer's size, per DP group).
+  Megatron's third format, ``fully_sharded_model_space``, cannot save in megatron-core 0.19
+  ("ShardedTensor.flattened_range is not supported");
+* RNG states are per rank: restored only when world size and TP/PP/CP/EP are unchanged, otherwise
+  a warning says they were not (random draws then differ from an uninterrupted run);
+* not supported: another architecture, another number of virtual pipeline chunks, switching
+  between the distributed and the regular optimizer, or between bf16 and fp32 parameters.
+
+Tested on CPU (tests/test_trainer_checkpointing.py): exact resume at 1 rank, TP=2 and DP=2; TP=2 ->
+TP=1 with the regular optimizer and with the distributed one (``fully_reshardable``); DP=2 -> DP=1
+with the distributed one (``dp_reshardable``). PP, CP and EP changes go through the same Megatron
+machinery but are not exercised.
+
+Models whose parameters mix dtypes (bf16 with the local layer spec, whose norms stay fp32) cannot be
+checkpointed with megatron-core 0.19's optimizer state code; both functions say so up front.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdar.models.checkpoint import (FORMAT_NAME as MODEL_FORMAT_NAME, FORMAT_VERSION as MODEL_FORMAT_VERSION,
+                                             METADATA_FILE as MODEL_METADATA_FILE, CheckpointFormatError,
+                                             _shape_fields, _sharded_state_dict)
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "megatron-sdar/train-checkpoint"
+FORMAT_VERSION = 1
+MARKER_FILE = "complete.json"
+TRAINER_STATE_FILE = "trainer_state.json"
+RNG_DIR = "rng"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# What must match between save and load for per-rank state (RNG, dp_reshardable optimizer slices).
+_MODEL_PARALLEL_KEYS = ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel")
+
+
+class IncompatibleCheckpointError(CheckpointFormatError):
+    """A complete checkpoint that cannot be loaded into this policy or parallel layout."""
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+# ------------------------------------------------------------------------------------------------
+# layout and RNG
+# ------------------------------------------------------------------------------------------------
+def _parallel_layout() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return {
+        "world_size": dist.get_world_size(),
+        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
+        "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+        "context_parallel": ps.get_context_parallel_world_size(),
+        "expert_parallel": ps.get_expert_model_parallel_world_size(),
+        "data_parallel": ps.get_data_parallel_world_size(),
+    }
+
+
+def _optimizer_kind(policy) -> dict[str, Any]:
+    """What decides the layout of the optimizer's state in the checkpoint."""
+    return {"distributed": bool(policy.optim_config.use_distributed_optimizer),
+            "params_dtype": str(policy.config.params_dtype).replace("torch.", "")}
+
+
+def _cuda_rng_usable() -> bool:
+    from megatron_sdar.utils.device import cpu_shims_active
+
+    return torch.cuda.is_available() and not cpu_shims_active()
+
+
+def _capture_rng_state() -> dict[str, Any]:
+    """This rank's generator states, as tensors and plain tuples (so the file loads with
+    ``weights_only=True``): python ``random``, numpy's global generator when numpy is imported,
+    torch CPU, torch CUDA (current device) and Megatron's model-parallel RNG tracker."""
+    from megatron.core import tensor_parallel
+
+    state: dict[str, Any] = {"python": random.getstate(), "torch_cpu": torch.get_rng_state()}
+    if "numpy" in sys.modules:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    if _cuda_rng_usable():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    state["megatron_tracker"] = {name: s for name, s in tracker.get_states().items() if isinstance(s, torch.Tensor)}
+    return state
+
+
+def _restore_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch_cpu"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "torch_cuda" in state and _cuda_rng_usable():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+    if state.get("megatron_tracker"):
+        tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
+
+
+def _rng_file(directory: Path, rank: int) -> Path:
+    return directory / RNG_DIR / f"rank_{rank:05d}.pt"
+
+
+# ------------------------------------------------------------------------------------------------
+# sharded state (model + optimizer)
+# ------------------------------------------------------------------------------------------------
+def _content_metadata(policy, optimizer_sharding: str) -> dict[str, Any]:
+    """The flags that steer how Megatron builds the sharded state dicts (set as Megatron-LM does)."""
+    md: dict[str, Any] = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if policy.optim_config.use_distributed_optimizer:
+        md["distrib_optim_sharding_type"] = optimizer_sharding
+    return md
+
+
+def _check_uniform_param_dtype(policy) -> None:
+    """Refuse models whose parameters mix dtypes, before any collective.
+
+    Why: megatron-core 0.19 maps optimizer state to parameters assuming a single parameter dtype
+    (``Float16OptimizerWithFloat16Params.sharded_state_dict`` enumerates the bf16 parameters only,
+    the distributed optimizer's buffers are per dtype) and fails on a mix with an assertion deep in
+    its code. The mix arises with bf16 and Megatron's local layer spec, whose torch norms keep fp32
+    weights (CPU, or a GPU without Transformer Engine); with Transformer Engine every parameter is
+    bf16, and fp32 training is uniform.
+    """
+    dtypes = sorted({str(p.dtype).replace("torch.", "") for chunk in policy.model for p in chunk.parameters()})
+    if len(dtypes) > 1:
+        raise NotImplementedError(
+            f"the model's parameters mix dtypes ({', '.join(dtypes)}; bf16 with the local layer spec keeps "
+            "fp32 norm weights): megatron-core 0.19 cannot checkpoint the optimizer state of such a "
+            "model. Train in float32 without Transformer Engine, or with Transformer Engine in bf16")
+
+
+def _sub_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _materialize_distributed_optimizer_state(optimizer) -> None:
+    """Give a fresh torch-Adam ``DistributedOptimizer`` zero moments and a step counter.
+
+    Why: without Apex/Transformer Engine (the CPU environment) ``DistributedOptimizer.state_dict``
+    reads the per-parameter ``step`` of the inner torch optimizer, which has no state before its
+    first step, so the state dict to load into cannot be built. The load overwrites the zeros.
+    With Apex/TE the step lives in the param groups and nothing is needed.
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+    for opt in _sub_optimizers(optimizer):
+        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or opt.init_state_fn is None:
+            continue
+        opt.init_state_fn(opt.optimizer, opt.config)
+        for group in opt.optimizer.param_groups:
+            for param in group["params"]:
+                opt.optimizer.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def _sharded_train_state(policy, optimizer_sharding: str, is_loading: bool) -> dict:
+    """``{"model": ..., "optimizer": ...}`` (``model0``, ``model1``... for virtual pipeline chunks)."""
+    from megatron.core import parallel_state as ps
+
+    state = _sharded_state_dict(policy.model)  # the same model keys as a model-only checkpoint
+    if is_loading:
+        _materialize_distributed_optimizer_state(policy.optimizer)
+    metadata = dict(_content_metadata(policy, optimizer_sharding),
+                    dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
+    state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+def _load_optimizer_state(optimizer, state) -> None:
+    """``optimizer.load_state_dict(state)``, with the distributed optimizer's parameter state
+    (moments and fp32 master slices) loaded by us.
+
+    Why: in megatron-core 0.19 with torch's Adam (no Apex/TE) ``DistributedOptimizer.load_state_dict``
+    fails on both formats: it copies every tensor of the inner optimizer's per-parameter state, which
+    includes torch Adam's ``step`` that the checkpointed slices do not have (KeyError), and the
+    ``dp_reshardable`` loader copies into fp32 master views of the parameters with autograd on. We
+    load the groups and step through Megatron, then call its format's loader under ``no_grad`` with
+    ``step`` set aside (it was already restored from the param groups). Megatron also hands every
+    parameter the *same* ``step`` tensor, which torch's Adam increments in place once per parameter
+    (wrong bias correction after resume): each parameter gets its own copy back.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = _sub_optimizers(optimizer)
+    sub_states = [state] if len(subs) == 1 else [state[key] for key in sorted(state)]
+    pending = []
+    for sub, sub_state in zip(subs, sub_states):
+        if isinstance(sub, DistributedOptimizer) and "param_state" in sub_state:
+            pending.append((sub, sub_state.pop("param_state"), sub_state.pop("param_state_sharding_type")))
+    optimizer.load_state_dict(state)
+    for sub, param_state, sharding in pending:
+        loader = {"dp_reshardable": sub.load_parameter_state_from_dp_reshardable,
+                  "fully_reshardable": sub.load_parameter_state_from_fully_reshardable}[sharding]
+        inner = sub.optimizer.state
+        steps = {param: s.pop("step") for param, s in inner.items() if "step" in s}
+        try:
+            with torch.no_grad():
+                loader(param_state)
+        finally:
+            for param, step in steps.items():
+                inner[param]["step"] = step.clone()
+
+
+# ------------------------------------------------------------------------------------------------
+# file helpers (rank 0)
+# ------------------------------------------------------------------------------------------------
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable; some network file systems refuse directory fsync, which is fine."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_text_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _file_sizes(directory: Path) -> dict[str, int]:
+    return {str(p.relative_to(directory)): p.stat().st_size
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER_FILE}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _step_of(path: Path) -> int | None:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
+def _step_dirs(root: Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``step_*`` directory under ``root``, lowest step first."""
+    if not root.is_dir():
+        return []
+    return sorted((step, p) for p in root.iterdir() if p.is_dir() and (step := _step_of(p)) is not None)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation and discovery
+# ------------------------------------------------------------------------------------------------
+def _read_complete_checkpoint(path: Path) -> tuple[dict, dict]:
+    """``(marker, trainer_state)`` of a complete checkpoint, or :class:`CheckpointFormatError`
+    saying why it is not one. Checks the marker, the trainer state and every recorded file's size."""
+    marker_path = path / MARKER_FILE
+    if not marker_path.is_file():
+        raise CheckpointFormatError(f"{path} is not a complete checkpoint: no {MARKER_FILE} "
+                                    "(the save was interrupted, or the directory was altered)")
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointFormatError(f"{marker_path} does not parse ({exc})") from exc
+    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
+        raise CheckpointFormatError(f"{marker_path} is not a {FORMAT_NAME} marker")
+    if marker.get("version") != FORMAT_VERSION:
+        raise CheckpointFormatError(f"{marker_path} has format version {marker.get('version')!r}; "
+                                    f"this code reads version {FORMAT_VERSION}")
+    for name, size in marker.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointFormatError(f"{path} is corrupt: {name} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointFormatError(
+                f"{path} is corrupt: {name} has {file.stat().st_size} bytes, {size} were written")
+    try:
+        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointFormatError(f"{path / TRAINER_STATE_FILE} does not parse ({exc})") from exc
+    return marker, trainer_state
+
+
+def find_latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root``, or ``None``.
+
+    Not collective and cheap (reads the small JSON files, stats the others). ``.tmp-`` directories
+    (saves in progress or killed) are ignored; ``step_*`` directories that are incomplete or corrupt
+    are skipped with a warning naming them, so a run resumes from the previous good checkpoint.
+    """
+    for _, path in reversed(_step_dirs(Path(root))):
+        try:
+            _read_complete_checkpoint(path)
+        except CheckpointFormatError as exc:
+            message = f"skipping checkpoint {path}: {exc}"
+            logger.warning(message)
+            warnings.warn(message, stacklevel=2)
+            continue
+        return path
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# save
+# ------------------------------------------------------------------------------------------------
+def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, keep_last: int | None = 2, *,
+                    optimizer_sharding: str = "dp_reshardable") -> Path:
+    """Collective: save ``policy`` (model + optimizer), every rank's RNG states and ``trainer_state``
+    as ``root/step_{step:08d}``; return that path on every rank.
+
+    ``trainer_state`` must be JSON-serialisable without NaN/inf; rank 0's copy is written (every rank
+    checks its own before any collective, so a bad one fails everywhere instead of hanging). The
+    save is atomic (module docstring); a checkpoint of the same step is replaced. Afterwards all but
+    the newest ``keep_last`` complete checkpoints (this one included) of earlier steps are deleted
+    (``None`` keeps all), as are leftover ``.tmp-`` directories. Checkpoints of *later* steps (left
+    by a run resumed from an older one) are kept but reported: :func:`find_latest_checkpoint`
+    would prefer them. ``optimizer_sharding`` only matters for the distributed optimizer (module
+    docstring).
+    """
+    from megatron.core import dist_checkpointing
+
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (or None to keep every checkpoint), got {keep_last}")
+    if optimizer_sharding not in OPTIMIZER_SHARDINGS:
+        raise ValueError(f"optimizer_sharding must be one of {OPTIMIZER_SHARDINGS}, got {optimizer_sharding!r}")
+    try:
+        trainer_json = json.dumps(trainer_state, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"trainer_state must be JSON-serialisable without NaN/inf: {exc}") from exc
+
+    _check_uniform_param_dtype(policy)
+    root = Path(root)
+    final = root / checkpoint_dir_name(step)
+    tmp = root / f"{TMP_PREFIX}{final.name}"
+    _on_rank0(_prepare_empty_dir, root, tmp)
+
+    dist_checkpointing.save(_sharded_train_state(policy, optimizer_sharding, is_loading=False), str(tmp),
+                            content_metadata=_content_metadata(policy, optimizer_sharding))
+    rng_file = _rng_file(tmp, dist.get_rank())
+    rng_file.parent.mkdir(exist_ok=True)  # only now: Megatron warns when saving into a non-empty dir
+    torch.save(_capture_rng_state(), rng_file)
+    layout = _parallel_layout()
+    marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
+              "policy_steps_taken": policy.steps_taken, "layout": layout,
+              "optimizer": dict(_optimizer_kind(policy), sharding=optimizer_sharding)}
+    saved_with = {k: layout[k] for k in ("tensor_parallel", "pipeline_parallel")}
+    model_meta = {"format": MODEL_FORMAT_NAME, "version": MODEL_FORMAT_VERSION,
+                  "hf_config": dict(policy.arch.hf_config), "saved_with": saved_with}
+    dist.barrier()  # every rank's shards and RNG file are on disk
+    _on_rank0(_publish, tmp, final, marker, trainer_json, model_meta, keep_last)
+    return final
+
+
+def _on_rank0(fn, *args) -> Any:
+    """Run ``fn`` on rank 0 and hand its result to every rank, or make every rank raise.
+
+    Why: rank 0 does the file-system bookkeeping alone; an error there must not leave the other
+    ranks waiting forever in the next collective. Rank 0 re-raises the original exception, the
+    others an equivalent one (same type where it travels, else :class:`RuntimeError`).
+    """
+    outcome: list[Any] = [None]
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            outcome = [("ok", fn(*args))]
+        except Exception as exc:  # noqa: BLE001 - re-raised below on every rank
+            error = exc
+            shareable = isinstance(exc, (OSError, ValueError, TypeError, NotImplementedError))
+            outcome = [("error", exc if shareable else RuntimeError(f"rank 0 failed: {type(exc).__name__}: {exc}"))]
+    dist.broadcast_object_list(outcome, src=0)
+    status, value = outcome[0]
+    if status == "error":
+        raise error if error is not None else value
+    return value
+
+
+def _prepare_empty_dir(root: Path, tmp: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    _remove(tmp)  # a save of this step that died earlier
+    tmp.mkdir()
+
+
+def _publish(tmp: Path, final: Path, marker: dict, trainer_json: str, model_meta: dict,
+             keep_last: int | None) -> None:
+    """Rank 0, once every rank has written its part: the JSON files, the marker (last, with every
+    file's size), the rename into place, then pruning."""
+    (tmp / TRAINER_STATE_FILE).write_text(trainer_json)
+    (tmp / MODEL_METADATA_FILE).write_text(json.dumps(model_meta, indent=2, sort_keys=True) + "\n")
+    marker = dict(marker, files=_file_sizes(tmp))
+    _write_text_durably(tmp / MARKER_FILE, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    root = final.parent
+    displaced = root / f"{TMP_PREFIX}replaced-{final.name}"
+    if final.exists():  # rename(2) cannot replace a non-empty directory: move it aside first
+        _remove(displaced)
+        os.rename(final, displaced)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    _prune(root, marker["step"], keep_last)
+    logger.info("saved checkpoint %s", final)
+
+
+def _prune(root: Path, step: int, keep_last: int | None) -> None:
+    """Rank 0, after a save: remove ``.tmp-`` leftovers (one run per root, so no other save is in
+    flight) and complete checkpoints of earlier steps beyond ``keep_last``."""
+    for leftover in root.glob(f"{TMP_PREFIX}*"):
+        _remove(leftover)
+    complete = [(s, p) for s, p in _step_dirs(root) if (p / MARKER_FILE).is_file()]
+    later = [p.name for s, p in complete if s > step]
+    if later:
+        logger.warning("%s holds checkpoints of later steps than %d (%s): find_latest_checkpoint "
+                       "prefers them to the one just saved", root, step, ", ".join(later))
+    if keep_last is None:
+        return
+    earlier = [p for s, p in complete if s < step]
+    for old in earlier[: max(0, len(earlier) - (keep_last - 1))]:
+        _remove(old)
+        logger.info("deleted old checkpoint %s (keep_last=%d)", old, keep_last)
+
+
+# ------------------------------------------------------------------------------------------------
+# load
+# ------------------------------------------------------------------------------------------------
+def _check_compatible(path: Path, marker: dict, policy) -> bool:
+    """Raise :class:`IncompatibleCheckpointError` for what cannot be resharded; return whether the
+    per-rank RNG states apply (same world size and model-parallel layout)."""
+    from megatron_sdar.models.architecture import QwenArchitecture
+
+    try:
+        hf_config = json.loads((path / MODEL_METADATA_FILE).read_text())["hf_config"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointFormatError(f"{path / MODEL_METADATA_FILE} is unreadable ({exc})") from exc
+    saved_shape, ours = _shape_fields(QwenArchitecture.from_hf_config(hf_config)), _shape_fields(policy.arch)
+    if saved_shape != ours:
+        diffs = {k: (v, ours[k]) for k, v in saved_shape.items() if ours[k] != v}
+        raise IncompatibleCheckpointError(f"{path} holds a different model (checkpoint vs policy: {diffs})")
+    saved, now = marker["layout"], _parallel_layout()
+    if saved["virtual_pipeline"] != now["virtual_pipeline"]:
+        raise IncompatibleCheckpointError(
+            f"{path} was saved with {saved['virtual_pipeline']} virtual pipeline chunk(s) per rank and this "
+            f"run has {now['virtual_pipeline']}: the model keys differ; resume with the same "
+            "virtual_pipeline_model_parallel_size")
+    saved_opt, our_opt = marker["optimizer"], _optimizer_kind(policy)
+    if {k: saved_opt[k] for k in our_opt} != our_opt:
+        raise IncompatibleCheckpointError(
+            f"{path} holds the state of another optimizer (checkpoint {saved_opt}, policy {our_opt}): "
+            "switching use_distributed_optimizer or the parameter dtype on resume is not supported")
+    same_model_parallel = all(saved[k] == now[k] for k in _MODEL_PARALLEL_KEYS)
+    if our_opt["distributed"] and saved_opt["sharding"] == "dp_reshardable" and not same_model_parallel:
+        raise IncompatibleCheckpointError(
+            f"{path} holds distributed-optimizer state saved with optimizer_sharding='dp_reshardable', "
+            "which reshards across data-parallel ranks only: saved with "
+            f"{ {k: saved[k] for k in _MODEL_PARALLEL_KEYS} }, this run has "
+            f"{ {k: now[k] for k in _MODEL_PARALLEL_KEYS} }. Resume with the saved TP/PP/CP/EP, or save "
+            "with optimizer_sharding='fully_reshardable'")
+    return same_model_parallel and saved["world_size"] == now["world_size"]
+
+
+def _validate_for_load(path: Path, policy) -> tuple[dict, dict, bool]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    marker, trainer_state = _read_complete_checkpoint(path)
+    return marker, trainer_state, _check_compatible(path, marker, policy)
+
+
+def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True) -> dict:
+    """Collective: restore the model weights, the optimizer (Adam moments, step counts, fp32 master
+    weights), this rank's RNG states and ``policy.steps_taken`` from a checkpoint written by
+    :func:`save_checkpoint`; return its ``trainer_state``.
+
+    Model and optimizer state load at another TP/PP/DP layout as the module docstring says. RNG
+    states are restored only when the world size and model-parallel layout are those of the save
+    (and ``load_rng``): with another layout rank ``r``'s saved stream has no counterpart, so the
+    current states are kept and a warning says so.
+    """
+    from megatron.core import dist_checkpointing
+
+    from megatron_sdar.models.weight_mapping import unwrap_model
+
+    path = Path(path)
+    _check_uniform_param_dtype(policy)
+    # Rank 0 validates (stats every file once, not once per rank); every rank gets the verdict.
+    marker, trainer_state, same_layout = _on_rank0(_validate_for_load, path, policy)
+
+    sharded = _sharded_train_state(policy, marker["optimizer"].get("sharding", "dp_reshardable"), is_loading=True)
+    state = dist_checkpointing.load(sharded, str(path))
+    model_keys = [key for key in sharded if key != "optimizer"]  # "model" or "model0", "model1"...
+    for chunk, key in zip(policy.model, model_keys, strict=True):
+        unwrap_model(chunk).load_state_dict(state[key], strict=True)
+    _load_optimizer_state(policy.optimizer, state["optimizer"])
+    policy.steps_taken = int(marker["policy_steps_taken"])
+
+    if load_rng and same_layout:
+        _restore_rng_state(torch.load(_rng_file(path, dist.get_rank()), weights_only=True))
+    elif load_rng and dist.get_rank() == 0:
+        message = (f"RNG states of {path} not restored: saved with layout {marker['layout']}, resumed with "
+                   f"{_parallel_layout()}; random draws will differ from an uninterrupted run")
+        logger.warning(message)
+        warnings.warn(message, stacklevel=2)
+    dist.barrier()
+    return trainer_state
