@@ -1,14 +1,43 @@
-"""The main job: ``python -m megatron_sdar.train`` (Hydra; torchrun for several ranks)."""
+"""The main job: train an agent with SDAR.
+
+    python -m megatron_sdar.train                                  # the embedded default (tiny, CPU)
+    python -m megatron_sdar.train algo=grpo trainer.max_steps=20   # Hydra overrides
+    torchrun --nproc-per-node 8 -m megatron_sdar.train experiment=alfworld_qwen2_5_7b
+
+Config groups (``megatron_sdar/config``): model, algo (the SDAR presets), env, parallel, rollout,
+trainer, and ``experiment=<recipe>``. The configuration is validated before anything is built.
+"""
+from __future__ import annotations
+
 import sys
 
 
-def main() -> int:
-    print(
-        "megatron-sdar: the SDAR trainer has not landed yet (see the trainer issue). The environment "
-        "is ready: run the tests with `bash tools/run.sh -m pytest`.",
-        file=sys.stderr,
-    )
-    return 1
+def main(argv: list[str] | None = None) -> int:
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from megatron_sdar.config.schema import ConfigError, load_config
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return 0
+    try:
+        with initialize_config_module("megatron_sdar.config", version_base=None):
+            cfg = compose("sdar", overrides=args)
+        run = load_config(cfg)
+    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+        print(f"megatron-sdar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from megatron_sdar.trainer.loop import run_training
+
+    try:
+        result = run_training(run)
+    except ConfigError as exc:
+        print(f"megatron-sdar: configuration error: {exc}", file=sys.stderr)
+        return 2
+    return 0 if result is not None else 1
 
 
 if __name__ == "__main__":

@@ -64,7 +64,10 @@ def test_no_shims_on_gpu():
     assert run_distributed(_device_without_shims, world_size=1, init="none")[0] == ("cuda", False, "cuda")
 
 
-def test_main_job_says_what_is_missing():
-    out = subprocess.run([sys.executable, "-m", "megatron_sdar.train"], capture_output=True, text=True,
+def test_main_job_help_and_config_errors_exit_cleanly():
+    out = subprocess.run([sys.executable, "-m", "megatron_sdar.train", "--help"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode != 0 and "trainer has not landed" in out.stderr
+    assert out.returncode == 0 and "python -m megatron_sdar.train" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "megatron_sdar.train", "parallel.tp=3"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "configuration error" in out.stderr and "Traceback" not in out.stderr

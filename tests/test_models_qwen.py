@@ -96,7 +96,7 @@ def test_qwen3_config_with_legacy_rope_scaling_and_explicit_head_dim():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"model_type": "qwen3_moe"}, "mixture-of-experts Qwen is not converted yet"),
+    ({"model_type": "qwen2_moe"}, "Qwen2-MoE"),
     ({"model_type": "llama"}, "model_type='llama' is not supported"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ({"use_sliding_window": True}, "use_sliding_window"),

@@ -202,9 +202,31 @@ def test_chat_formatter_history_window_and_context(tmp_path):
     text = fmt.user_content(state, 2)
     assert "go to a" not in text and "> go to b\nobs b" in text and "> go to fridge 1" in text
     assert "Admissible actions: look, open fridge 1" in text and text.startswith("Room. Your task")
+    assert "Current observation" not in text  # the last history entry shows it
+    assert "Current observation: You arrive at fridge 1." in fmt.user_content(state, 0)
     messages = fmt.messages(text)
     teacher = fmt.teacher_messages(messages, "Heat with the microwave.")
     assert teacher[-1]["content"].startswith("Skills that may help:\nHeat with the microwave.")
     assert messages[-1]["content"] == text  # the student's messages are not modified
     ids = fmt.encode(messages)
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_index_action_format(tmp_path):
+    """Small models may answer with the number of an admissible action; the loop maps it back."""
+    from megatron_sdar.models.tiny import build_tokenizer
+    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter, parse_action
+    from megatron_sdar.rollout.agent_loop import EpisodeState
+
+    config = AgentLoopConfig(action_format="index")
+    fmt = ChatFormatter(build_tokenizer(tmp_path), config)
+    state = EpisodeState("Room. Your task is to: cool egg.", "Room.", ["go to fridge 1", "look"])
+    text = fmt.user_content(state, 1)
+    assert "1. go to fridge 1\n2. look" in text and "number of your next action" in text
+    assert fmt.answer("Look", state) == "<action>2</action>"
+    assert fmt.answer("go to desk 1", state) is None  # not admissible: no demonstration
+    assert fmt.resolve(parse_action("<action>1</action>", config.action_pattern), state) == "go to fridge 1"
+    for bad in ("<action>3</action>", "<action>0</action>", "<action>look</action>", "no tags"):
+        assert fmt.resolve(parse_action(bad, config.action_pattern), state) is None
+    with pytest.raises(ValueError, match="show_admissible_actions"):
+        AgentLoopConfig(action_format="index", show_admissible_actions=False)

@@ -144,13 +144,10 @@ def hf_to_megatron(args) -> None:
 
 def megatron_to_hf(args) -> None:
     import torch
-    import torch.distributed as dist
 
     from megatron_sdar.models.checkpoint import load_model_checkpoint, read_checkpoint_model_info
-    from megatron_sdar.models.exporter import iter_hf_weights
-    from megatron_sdar.models.hf_writer import write_hf_checkpoint, write_hf_metadata
+    from megatron_sdar.models.hf_export import export_hf
     from megatron_sdar.models.megatron_model import build_model
-    from megatron_sdar.models.weight_mapping import QwenWeightMapping
 
     info = read_checkpoint_model_info(args.ckpt, args.hf_config)
     arch = info.arch
@@ -159,15 +156,8 @@ def megatron_to_hf(args) -> None:
     model = build_model(arch, initialize_weights=False)
     load_model_checkpoint(model, args.ckpt)
     dtype = getattr(torch, args.dtype) if args.dtype else arch.torch_dtype_object()
-    pairs = iter_hf_weights(model, arch, target="first")
-    if dist.get_rank() == 0:
-        write_hf_checkpoint(pairs, QwenWeightMapping(arch).hf_tensor_shapes(), args.out, dtype,
-                            max_shard_bytes=int(args.max_shard_size * 1024**3), progress=not args.no_progress)
-        write_hf_metadata(args.out, dict(arch.hf_config), info.assets_dir, dtype)
-    else:
-        for _ in pairs:  # take part in the gathers; nothing is yielded here
-            pass
-    dist.barrier()
+    export_hf(model, arch, args.out, dtype=dtype, assets_dir=info.assets_dir,
+              max_shard_bytes=int(args.max_shard_size * 1024**3), progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,6 +165,19 @@ class ParallelGroups:
     dp_cp: Optional[dist.ProcessGroup] = None  # every rank with different tokens
 
 
+def _train_infer_diff(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
+                      group: Optional[dist.ProcessGroup]) -> dict[str, float]:
+    """|trainer log-prob - rollout-engine log-prob| on the same tokens (mean and max over unmasked
+    tokens). With the same weights on both sides this measures the resharding + numerics gap."""
+    diff = (logprobs.float() - rollout_logprobs.float()).abs()
+    mean, _, _ = masked_moments(diff, mask, group)
+    worst = torch.where(mask > 0, diff, torch.zeros_like(diff)).max() if diff.numel() else diff.new_zeros(())
+    worst = worst.reshape(1).double()
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=group)
+    return {"rollout/train_infer_logprob_diff_mean": mean, "rollout/train_infer_logprob_diff_max": float(worst)}
+
+
 class SDARObjective:
     """Computes this rank's contribution to the loss of a micro-batch, and the step metrics."""
 
@@ -222,6 +235,8 @@ class SDARObjective:
             raise ValueError("kl_coef > 0 but ref_logprobs were not given")
 
         metrics["actor/entropy"] = masked_moments(entropy.detach(), mask, g.dp_cp)[0]
+        if inputs.rollout_logprobs is not None:
+            metrics.update(_train_infer_diff(logprobs.detach(), inputs.rollout_logprobs, mask, g.dp_cp))
         if cfg.entropy_coef:
             total = total - cfg.entropy_coef * agg(entropy)
 

@@ -35,6 +35,7 @@ from megatron_sdar.rollout.trajectory import Episode, TrajectoryBatch, Turn
 
 DEFAULT_SYSTEM_PROMPT = "You are an agent acting in a text environment. Think briefly, then act."
 FORMAT_REMINDER = "Reply with your next action inside <action>...</action>."
+INDEX_FORMAT_REMINDER = "Reply with the number of your next action inside <action>...</action>."
 FORMAT_FEEDBACK = "Invalid response: put exactly one action inside <action>...</action>."
 CONTEXT_HEADER = "Skills that may help:\n"
 
@@ -46,7 +47,9 @@ class AgentLoopConfig:
     ``history_window``: (action, observation) pairs kept in the prompt. ``action_pattern``: a
     regex whose first group is the action (None: the whole stripped response is the action).
     ``overlong``: ``"truncate_history"`` drops the oldest pairs until the prompt fits, then
-    ends the episode; ``"end"`` ends it at once.
+    ends the episode; ``"end"`` ends it at once. ``action_format``: ``"text"`` (the action itself)
+    or ``"index"`` (the number of an admissible action in the numbered list the prompt shows; for
+    environments that list them - an easier output space for very small models).
     """
 
     max_turns: int = 50
@@ -61,6 +64,7 @@ class AgentLoopConfig:
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     format_reminder: str = FORMAT_REMINDER
     show_admissible_actions: bool = True
+    action_format: str = "text"
     skills_in_student_prompt: bool = False
     step_timeout_s: float = 60.0
     seed: int = 0
@@ -73,6 +77,10 @@ class AgentLoopConfig:
             raise ValueError(f"history_window must be >= 0, got {self.history_window}")
         if self.max_prompt_tokens < 8 or self.max_response_tokens < 1:
             raise ValueError("max_prompt_tokens must be >= 8 and max_response_tokens >= 1")
+        if self.action_format not in ("text", "index"):
+            raise ValueError(f"action_format must be 'text' or 'index', got {self.action_format!r}")
+        if self.action_format == "index" and not self.show_admissible_actions:
+            raise ValueError("action_format='index' needs show_admissible_actions=True (the numbered list)")
         if self.overlong not in ("truncate_history", "end"):
             raise ValueError(f"overlong must be 'truncate_history' or 'end', got {self.overlong!r}")
         if self.invalid_action_penalty < 0:
@@ -124,13 +132,39 @@ class ChatFormatter:
         if history:
             lines = [f"> {action}\n{observation}" for action, observation in history]
             parts.append("Recent steps:\n" + "\n".join(lines))
-        if state.history:
+        if state.history and not history:  # else the last history entry already shows it
             parts.append(f"Current observation: {state.observation}")
+        index = self.config.action_format == "index"
         if self.config.show_admissible_actions and state.admissible_actions:
-            parts.append("Admissible actions: " + ", ".join(state.admissible_actions))
-        if self.config.format_reminder:
-            parts.append(self.config.format_reminder)
+            if index:
+                parts.append("Admissible actions:\n" + "\n".join(
+                    f"{i}. {action}" for i, action in enumerate(state.admissible_actions, start=1)))
+            else:
+                parts.append("Admissible actions: " + ", ".join(state.admissible_actions))
+        reminder = INDEX_FORMAT_REMINDER if index and self.config.format_reminder == FORMAT_REMINDER \
+            else self.config.format_reminder
+        if reminder:
+            parts.append(reminder)
         return "\n\n".join(parts)
+
+    def answer(self, action: str, state: EpisodeState) -> str | None:
+        """The response text that takes ``action`` (expert demonstrations); None if ``action``
+        is not in the numbered list in index format."""
+        if self.config.action_format == "index":
+            options = [a.lower() for a in state.admissible_actions or []]
+            if action.lower() not in options:
+                return None
+            action = str(options.index(action.lower()) + 1)
+        return f"<action>{action}</action>"
+
+    def resolve(self, parsed: str | None, state: EpisodeState) -> str | None:
+        """The environment action of a parsed answer (index format: the numbered option)."""
+        if parsed is None or self.config.action_format == "text":
+            return parsed
+        options = state.admissible_actions or []
+        if parsed.isdigit() and 1 <= int(parsed) <= len(options):
+            return options[int(parsed) - 1]
+        return None
 
     def messages(self, user_content: str, privileged_context: str = "") -> list[dict[str, str]]:
         if privileged_context:
@@ -238,7 +272,8 @@ class AgentLoop:
             for spec, result in zip(specs, batch.reset([s.task_seed for s in specs])):
                 info = result.info
                 episode = Episode(group=spec.group, task=str(info.get("task", "")),
-                                  task_type=str(info.get("task_type", "")), seed=spec.task_seed)
+                                  task_type=str(info.get("task_type", "")), seed=spec.task_seed,
+                                  episode_id=spec.episode_id)
                 if result.error is not None:
                     episode.env_error = result.error
                 episodes.append(episode)
@@ -269,7 +304,7 @@ class AgentLoop:
             for (i, messages, ids), gen in zip(prompts, generations):
                 episode = episodes[i]
                 text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
-                action = parse_action(text, config.action_pattern)
+                action = self.formatter.resolve(parse_action(text, config.action_pattern), states[i])
                 teacher_ids = self.formatter.encode(
                     self.formatter.teacher_messages(messages, episode.privileged_context))
                 episode.turns.append(Turn(prompt_ids=gen.prompt_ids, response_ids=gen.token_ids,

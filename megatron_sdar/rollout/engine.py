@@ -147,6 +147,11 @@ class RolloutEngine:
             if self.on_gpu:
                 kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
                               enable_sleep_mode=config.enable_sleep_mode)
+            else:
+                # vLLM 0.32's CPU runner crashes when a prompt with a per-request seed is
+                # prefilled in chunks ("CPU Generator does not use offset"): prefill whole prompts
+                kwargs.update(enable_chunked_prefill=False,
+                              max_num_batched_tokens=max(config.max_model_len, 8192))
             self.llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised with what was being attempted
             raise RolloutEngineError(f"could not start vLLM on {model_dir} (rollout tp={config.tp}, "

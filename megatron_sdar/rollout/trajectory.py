@@ -60,6 +60,7 @@ class Episode:
     task: str
     task_type: str
     seed: int
+    episode_id: int = 0
     turns: list[Turn] = field(default_factory=list)
     reward: float = 0.0
     env_return: float = 0.0
@@ -99,15 +100,10 @@ class TrajectoryBatch:
 
     @staticmethod
     def merge(batches: list["TrajectoryBatch"]) -> "TrajectoryBatch":
-        """Concatenate the episodes of several ranks (groups renumbered to stay distinct)."""
-        episodes: list[Episode] = []
-        offset = 0
-        for batch in batches:
-            groups = {e.group for e in batch.episodes}
-            for episode in batch.episodes:
-                episode.group += offset
-                episodes.append(episode)
-            offset += (max(groups) + 1) if groups else 0
+        """The episodes of several ranks (global group and episode ids) in (group, episode) order,
+        so the result does not depend on how episodes were spread over ranks."""
+        episodes = [e for batch in batches for e in batch.episodes]
+        episodes.sort(key=lambda e: (e.group, e.episode_id))
         return TrajectoryBatch(episodes)
 
     def summary(self) -> dict[str, Any]:

@@ -1,0 +1,271 @@
+"""Typed configuration of a training run (the Hydra config groups of ``megatron_sdar/config``).
+
+``load_config(cfg)`` turns Hydra's DictConfig into :class:`RunConfig` and validates everything that
+can be checked before a model is built (parallel layout vs heads/layers/world size, files,
+option values): a bad config fails in a second with a message naming the key, not in a collective
+ten minutes later.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from megatron_sdar.algo.objective import PRESETS, ObjectiveConfig
+
+
+class ConfigError(ValueError):
+    """The run configuration is invalid (raised before anything is built)."""
+
+
+@dataclass
+class TinyModelConfig:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    ffn: int = 768
+    vocab: int = 768
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    hf_path: Optional[str] = None  # HF checkpoint directory; None: build the tiny model
+    arch: str = "qwen2"
+    dtype: str = "float32"
+    fp8: Optional[str] = None
+    fp8_rollout: bool = False
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # architecture numbers of the recipe's model, read by tools/plan.py (the trainer reads config.json)
+    architecture: Optional[dict] = None
+
+
+@dataclass
+class AlgoConfig:
+    """A preset of :data:`megatron_sdar.algo.objective.PRESETS` plus overrides of any
+    :class:`ObjectiveConfig` field (None = the preset's value)."""
+
+    name: str = "sdar"
+    pg_coef: Optional[float] = None
+    clip_low: Optional[float] = None
+    clip_high: Optional[float] = None
+    dual_clip: Optional[float] = None
+    kl_coef: Optional[float] = None
+    kl_estimator: Optional[str] = None
+    entropy_coef: Optional[float] = None
+    loss_agg: Optional[str] = None
+    norm_adv_by_std: Optional[bool] = None
+    tis_cap: Optional[float] = None
+    distill_coef: Optional[float] = None
+    distill_schedule: Optional[str] = None
+    distill_schedule_steps: Optional[int] = None
+    gate: Optional[str] = None
+    gate_beta: Optional[float] = None
+    entropy_gate_beta: Optional[float] = None
+    entropy_gate_threshold: Optional[float] = None
+    estimator: Optional[str] = None
+    divergence: Optional[str] = None
+    topk: Optional[int] = None
+    rlsd_alpha: Optional[float] = None
+    student_sees_skills: Optional[bool] = None
+    teacher_weights: Optional[str] = None
+    chunk_size: Optional[int] = None
+
+    def objective(self) -> ObjectiveConfig:
+        if self.name not in PRESETS:
+            raise ConfigError(f"algo={self.name!r} is not a preset; choose one of {sorted(PRESETS)}")
+        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                     if f.name != "name" and getattr(self, f.name) is not None}
+        try:
+            return ObjectiveConfig(**{**PRESETS[self.name], **overrides}).validate()
+        except ValueError as exc:
+            raise ConfigError(f"algo: {exc}") from None
+
+
+@dataclass
+class EnvConfig:
+    name: str = "household"
+    max_turns: int = 12
+    kwargs: dict = field(default_factory=dict)
+    skills_dir: Optional[str] = None
+    retrieval: str = "keyword"
+    skills_top_k: int = 1
+    step_timeout_s: float = 60.0
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    ep: int = 1
+    vpp: Optional[int] = None
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = False
+    recompute: str = "none"
+
+
+@dataclass
+class RolloutConfig:
+    tp: int = 1
+    group_size: int = 8
+    tasks_per_step: int = 4
+    max_turns: int = 12
+    history_window: int = 2
+    max_prompt_tokens: int = 1024
+    max_response_tokens: int = 24
+    temperature: float = 1.0
+    eval_temperature: float = 0.4
+    action_pattern: Optional[str] = "<action>(.*?)</action>"
+    invalid_action_penalty: float = 0.1
+    show_admissible_actions: bool = True
+    action_format: str = "text"
+    gpu_memory_utilization: float = 0.4
+    cpu_kv_cache_gib: float = 1.0
+    bucket_mb: float = 256.0
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 12
+    output_dir: str = "outputs/sdar"
+    save_interval: int = 4
+    keep_last: int = 2
+    resume: Optional[str] = None
+    seed: int = 0
+    lr: float = 2e-5
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    micro_batch_size: int = 8
+    eval_interval: int = 4
+    eval_tasks: int = 24
+    sft_steps: int = 150
+    sft_lr: float = 1e-3
+    sft_batch_size: int = 32
+    sft_episodes: int = 400
+    export_hf: bool = True
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    plot: bool = True
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    slurm: Optional[dict] = None  # read by slurm/ and tools/plan.py; ignored by the trainer
+
+    def objective(self) -> ObjectiveConfig:
+        return self.algo.objective()
+
+
+def load_config(cfg: Any) -> RunConfig:
+    """Hydra DictConfig / plain dict -> validated :class:`RunConfig` (unknown keys are errors)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        schema = OmegaConf.structured(RunConfig)
+        plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+        plain = {k: v for k, v in (plain or {}).items() if k not in ("hydra", "experiment")}
+        merged = OmegaConf.merge(schema, plain)
+        run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"invalid configuration: {exc}".replace("\n", "; ")) from None
+    heads, kv_heads, layers = model_shape(run.model)
+    validate(run, num_heads=heads, num_kv_heads=kv_heads, num_layers=layers)
+    return run
+
+
+def model_shape(model: ModelConfig) -> tuple[int, int, int]:
+    """(attention heads, KV heads, layers) of the configured model, without building it."""
+    if model.hf_path is None:
+        return model.tiny.heads, model.tiny.kv_heads, model.tiny.layers
+    import json
+
+    path = Path(model.hf_path) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"model.hf_path={model.hf_path!r} has no config.json (download the checkpoint first)")
+    cfg = json.loads(path.read_text())
+    heads = int(cfg.get("num_attention_heads", 0))
+    return heads, int(cfg.get("num_key_value_heads", heads)), int(cfg.get("num_hidden_layers", 0))
+
+
+def _positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value is None or value < 1:
+            raise ConfigError(f"{section}.{name} must be >= 1, got {value}")
+
+
+def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Optional[int] = None,
+             num_kv_heads: Optional[int] = None, num_layers: Optional[int] = None) -> RunConfig:
+    """Checks that need no model. ``world_size``/heads/layers, when known, check the layout."""
+    p, r, t, m, e = run.parallel, run.rollout, run.trainer, run.model, run.env
+    _positive("parallel", p, "tp", "pp", "cp", "ep")
+    if p.vpp is not None and p.vpp < 1:
+        raise ConfigError(f"parallel.vpp must be >= 1 or null, got {p.vpp}")
+    if p.recompute not in ("none", "selective", "full"):
+        raise ConfigError(f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+    _positive("rollout", r, "tp", "group_size", "tasks_per_step", "max_turns", "max_prompt_tokens",
+              "max_response_tokens")
+    if r.history_window < 0:
+        raise ConfigError(f"rollout.history_window must be >= 0, got {r.history_window}")
+    if r.temperature <= 0 or r.eval_temperature < 0:
+        raise ConfigError("rollout.temperature must be > 0 and rollout.eval_temperature >= 0")
+    _positive("trainer", t, "save_interval", "keep_last", "micro_batch_size", "eval_interval", "sft_batch_size")
+    if t.max_steps < 0:
+        raise ConfigError(f"trainer.max_steps must be >= 0 (0: SFT warm start only), got {t.max_steps}")
+    if t.sft_steps < 0 or t.eval_tasks < 0:
+        raise ConfigError("trainer.sft_steps and trainer.eval_tasks must be >= 0")
+    if t.resume not in (None, "auto") and not Path(t.resume).exists():
+        raise ConfigError(f"trainer.resume={t.resume!r}: no such checkpoint directory")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
+    if m.fp8 is not None:
+        from megatron_sdar.models.fp8 import FP8_RECIPES
+
+        if m.fp8 not in FP8_RECIPES:
+            raise ConfigError(f"model.fp8 must be null or one of {sorted(FP8_RECIPES)}, got {m.fp8!r}")
+        if m.dtype != "bfloat16":
+            raise ConfigError("model.fp8 needs model.dtype=bfloat16 (FP8 GEMMs with BF16 master weights)")
+    if m.hf_path is None and m.arch not in ("qwen2", "qwen3"):
+        raise ConfigError(f"the built-in tiny model is qwen2 or qwen3, got model.arch={m.arch!r}")
+    if e.skills_dir is not None and not (Path(e.skills_dir) / "skill_mapping.json").is_file():
+        raise ConfigError(f"env.skills_dir={e.skills_dir!r} has no skill_mapping.json")
+    from megatron_sdar.skills import RETRIEVAL_MODES
+
+    if e.retrieval not in RETRIEVAL_MODES:
+        raise ConfigError(f"env.retrieval must be one of {RETRIEVAL_MODES}, got {e.retrieval!r}")
+    from megatron_sdar.envs import available_envs
+
+    if e.name not in available_envs():
+        raise ConfigError(f"env.name={e.name!r} is not registered; available: {available_envs()}")
+    run.objective()  # preset and option values
+    if world_size is not None:
+        model_parallel = p.tp * p.pp * p.cp
+        if world_size % model_parallel:
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp}")
+        if world_size % r.tp:
+            raise ConfigError(f"rollout.tp={r.tp} does not divide the world size {world_size}")
+    if num_heads is not None and num_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} does not divide the {num_heads} attention heads")
+    if num_kv_heads is not None and num_kv_heads % p.tp and p.tp % num_kv_heads:
+        raise ConfigError(f"parallel.tp={p.tp} and the {num_kv_heads} KV heads: one must divide the other")
+    if num_heads is not None and num_heads % r.tp:
+        raise ConfigError(f"rollout.tp={r.tp} does not divide the {num_heads} attention heads")
+    if num_layers is not None:
+        stages = p.pp * (p.vpp or 1)
+        if num_layers % stages:
+            raise ConfigError(f"parallel.pp={p.pp} (x vpp={p.vpp or 1}) does not divide the {num_layers} layers")
+    return run

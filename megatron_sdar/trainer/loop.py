@@ -1,0 +1,479 @@
+"""The SDAR training iteration and the run around it.
+
+One iteration (every rank runs every line; collectives keep them in lockstep):
+
+    weights -> vLLM (in place)                     rollout/weight_sync_*
+    rollout: tasks_per_step x group_size episodes  rollout/*   (this rank's share, then gathered)
+    samples: one per turn, GRPO advantage of its episode
+    teacher pass: skills + same prompt + same response, forward only      (needs_teacher)
+    reference pass: frozen initial policy, forward only                   (kl_coef > 0)
+    student pass: forward/backward of the SDAR objective (Megatron schedule)
+    optimizer step (skipped on a non-finite loss)  actor/*, sdar/*
+    metrics.jsonl / TensorBoard; eval every trainer.eval_interval; checkpoint every save_interval
+
+Teacher weights are the rollout-time weights: the teacher pass runs before the update, with the
+weights vLLM sampled from (``teacher_weights="current"`` is the same thing with one update per
+rollout; the option exists for multi-update variants). Old log-probs are the student's own,
+detached (one update per rollout: the PPO ratio starts at 1).
+
+Determinism: task seeds, sampling seeds and environment seeds are functions of (seed, step), RNG
+states and the skill bandit are checkpointed, so a resumed run repeats the uninterrupted one.
+Wall-clock metrics live under ``perf/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdar.config.schema import ConfigError, RunConfig, validate
+from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource, RolloutEngine,
+                                   RolloutEngineConfig, TrajectoryBatch)
+from megatron_sdar.trainer.batch import TrainingSample, samples_from_trajectories
+from megatron_sdar.trainer.policy import OptimConfig, Policy, build_policy
+from megatron_sdar.trainer.update import PolicyUpdate, log
+
+# disjoint task-seed ranges: training tasks never appear in evaluation or SFT demonstrations
+TRAIN_SEED_BASE, SFT_SEED_BASE, EVAL_SEED_BASE = 1_000_000, 5_000_000, 0
+
+
+class Preemption:
+    """SIGTERM / SIGUSR1 set a flag; the trainer checkpoints at the end of the step and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name = ""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test harness): no handler
+                pass
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _household_text() -> str:
+    """Text of the built-in world for the tiny tokenizer (so observations tokenize compactly)."""
+    from megatron_sdar.envs import make
+
+    lines = []
+    env = make("household", seed=0)
+    for seed in range(60):
+        obs, info = env.reset(seed=seed)
+        lines.append(obs)
+        lines.append(", ".join(info.get("admissible_actions", [])))
+        for action in env.expert_actions()[:12]:
+            lines.append(f"<action>{action}</action>")
+            obs, *_ = env.step(action)
+            lines.append(obs)
+    return "\n".join(lines)
+
+
+def prepare_model_dir(run: RunConfig) -> Path:
+    """The HF directory the run starts from: ``model.hf_path``, or the tiny model built once into
+    ``<output_dir>/base_model`` (rank 0 builds, the others wait)."""
+    if run.model.hf_path is not None:
+        return Path(run.model.hf_path)
+    out = Path(run.trainer.output_dir) / "base_model"
+    if dist.get_rank() == 0 and not (out / "model.safetensors").is_file():
+        from megatron_sdar.models.tiny import build_tiny_qwen
+
+        tiny = run.model.tiny
+        heads_dim = tiny.hidden // tiny.heads
+        extra = _household_text() if run.env.name == "household" else ""
+        build_tiny_qwen(out, run.model.arch, seed=run.trainer.seed, extra_text=extra, vocab_size=tiny.vocab,
+                        hidden_size=tiny.hidden, num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads,
+                        num_key_value_heads=tiny.kv_heads, intermediate_size=tiny.ffn,
+                        **({"head_dim": heads_dim} if run.model.arch == "qwen3" else {}))
+    dist.barrier()
+    return out
+
+
+class SDARTrainer:
+    """Builds everything from a validated :class:`RunConfig` (after the process group exists)."""
+
+    def __init__(self, run: RunConfig) -> None:
+        from megatron.core import parallel_state as ps
+        from transformers import AutoTokenizer
+
+        from megatron_sdar.models.architecture import QwenArchitecture
+        from megatron_sdar.utils.distributed import initialize_megatron_parallel
+
+        self.run_config = run
+        p, t = run.parallel, run.trainer
+        world = dist.get_world_size()
+        validate(run, world_size=world)
+        self.output_dir = Path(t.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.objective = run.objective()
+        self.model_dir = prepare_model_dir(run)
+        self.arch = QwenArchitecture.from_hf_config(self.model_dir)
+        validate(run, world_size=world, num_heads=self.arch.num_attention_heads,
+                 num_kv_heads=self.arch.num_key_value_heads, num_layers=self.arch.num_layers)
+        initialize_megatron_parallel(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, vpp=p.vpp, seed=t.seed)
+        self.params_dtype = getattr(torch, run.model.dtype)
+        overrides = self._transformer_overrides()
+        self.optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                                 decay_steps=t.max_steps if t.min_lr < t.lr and t.min_lr > 0 else None,
+                                 weight_decay=t.weight_decay, clip_grad=t.clip_grad,
+                                 use_distributed_optimizer=p.distributed_optimizer)
+        self.policy: Policy = build_policy(self.arch, self.optim, hf_dir=self.model_dir,
+                                           params_dtype=self.params_dtype, **overrides)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.updater = PolicyUpdate(self.policy, self.objective, t.micro_batch_size,
+                                   int(self.tokenizer.pad_token_id or 0), self.reference_dir, self.params_dtype,
+                                   overrides)
+        self.retriever = self._build_retriever()
+        r = run.rollout
+        self.engine = RolloutEngine(self.model_dir, RolloutEngineConfig(
+            tp=r.tp, max_model_len=min(r.max_prompt_tokens + r.max_response_tokens, self.arch.max_position_embeddings),
+            gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+            dtype=run.model.dtype, seed=t.seed, bucket_mb=r.bucket_mb,
+            quantization="fp8" if run.model.fp8_rollout else None))
+        self.weight_source = MegatronWeightSource(self.policy.model, self.arch, bucket_mb=r.bucket_mb)
+        self.preemption = Preemption()
+        self._synced_updates = -1  # optimizer updates pushed to vLLM
+        self.step = 0
+        self.sft_done = t.sft_steps == 0
+        self.logger = None
+        self._pp_last_rank = ps.is_pipeline_last_stage()
+
+    # ------------------------------------------------------------------ setup helpers
+    def _transformer_overrides(self) -> dict[str, Any]:
+        p, m = self.run_config.parallel, self.run_config.model
+        overrides: dict[str, Any] = {"sequence_parallel": p.sequence_parallel}
+        if p.recompute != "none":
+            overrides.update(recompute_granularity=p.recompute)
+            if p.recompute == "full":
+                overrides.update(recompute_method="uniform", recompute_num_layers=1)
+        if p.ep > 1:
+            overrides["expert_model_parallel_size"] = p.ep
+        if m.fp8 is not None:
+            from megatron_sdar.models.fp8 import resolve_fp8
+
+            overrides.update(resolve_fp8(m.fp8, m.dtype).transformer_config)
+        if p.vpp:
+            overrides["virtual_pipeline_model_parallel_size"] = p.vpp
+        return overrides
+
+    def _build_retriever(self):
+        from megatron_sdar.skills import SkillBank, SkillRetriever, builtin_skill_dir
+
+        env = self.run_config.env
+        skills_dir = env.skills_dir
+        if skills_dir is None:
+            try:
+                skills_dir = builtin_skill_dir(env.name)
+            except FileNotFoundError:
+                if self.objective.needs_teacher or self.objective.student_sees_skills:
+                    raise ConfigError(f"algo={self.run_config.algo.name} needs skills but env {env.name!r} has no "
+                                      "built-in skill set: set env.skills_dir") from None
+                return None
+        return SkillRetriever(SkillBank.from_dir(skills_dir), mode=env.retrieval, top_k=env.skills_top_k,
+                              seed=self.run_config.trainer.seed)
+
+    def _make_env(self, seed: int):
+        from megatron_sdar.envs import make
+
+        env = self.run_config.env
+        return make(env.name, seed=seed, max_turns=env.max_turns, **dict(env.kwargs))
+
+    def _loop(self, temperature: float, with_skills: bool) -> AgentLoop:
+        r = self.run_config.rollout
+        config = AgentLoopConfig(
+            max_turns=r.max_turns, history_window=r.history_window, max_prompt_tokens=r.max_prompt_tokens,
+            max_response_tokens=r.max_response_tokens, temperature=max(temperature, 1e-6),
+            action_pattern=r.action_pattern, invalid_action_penalty=r.invalid_action_penalty,
+            show_admissible_actions=r.show_admissible_actions, action_format=r.action_format,
+            skills_in_student_prompt=self.objective.student_sees_skills,
+            step_timeout_s=self.run_config.env.step_timeout_s, seed=self.run_config.trainer.seed)
+        return AgentLoop(self.engine, self.tokenizer, config, self.retriever if with_skills else None)
+
+    # ------------------------------------------------------------------ rollout
+    def _specs(self, seeds: list[int], group_size: int, first_episode_id: int) -> list[EpisodeSpec]:
+        """This rank's episodes: tasks spread round-robin over the rollout replicas."""
+        replica, replicas = self.engine.dp_rank, self.engine.dp_size
+        specs = []
+        for task_index, task_seed in enumerate(seeds):
+            if task_index % replicas != replica:
+                continue
+            for g in range(group_size):
+                episode_id = first_episode_id + task_index * group_size + g
+                specs.append(EpisodeSpec(self._make_env(seed=episode_id), group=task_index,
+                                         task_seed=task_seed, episode_id=episode_id))
+        return specs
+
+    def _gather_episodes(self, batch: TrajectoryBatch) -> TrajectoryBatch:
+        """Every replica's episodes on every rank (one copy per rollout replica)."""
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, batch if dist.get_rank() % self.engine.config.tp == 0 else None)
+        merged = TrajectoryBatch.merge([p for p in parts if p is not None])
+        merged.metrics = batch.metrics
+        return merged
+
+    def rollout(self, seeds: list[int], *, temperature: float, with_skills: bool, group_size: int,
+                first_episode_id: int) -> TrajectoryBatch:
+        loop = self._loop(temperature, with_skills)
+        return self._gather_episodes(loop.run(self._specs(seeds, group_size, first_episode_id)))
+
+    def sync_weights(self) -> dict[str, float]:
+        """Push the policy's weights into vLLM unless it already has them (eval right before a
+        step shares the sync); returns the last sync's stats."""
+        if self._synced_updates != self.updater.updates:
+            self.engine.sync_weights(self.weight_source)
+            self._synced_updates = self.updater.updates
+        metrics = self.engine.last_sync.as_metrics()
+        return {("perf/" + k.split("/", 1)[1] if k.endswith(("seconds", "gbps")) else k): v
+                for k, v in metrics.items()}
+
+    # ------------------------------------------------------------------ passes
+    # ------------------------------------------------------------------ SFT warm start
+    def expert_samples(self, episodes: int) -> list[TrainingSample]:
+        """Expert demonstrations rendered exactly like rollout turns (same prompts, same format)."""
+        from megatron_sdar.rollout.agent_loop import ChatFormatter, EpisodeState
+
+        loop_config = self._loop(1.0, False).config
+        formatter = ChatFormatter(self.tokenizer, loop_config)
+        eos = self.tokenizer.eos_token_id
+        samples = []
+        for k in range(episodes):
+            env = self._make_env(seed=SFT_SEED_BASE + k)
+            if not hasattr(env, "expert_actions"):
+                raise ConfigError(f"trainer.sft_steps > 0 needs expert demonstrations; env {env.name!r} has none")
+            obs, info = env.reset(seed=SFT_SEED_BASE + k)
+            state = EpisodeState(obs, obs, info.get("admissible_actions"))
+            for action in env.expert_actions()[: loop_config.max_turns]:
+                messages = formatter.messages(formatter.user_content(state, loop_config.history_window))
+                prompt = formatter.encode(messages)
+                answer = formatter.answer(action, state)
+                response = self.tokenizer(answer or "", add_special_tokens=False)["input_ids"] + [eos]
+                if answer is not None and len(prompt) <= loop_config.max_prompt_tokens:
+                    samples.append(TrainingSample(prompt + response, len(prompt), prompt + response, len(prompt),
+                                                  [0.0] * len(response), episode=k))
+                obs, _, terminated, truncated, info = env.step(action)
+                state.history.append((action, obs))
+                state.observation = obs
+                state.admissible_actions = info.get("admissible_actions")
+                if terminated or truncated:
+                    break
+        return samples
+
+    def sft(self) -> None:
+
+        t = self.run_config.trainer
+        samples = self.expert_samples(t.sft_episodes)
+        log(f"SFT warm start: {t.sft_steps} steps on {len(samples)} expert turns from {t.sft_episodes} episodes")
+        gen = torch.Generator().manual_seed(t.seed)
+        order: list[int] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(t.sft_steps), desc="sft", disable=dist.get_rank() != 0, dynamic_ncols=True)
+        for sft_step in bar:
+            if len(order) < t.sft_batch_size:
+                order += torch.randperm(len(samples), generator=gen).tolist()
+            batch = [samples[i] for i in order[: t.sft_batch_size]]
+            del order[: t.sft_batch_size]
+            metrics = self.updater.sft_on(batch, t.sft_lr)
+            bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
+            if self.logger is not None and (sft_step % 10 == 0 or sft_step == t.sft_steps - 1):
+                self.logger.log_sft(sft_step, metrics)
+        # the frozen KL reference is the policy after SFT
+        from megatron_sdar.models.hf_export import export_hf
+
+        export_hf(self.policy.unwrapped(), self.arch, self.output_dir / "sft_model", assets_dir=self.model_dir)
+        self.sft_done = True
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, float]:
+        """Held-out tasks, one episode each, at the evaluation temperature, **without skills**
+        (the student must have internalized them), except for skill-in-prompt presets."""
+        t, r = self.run_config.trainer, self.run_config.rollout
+        if t.eval_tasks == 0:
+            return {}
+        self.sync_weights()
+        seeds = [EVAL_SEED_BASE + i for i in range(t.eval_tasks)]
+        batch = self.rollout(seeds, temperature=r.eval_temperature, with_skills=self.objective.student_sees_skills,
+                             group_size=1, first_episode_id=10_000_000)
+        summary = batch.summary()
+        return {k.replace("rollout/", "eval/"): v for k, v in summary.items()
+                if k.startswith("rollout/success_rate") or k in ("rollout/reward_mean", "rollout/turns_mean",
+                                                                 "rollout/invalid_action_rate")}
+
+    # ------------------------------------------------------------------ one RL iteration
+    def iteration(self, step: int) -> dict[str, float]:
+        r = self.run_config.rollout
+        started = time.perf_counter()
+        metrics = self.sync_weights()
+        seeds = [TRAIN_SEED_BASE * (self.run_config.trainer.seed + 1) + step * r.tasks_per_step + i
+                 for i in range(r.tasks_per_step)]
+        batch = self.rollout(seeds, temperature=r.temperature, with_skills=True, group_size=r.group_size,
+                             first_episode_id=step * r.tasks_per_step * r.group_size)
+        rollout_seconds = time.perf_counter() - started
+        metrics.update(batch.summary())
+        metrics["perf/rollout_tokens_per_s"] = batch.metrics.get("rollout/tokens_per_s", 0.0)
+        if self.retriever is not None:
+            for episode in batch.episodes:
+                if episode.skill_names:
+                    self.retriever.update(list(episode.skill_names), episode.reward, episode.task_type)
+        samples = samples_from_trajectories(batch, self.objective.norm_adv_by_std)
+        if not samples:
+            raise RuntimeError("the rollout produced no trainable tokens (every episode failed before a turn)")
+        train_started = time.perf_counter()
+        metrics.update(self.updater.train_on(samples, step))
+        train_seconds = time.perf_counter() - train_started
+        tokens = sum(len(s.input_ids) for s in samples)
+        metrics.update({"perf/rollout_seconds": rollout_seconds, "perf/train_seconds": train_seconds,
+                        "perf/train_tokens_per_s": tokens / max(train_seconds, 1e-9),
+                        "perf/step_seconds": time.perf_counter() - started, "train/samples": float(len(samples)),
+                        "train/tokens": float(tokens)})
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainer_state(self) -> dict[str, Any]:
+        return {"step": self.step, "sft_done": self.sft_done, "seed": self.run_config.trainer.seed,
+                "policy_steps": self.policy.steps_taken,
+                "retriever": self.retriever.state_dict() if self.retriever is not None else None}
+
+    def save(self) -> Path:
+        from megatron_sdar.trainer.checkpointing import save_checkpoint
+
+        path = save_checkpoint(self.output_dir / "checkpoints", self.step, self.policy, self.trainer_state(),
+                               keep_last=self.run_config.trainer.keep_last)
+        log(f"checkpoint: {path}")
+        return path
+
+    def resume(self) -> None:
+        from megatron_sdar.trainer.checkpointing import find_latest_checkpoint, load_checkpoint
+
+        resume = self.run_config.trainer.resume
+        if resume is None:
+            return
+        path = find_latest_checkpoint(self.output_dir / "checkpoints") if resume == "auto" else Path(resume)
+        if path is None:
+            log("trainer.resume=auto: no checkpoint yet, starting from scratch")
+            return
+        state = load_checkpoint(path, self.policy)
+        self.step = int(state["step"])
+        self.sft_done = bool(state.get("sft_done", True))
+        if self.retriever is not None and state.get("retriever"):
+            self.retriever.load_state_dict(state["retriever"])
+        log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ the run
+    def train(self) -> dict[str, Any]:
+        from megatron_sdar.utils.logging import MetricsLogger
+
+        t = self.run_config.trainer
+        self.resume()
+        if dist.get_rank() == 0:
+            (self.output_dir / "config.json").write_text(json.dumps(_as_dict(self.run_config), indent=2))
+        self.logger = _RunLogger(MetricsLogger(self.output_dir, tensorboard=t.tensorboard,
+                                               wandb_project=t.wandb_project,
+                                               resume_step=self.step if t.resume else None))
+        if self.step == 0 and not self.sft_done:
+            baseline = self.evaluate()
+            self.logger.log(-1, {"eval/stage": 0.0, **baseline})  # before any training
+            log(f"before training: eval success {baseline.get('eval/success_rate', float('nan')):.3f}")
+            self.sft()
+        if self.step == 0:
+            evaluation = self.evaluate()
+            self.logger.log(0, {**evaluation, "eval/stage": 1.0})
+            log(f"step 0 (after SFT): eval success {evaluation.get('eval/success_rate', float('nan')):.3f}")
+            self.save()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=t.max_steps, initial=self.step, desc="sdar", disable=dist.get_rank() != 0,
+                   dynamic_ncols=True)
+        while self.step < t.max_steps:
+            metrics = self.iteration(self.step)
+            self.step += 1
+            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                metrics.update(self.evaluate())
+            self.logger.log(self.step, metrics)
+            bar.update(1)
+            bar.set_postfix(success=f"{metrics.get('rollout/success_rate', 0):.2f}",
+                            reward=f"{metrics.get('rollout/reward_mean', 0):.2f}",
+                            gate=f"{metrics.get('sdar/gate_mean', float('nan')):.2f}")
+            preempted = self.preemption.any_rank()
+            if preempted or self.step % t.save_interval == 0 or self.step == t.max_steps:
+                self.save()
+            if preempted:
+                log(f"{self.preemption.signal_name or 'signal'} received: checkpoint written at step {self.step}, exiting")
+                self.logger.close()
+                return {"preempted": True, "step": self.step}
+        bar.close()
+        self.logger.close()
+        if t.export_hf:
+            from megatron_sdar.models.hf_export import export_hf
+
+            export_hf(self.policy.unwrapped(), self.arch, self.output_dir / "hf_export", assets_dir=self.model_dir)
+            log(f"HF export: {self.output_dir / 'hf_export'}")
+        if t.plot and dist.get_rank() == 0:
+            from megatron_sdar.utils.plots import plot_training
+
+            plot_training(self.output_dir / "metrics.jsonl", self.output_dir / "training.png",
+                          title=f"{self.run_config.algo.name} on {self.run_config.env.name}")
+            log(f"plot: {self.output_dir / 'training.png'}")
+        return {"preempted": False, "step": self.step}
+
+    def reference_dir(self) -> Path:
+        """The frozen KL reference: the policy at the start of RL (the SFT model when there was SFT)."""
+        sft_model = self.output_dir / "sft_model"
+        return sft_model if (sft_model / "config.json").is_file() else self.model_dir
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+class _RunLogger:
+    """metrics.jsonl through MetricsLogger; SFT progress goes to its own file."""
+
+    def __init__(self, logger) -> None:
+        self.logger = logger
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        self.logger.log(step, metrics)
+
+    def log_sft(self, sft_step: int, metrics: dict[str, float]) -> None:
+        if dist.get_rank() == 0:
+            with open(self.logger.output_dir / "sft_metrics.jsonl", "a") as f:
+                f.write(json.dumps({"sft_step": sft_step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def _as_dict(obj) -> Any:
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def run_training(run: RunConfig) -> dict[str, Any]:
+    """Process group, trainer, train, teardown. The entry point of ``python -m megatron_sdar.train``."""
+    from megatron_sdar.utils.distributed import destroy, init_process_group
+
+    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))
+    init_process_group()
+    trainer = None
+    try:
+        trainer = SDARTrainer(run)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        destroy()

@@ -1,0 +1,252 @@
+"""The forward-only passes (teacher, reference) and the student's forward/backward, run through
+Megatron's pipeline schedule (``get_forward_backward_func``) on any TP/PP/CP/DP layout.
+
+Forward-only passes return per-sample, per-response-token values (``{sample: [R, ...]}``) on
+the last pipeline stage of every data-parallel rank (CP slices are all-gathered, so the values do
+not depend on the pass's layout and can be scattered into the next pass, whose prompts differ).
+
+The student pass returns each micro-batch's loss *contribution* to Megatron's schedule
+multiplied by ``num_micro_batches * dp``: the schedule divides by the number of micro-batches (and
+multiplies by cp) and DDP averages gradients over DP x CP, so the gradients that reach the
+optimizer are exactly the gradients of the global loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdar.algo.aggregation import LossNormalizers
+from megatron_sdar.algo.objective import ObjectiveConfig, ObjectiveInputs, ParallelGroups, SDARObjective
+from megatron_sdar.algo.vocab_parallel import (
+    vocab_parallel_logprobs_entropy,
+    vocab_parallel_topk,
+)
+from megatron_sdar.trainer.batch import MicroBatch, PassLayout
+from megatron_sdar.utils.device import causal_attention_mask, current_device
+
+
+@dataclass
+class ParallelContext:
+    """This rank's place in the layout, read once from Megatron's parallel state."""
+
+    tp_group: object
+    cp_group: object
+    dp_group: object  # data parallel, without CP
+    dp_cp_group: object
+    cp_size: int
+    cp_rank: int
+    dp_size: int
+    dp_rank: int
+    last_stage: bool
+    first_stage: bool
+    pp_size: int
+
+    @classmethod
+    def current(cls) -> "ParallelContext":
+        from megatron.core import parallel_state as ps
+
+        return cls(
+            tp_group=ps.get_tensor_model_parallel_group(), cp_group=ps.get_context_parallel_group(),
+            dp_group=ps.get_data_parallel_group(), dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+            cp_size=ps.get_context_parallel_world_size(), cp_rank=ps.get_context_parallel_rank(),
+            dp_size=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
+            last_stage=ps.is_pipeline_last_stage(), first_stage=ps.is_pipeline_first_stage(),
+            pp_size=ps.get_pipeline_model_parallel_world_size())
+
+    def objective_groups(self) -> ParallelGroups:
+        return ParallelGroups(tp=self.tp_group if dist.get_world_size(self.tp_group) > 1 else None,
+                              cp=self.cp_group if self.cp_size > 1 else None,
+                              dp_cp=self.dp_cp_group if dist.get_world_size(self.dp_cp_group) > 1 else None)
+
+
+def _mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
+    """Columns past the real vocabulary (TP padding) get -inf: they must carry no probability."""
+    v_local = logits.shape[-1]
+    start = dist.get_rank(tp_group) * v_local if dist.get_world_size(tp_group) > 1 else 0
+    if start + v_local <= vocab_size:
+        return logits
+    keep = torch.arange(start, start + v_local, device=logits.device) < vocab_size
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def _attention_mask(seq_len: int, cp_size: int):
+    # the context-parallel core attention builds its causal mask from the CP rank
+    return None if cp_size > 1 else causal_attention_mask(seq_len)
+
+
+def _run_schedule(model: list, micro_batches: list[MicroBatch], layout: PassLayout,
+                  loss_func: Callable[[MicroBatch, torch.Tensor], tuple], forward_only: bool, config) -> None:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    device = current_device()
+    attention_mask = _attention_mask(layout.seq_len, layout.cp_size)
+
+    def forward_step(data_iterator, chunk):
+        mb: MicroBatch = next(data_iterator)
+        output = chunk(mb.tokens.to(device), mb.position_ids.to(device), attention_mask)
+        return output, (lambda out, mb=mb: loss_func(mb, out))
+
+    vpp = len(model)
+    iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iterators, model=model,
+        num_microbatches=len(micro_batches), seq_length=layout.seq_len,
+        micro_batch_size=layout.micro_batch_size, forward_only=forward_only)
+
+
+def _gather_cp(values: torch.Tensor, ctx: ParallelContext, layout: PassLayout) -> torch.Tensor:
+    """[B, S_local, ...] CP slices -> [B, S, ...] in global position order."""
+    if ctx.cp_size == 1:
+        return values
+    from megatron_sdar.utils.distributed import cp_token_indices
+
+    parts = [torch.empty_like(values) for _ in range(ctx.cp_size)]
+    dist.all_gather(parts, values.contiguous(), group=ctx.cp_group)
+    full = torch.empty((values.shape[0], layout.seq_len, *values.shape[2:]), dtype=values.dtype,
+                       device=values.device)
+    for rank, part in enumerate(parts):
+        full[:, cp_token_indices(layout.seq_len, ctx.cp_size, rank).to(values.device)] = part
+    return full
+
+
+def forward_token_values(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
+                         ctx: ParallelContext, *, topk: int = 0, keep_logits: bool = False
+                         ) -> dict[str, dict[int, torch.Tensor]]:
+    """No-grad pass; returns ``{"logprobs": {sample: [R]}}`` (plus ``"topk_logprobs"``/``"topk_ids"``
+    ``[R, k]`` when ``topk``, and ``"logits"`` ``[R, V_local]`` when ``keep_logits``) on the last
+    pipeline stage (empty dicts elsewhere)."""
+    out: dict[str, dict[int, torch.Tensor]] = {"logprobs": {}}
+    if topk:
+        out["topk_logprobs"], out["topk_ids"] = {}, {}
+    if keep_logits:
+        out["logits"] = {}
+
+    def loss_func(mb: MicroBatch, logits: torch.Tensor):
+        logits = _mask_padded_vocab(logits.float(), vocab_size, ctx.tp_group)
+        targets = mb.targets.to(logits.device)
+        logprobs, _ = vocab_parallel_logprobs_entropy(logits, targets, ctx.tp_group)
+        tables = {"logprobs": logprobs}
+        if topk:
+            tables["topk_logprobs"], tables["topk_ids"] = vocab_parallel_topk(logits, topk, ctx.tp_group)
+        if keep_logits:
+            tables["logits"] = logits
+        pos = _gather_cp(mb.response_pos.to(logits.device), ctx, layout)
+        for name, values in tables.items():
+            full = _gather_cp(values.detach(), ctx, layout)
+            for b, index in enumerate(mb.sample_index):
+                if index is None:
+                    continue
+                rows = pos[b] >= 0
+                out[name][index] = full[b][rows].cpu() if name != "logits" else full[b][rows]
+        return torch.zeros((), device=logits.device), {}
+
+    with torch.no_grad():
+        _run_schedule(model, micro_batches, layout, loss_func, forward_only=True, config=None)
+    return out
+
+
+class MetricAccumulator:
+    """Combines the objective's per-micro-batch metrics into step metrics.
+
+    Loss-type metrics are contributions (summed over micro-batches and ranks); mean-type metrics
+    are token-weighted by the micro-batch's global token count; ``*_std`` metrics are combined
+    exactly from their means (population std).
+    """
+
+    SUMMED = ("actor/pg_loss", "actor/loss", "sdar/distill_loss")
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.weighted: dict[str, float] = {}
+        self.second: dict[str, float] = {}
+        self.weight = 0.0
+        self.maxima: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, float], tokens: float) -> None:
+        self.weight += tokens
+        for key, value in metrics.items():
+            if key in self.SUMMED:
+                self.sums[key] = self.sums.get(key, 0.0) + value
+            elif key.endswith("_max"):
+                self.maxima[key] = max(self.maxima.get(key, float("-inf")), value)
+            elif key.endswith("_std"):
+                mean = metrics.get(key[:-4] + "_mean", 0.0)
+                self.second[key] = self.second.get(key, 0.0) + tokens * (value * value + mean * mean)
+            else:
+                self.weighted[key] = self.weighted.get(key, 0.0) + tokens * value
+
+    def result(self, sum_group=None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.sums:
+            keys = sorted(self.sums)
+            t = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
+            if sum_group is not None and dist.get_world_size(sum_group) > 1:
+                dist.all_reduce(t, group=sum_group)
+            out.update(zip(keys, t.tolist()))
+        w = max(self.weight, 1e-12)
+        for key, value in self.weighted.items():
+            out[key] = value / w
+        for key, value in self.second.items():
+            mean = out.get(key[:-4] + "_mean", 0.0)
+            out[key] = max(value / w - mean * mean, 0.0) ** 0.5
+        out.update(self.maxima)
+        return out
+
+
+def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
+                 ctx: ParallelContext, objective_config: ObjectiveConfig, normalizers: LossNormalizers,
+                 step: int) -> dict[str, float]:
+    """Forward + backward of the SDAR objective over this rank's micro-batches (gradients land in
+    the DDP buffers). Returns the step's objective metrics (meaningful on the last stage)."""
+    objective = SDARObjective(objective_config, ctx.objective_groups())
+    scale = len(micro_batches) * ctx.dp_size
+    acc = MetricAccumulator()
+
+    def loss_func(mb: MicroBatch, logits: torch.Tensor):
+        device = logits.device
+        logits = _mask_padded_vocab(logits.float() if logits.dtype != torch.float32 else logits,
+                                    vocab_size, ctx.tp_group)
+        get = lambda name: mb.per_token[name].to(device) if name in mb.per_token else None  # noqa: E731
+        inputs = ObjectiveInputs(
+            student_logits=logits, targets=mb.targets.to(device), mask=mb.loss_mask.to(device),
+            advantages=mb.advantages.to(device), ref_logprobs=get("ref_logprobs"),
+            rollout_logprobs=get("rollout_logprobs"), teacher_logprobs=get("teacher_logprobs"),
+            teacher_topk_logprobs=get("teacher_topk_logprobs"), teacher_topk_ids=get("teacher_topk_ids"),
+            teacher_logits=get("teacher_logits"))
+        loss, metrics = objective(inputs, normalizers, step)
+        tokens = mb.loss_mask.sum().to(torch.float64)
+        if ctx.dp_cp_group is not None and dist.get_world_size(ctx.dp_cp_group) > 1:
+            dist.all_reduce(tokens, group=ctx.dp_cp_group)
+        acc.add(metrics, float(tokens))
+        return loss * scale, {}
+
+    _run_schedule(model, micro_batches, layout, loss_func, forward_only=False, config=None)
+    return acc.result(sum_group=ctx.dp_cp_group) if ctx.last_stage else {}
+
+
+def sft_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
+             ctx: ParallelContext, normalizers: LossNormalizers) -> float:
+    """Cross-entropy on the response tokens (expert demonstrations), token-mean over the batch."""
+    from megatron_sdar.algo.aggregation import aggregate
+
+    scale = len(micro_batches) * ctx.dp_size
+    total = [0.0]
+    cp_group = ctx.cp_group if ctx.cp_size > 1 else None
+
+    def loss_func(mb: MicroBatch, logits: torch.Tensor):
+        logits = _mask_padded_vocab(logits.float(), vocab_size, ctx.tp_group)
+        logprobs, _ = vocab_parallel_logprobs_entropy(logits, mb.targets.to(logits.device), ctx.tp_group)
+        loss = aggregate(-logprobs, mb.loss_mask.to(logits.device), "token-mean", normalizers, cp_group)
+        total[0] += float(loss.detach())
+        return loss * scale, {}
+
+    _run_schedule(model, micro_batches, layout, loss_func, forward_only=False, config=None)
+    if not ctx.last_stage:
+        return float("nan")
+    t = torch.tensor([total[0]], dtype=torch.float64)
+    if dist.get_world_size(ctx.dp_cp_group) > 1:
+        dist.all_reduce(t, group=ctx.dp_cp_group)
+    return float(t)

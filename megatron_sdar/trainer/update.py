@@ -1,0 +1,146 @@
+"""One policy update on a list of samples: teacher pass, reference pass, student pass, optimizer step.
+
+Independent of where the samples came from (a rollout, expert demonstrations, a test), so the
+same code is checked for layout equivalence (TP/PP/CP/DP) without a rollout engine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_sdar.algo.objective import ObjectiveConfig
+from megatron_sdar.trainer.batch import TrainingSample, build_micro_batches, plan_pass, rollout_logprob_table
+from megatron_sdar.trainer.passes import ParallelContext, forward_token_values, sft_pass, student_pass
+from megatron_sdar.trainer.policy import Policy
+
+
+def log(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"[sdar] {message}", flush=True)
+
+
+class PolicyUpdate:
+    """``policy``: this rank's model + optimizer; ``reference_dir``: a callable giving the HF
+    directory of the frozen KL reference (read once, when the first KL term is needed)."""
+
+    def __init__(self, policy: Policy, objective: ObjectiveConfig, micro_batch_size: int,
+                 pad_id: int, reference_dir: Callable[[], Path], params_dtype: torch.dtype,
+                 transformer_overrides: dict[str, Any]) -> None:
+        self.policy = policy
+        self.arch = policy.arch
+        self.objective = objective
+        self.micro_batch_size = micro_batch_size
+        self.pad_id = pad_id
+        self.reference_dir = reference_dir
+        self.params_dtype = params_dtype
+        self._overrides = transformer_overrides
+        self.ctx = ParallelContext.current()
+        self.reference = None
+        self.updates = 0  # optimizer updates applied
+
+    def _pad_id(self) -> int:
+        return self.pad_id
+
+    def _layout(self, samples: list[TrainingSample], teacher: bool):
+        lengths = [len(s.teacher_input_ids if teacher else s.input_ids) for s in samples]
+        multiple = self.policy.config.tensor_model_parallel_size if self.policy.config.sequence_parallel else 1
+        return plan_pass(lengths, self.micro_batch_size, self.ctx.dp_size, self.ctx.dp_rank,
+                         self.ctx.cp_size, self.ctx.cp_rank, multiple)
+
+    def _forward_values(self, model: list, samples: list[TrainingSample], teacher: bool, **kwargs):
+        layout = self._layout(samples, teacher)
+        micro = build_micro_batches(samples, layout, teacher=teacher, pad_id=self._pad_id())
+        return forward_token_values(model, micro, layout, self.arch.vocab_size, self.ctx, **kwargs)
+
+    def _reference_model(self) -> list:
+        """The frozen reference: the policy at the start of RL (after SFT), built once."""
+        if self.reference is None:
+            from megatron_sdar.models.hf_loader import load_hf_weights
+            from megatron_sdar.models.megatron_model import build_model, build_transformer_config
+
+            source = self.reference_dir()
+            config = build_transformer_config(self.arch, params_dtype=self.params_dtype, initialize_weights=False,
+                                              **self._overrides)
+            vpp = len(self.policy.model)
+            chunks = ([build_model(self.arch, config, vp_stage=i) for i in range(vpp)] if vpp > 1
+                      else [build_model(self.arch, config)])
+            load_hf_weights(chunks, self.arch, source)
+            for chunk in chunks:
+                chunk.eval()
+                for param in chunk.parameters():
+                    param.requires_grad_(False)
+            self.reference = chunks
+        return self.reference
+
+    def train_on(self, samples: list[TrainingSample], step: int, lr: float | None = None) -> dict[str, float]:
+        """Teacher pass, reference pass, student pass and optimizer step on ``samples``
+        (identical on every rank). Returns the step's metrics (all ranks)."""
+        from megatron_sdar.algo.aggregation import LossNormalizers
+
+        objective = self.objective
+        tables: dict[str, dict[int, torch.Tensor]] = {"rollout_logprobs": rollout_logprob_table(samples)}
+        if objective.needs_teacher:
+            estimator = objective.estimator
+            values = self._forward_values(self.policy.model, samples, teacher=True,
+                                          topk=objective.topk if estimator == "topk" else 0,
+                                          keep_logits=estimator == "full")
+            tables["teacher_logprobs"] = values["logprobs"]
+            if estimator == "topk":
+                tables["teacher_topk_logprobs"] = values["topk_logprobs"]
+                tables["teacher_topk_ids"] = values["topk_ids"]
+            if estimator == "full":
+                tables["teacher_logits"] = values["logits"]
+        if objective.kl_coef > 0:
+            tables["ref_logprobs"] = self._forward_values(self._reference_model(), samples, teacher=False)["logprobs"]
+        if not self.ctx.last_stage:
+            tables = {"rollout_logprobs": tables["rollout_logprobs"]}  # values are read on the last stage only
+        layout = self._layout(samples, teacher=False)
+        micro = build_micro_batches(samples, layout, per_token=tables if self.ctx.last_stage else None,
+                                    pad_id=self._pad_id())
+        normalizers = LossNormalizers(num_tokens=float(sum(s.num_response_tokens for s in samples)),
+                                      num_sequences=float(len(samples)))
+        self.policy.zero_grad()
+        metrics = student_pass(self.policy.model, micro, layout, self.arch.vocab_size, self.ctx, objective,
+                               normalizers, step)
+        return self.optimizer_step(metrics, self.policy.optim_config.lr_at(step) if lr is None else lr)
+
+    def optimizer_step(self, metrics: dict[str, float], lr: float) -> dict[str, float]:
+        metrics = self._from_last_stage(metrics)
+        loss = metrics.get("actor/loss", metrics.get("sft/loss", 0.0))
+        if not torch.isfinite(torch.tensor(loss)):
+            self.policy.zero_grad()
+            log(f"non-finite loss {loss}: update skipped, weights unchanged")
+            metrics["trainer/skipped_step"] = 1.0
+            return metrics
+        self.policy.finish_grad_sync()
+        for group in self.policy.optimizer.param_groups:
+            group["lr"] = lr
+        applied, grad_norm, _ = self.policy.optimizer.step()
+        self.updates += int(bool(applied))
+        metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["actor/lr"] = lr
+        metrics["trainer/skipped_step"] = 0.0 if applied else 1.0
+        return metrics
+
+    def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The last pipeline stage's metrics on every rank."""
+        if self.ctx.pp_size == 1:
+            return dict(metrics)
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, metrics if self.ctx.last_stage else None)
+        return dict(next(p for p in parts if p is not None))
+
+
+    def sft_on(self, samples: list[TrainingSample], lr: float) -> dict[str, float]:
+        """One cross-entropy step on expert demonstrations (token-mean over the response tokens)."""
+        from megatron_sdar.algo.aggregation import LossNormalizers
+
+        layout = self._layout(samples, teacher=False)
+        micro = build_micro_batches(samples, layout, pad_id=self.pad_id)
+        normalizers = LossNormalizers(float(sum(s.num_response_tokens for s in samples)), float(len(samples)))
+        self.policy.zero_grad()
+        loss = sft_pass(self.policy.model, micro, layout, self.arch.vocab_size, self.ctx, normalizers)
+        return self.optimizer_step({"sft/loss": loss}, lr)

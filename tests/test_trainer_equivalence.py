@@ -1,0 +1,93 @@
+"""One full SDAR training step (teacher pass, reference pass, student pass, optimizer step) on the
+same samples gives the same loss, gate metrics, grad norm and updated weights on every layout."""
+import pytest
+
+from megatron_sdar.testing import run_distributed
+
+LAYOUTS = [  # (world, tp, pp, cp) -> dp = world / (tp * pp * cp)
+    (2, 2, 1, 1),
+    (2, 1, 2, 1),
+    (2, 1, 1, 2),
+    (2, 1, 1, 1),
+    (4, 2, 2, 1),
+]
+COMPARED = ["actor/loss", "actor/pg_loss", "sdar/distill_loss", "actor/kl_ref", "actor/entropy",
+            "sdar/gate_mean", "sdar/gate_active_ratio", "sdar/gap_mean", "sdar/gap_std", "actor/grad_norm",
+            "rollout/train_infer_logprob_diff_mean", "rollout/train_infer_logprob_diff_max"]
+
+
+def _samples(vocab: int, count: int = 8):
+    """Turn-like samples: a prompt, a response, and a teacher prompt = a context + the same prompt."""
+    import torch
+
+    from megatron_sdar.trainer.batch import TrainingSample
+
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(count):
+        prompt = torch.randint(3, vocab, (int(torch.randint(10, 30, (1,), generator=gen)),), generator=gen).tolist()
+        response = torch.randint(3, vocab, (int(torch.randint(3, 12, (1,), generator=gen)),), generator=gen).tolist()
+        context = torch.randint(3, vocab, (7 + i % 3,), generator=gen).tolist()
+        rollout_lp = (-3.0 * torch.rand(len(response), generator=gen)).tolist()
+        samples.append(TrainingSample(prompt + response, len(prompt), context + prompt + response,
+                                      len(context) + len(prompt), rollout_lp,
+                                      advantage=float(torch.randn(1, generator=gen)), episode=i // 2))
+    return samples
+
+
+def _one_step(model_dir: str, algo: str):
+    import torch
+    import torch.distributed as dist
+
+    from megatron_sdar.algo.objective import preset
+    from megatron_sdar.models.architecture import QwenArchitecture
+    from megatron_sdar.models.exporter import iter_hf_weights
+    from megatron_sdar.trainer.policy import OptimConfig, build_policy
+    from megatron_sdar.trainer.update import PolicyUpdate
+
+    arch = QwenArchitecture.from_hf_config(model_dir)
+    # adam_eps 1e-3: the first Adam update lr * g / (|g| + eps) is then a smooth function of the
+    # gradient, so weights compare at the precision of the gradients
+    policy = build_policy(arch, OptimConfig(lr=1e-3, adam_eps=1e-3, clip_grad=0.0), hf_dir=model_dir)
+    objective = preset(algo, kl_coef=0.01)
+    updater = PolicyUpdate(policy, objective, micro_batch_size=2, pad_id=0,
+                           reference_dir=lambda: model_dir, params_dtype=torch.float32, transformer_overrides={})
+    metrics = updater.train_on(_samples(arch.vocab_size), step=0)
+    # numpy: pickled by value (tensors would travel as shared-memory handles of an exiting process)
+    weights = {name: t.numpy().copy() for name, t in iter_hf_weights(policy.model, arch, target="first")}
+    return {"metrics": metrics, "weights": weights if dist.get_rank() == 0 else None}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from megatron_sdar.models.tiny import build_tiny_qwen
+
+    return str(build_tiny_qwen(tmp_path_factory.mktemp("equiv") / "qwen2", "qwen2", num_hidden_layers=4))
+
+
+@pytest.mark.multiproc
+def test_sdar_step_equal_on_every_layout(tiny_model):
+    reference = run_distributed(_one_step, world_size=1, args=(tiny_model, "sdar"), timeout=300)[0]
+    ref_metrics = reference["metrics"]
+    assert all(k in ref_metrics for k in COMPARED), sorted(ref_metrics)
+    assert 0 < ref_metrics["sdar/gate_mean"] < 1 and ref_metrics["actor/grad_norm"] > 0
+    assert ref_metrics["rollout/train_infer_logprob_diff_max"] > 0  # the samples' rollout log-probs are made up
+    from safetensors.torch import load_file
+
+    initial = load_file(f"{tiny_model}/model.safetensors")
+    moved = max(float(abs(reference["weights"][n] - initial[n].numpy()).max()) for n in initial)
+    assert moved > 1e-4, moved  # the step changed the weights
+    for world, tp, pp, cp in LAYOUTS:
+        results = run_distributed(_one_step, world_size=world, tp=tp, pp=pp, cp=cp, args=(tiny_model, "sdar"),
+                                  timeout=300, env={"OMP_NUM_THREADS": "1"})
+        layout = f"world={world} tp={tp} pp={pp} cp={cp}"
+        for rank, result in enumerate(results):
+            for key in COMPARED:
+                assert key in result["metrics"], f"{layout} rank {rank}: {sorted(result['metrics'])}"
+                got, want = result["metrics"][key], ref_metrics[key]
+                assert abs(got - want) <= 1e-4 * max(1.0, abs(want)), f"{layout} rank {rank} {key}: {got} vs {want}"
+        weights = results[0]["weights"]
+        assert weights.keys() == reference["weights"].keys()
+        for name, want in reference["weights"].items():
+            diff = float(abs(weights[name] - want).max())
+            assert diff <= 1e-6, f"{layout}: {name} differs by {diff}"
