@@ -105,8 +105,8 @@ def test_submit_reads_recipe_slurm_block(tmp_path):
 
 
 # A stand-in for the trainer's preemption contract (finish the step, checkpoint, exit 0 on
-# SIGUSR1/SIGTERM). The real trainer (megatron_sdar.train) has not landed, so this short-lived
-# process plays its part; it checkpoints into $SDAR_RUN_DIR/checkpoints like trainer.output_dir.
+# SIGUSR1/SIGTERM): a process that starts in milliseconds, so every signal path of the script is
+# checked quickly; test_usr1_with_the_real_trainer runs the same path with megatron_sdar.train.
 STAND_IN = r"""
 import os, signal, sys, time
 from pathlib import Path
@@ -166,3 +166,39 @@ def test_signal_forwarded_checkpoint_then_requeue(tmp_path, sig, requeue):
     assert all(p >= 0 for p in positions), (events, log)
     assert positions == sorted(positions), log
     assert "stand-in: checkpoint written after signal" in out
+
+
+@pytest.mark.multiproc
+def test_usr1_with_the_real_trainer(tmp_path):
+    """The real main job (tiny model, CPU) as the dry-run training step: USR1 to the job script ->
+    forwarded -> the trainer finishes its step, checkpoints, exits 0 -> requeue is issued."""
+    from megatron_sdar.testing import TINY_RUN_OVERRIDES
+
+    run_dir = tmp_path / "out" / "sdar-4242"
+    step = " ".join([sys.executable, "-m", "megatron_sdar.train", f"trainer.output_dir={run_dir}",
+                     *TINY_RUN_OVERRIDES, "trainer.max_steps=50"])
+    env = _env(tmp_path, SDAR_DRY_RUN_STEP=step, SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1",
+               SDAR_GPUS_PER_NODE="1",
+               OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
+    console = tmp_path / "console.log"  # a file, not a pipe: the trainer's progress bars would fill a pipe
+    proc = subprocess.Popen(["bash", str(SLURM / "sdar.sbatch"), "--dry-run"], cwd=tmp_path, env=env,
+                            stdout=console.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        metrics = run_dir / "metrics.jsonl"
+        while not (metrics.exists() and '"step": 1,' in metrics.read_text()):
+            assert proc.poll() is None and time.time() < deadline, "the trainer never finished a step"
+            time.sleep(0.5)
+        os.kill(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = console.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    log = (run_dir / "logs" / "launcher.log").read_text()
+    events = ["received SIGUSR1; forwarding it to the training step", "training step exited with status 0",
+              f"checkpoint written: {run_dir}/checkpoints/step_", "[dry-run] would run: scontrol requeue 4242"]
+    positions = [log.find(e) for e in events]
+    assert all(p >= 0 for p in positions) and positions == sorted(positions), log
+    assert "SIGUSR1 received: checkpoint written at step" in out

@@ -91,3 +91,31 @@ def test_sdar_step_equal_on_every_layout(tiny_model):
         for name, want in reference["weights"].items():
             diff = float(abs(weights[name] - want).max())
             assert diff <= 1e-6, f"{layout}: {name} differs by {diff}"
+
+
+def _non_finite_step(model_dir: str):
+    import torch
+
+    from megatron_sdar.algo.objective import preset
+    from megatron_sdar.models.architecture import QwenArchitecture
+    from megatron_sdar.trainer.policy import OptimConfig, build_policy
+    from megatron_sdar.trainer.update import PolicyUpdate
+
+    arch = QwenArchitecture.from_hf_config(model_dir)
+    policy = build_policy(arch, OptimConfig(lr=1e-3), hf_dir=model_dir)
+    updater = PolicyUpdate(policy, preset("grpo", kl_coef=0.0), micro_batch_size=2, pad_id=0,
+                           reference_dir=lambda: model_dir, params_dtype=torch.float32, transformer_overrides={})
+    samples = _samples(arch.vocab_size, count=4)
+    samples[1].advantage = float("nan")  # a poisoned advantage makes the loss NaN
+    before = [p.detach().clone() for p in policy.model[0].parameters()]
+    metrics = updater.train_on(samples, step=0)
+    unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, policy.model[0].parameters()))
+    return {"skipped": metrics["trainer/skipped_step"], "loss": metrics["actor/loss"], "unchanged": unchanged,
+            "updates": updater.updates}
+
+
+@pytest.mark.multiproc
+def test_non_finite_loss_skips_the_update(tiny_model):
+    result = run_distributed(_non_finite_step, world_size=1, args=(tiny_model,), timeout=300)[0]
+    assert result["loss"] != result["loss"]  # NaN reported
+    assert result["skipped"] == 1.0 and result["unchanged"] and result["updates"] == 0

@@ -1,5 +1,8 @@
 """Typed configuration of a training run (the Hydra config groups of ``megatron_sdar/config``).
 
+The values come from the YAML files of the config groups; the defaults below mirror the embedded
+default (tiny model, household world, CPU) for code that builds a config without Hydra.
+
 ``load_config(cfg)`` turns Hydra's DictConfig into :class:`RunConfig` and validates everything that
 can be checked before a model is built (parallel layout vs heads/layers/world size, files,
 option values): a bad config fails in a second with a message naming the key, not in a collective
@@ -87,7 +90,7 @@ class AlgoConfig:
 @dataclass
 class EnvConfig:
     name: str = "household"
-    max_turns: int = 12
+    max_turns: int = 8
     kwargs: dict = field(default_factory=dict)
     skills_dir: Optional[str] = None
     retrieval: str = "keyword"
@@ -110,18 +113,18 @@ class ParallelConfig:
 @dataclass
 class RolloutConfig:
     tp: int = 1
-    group_size: int = 8
+    group_size: int = 4
     tasks_per_step: int = 4
-    max_turns: int = 12
-    history_window: int = 2
+    max_turns: int = 8
+    history_window: int = 1
     max_prompt_tokens: int = 1024
-    max_response_tokens: int = 24
+    max_response_tokens: int = 12
     temperature: float = 1.0
     eval_temperature: float = 0.4
     action_pattern: Optional[str] = "<action>(.*?)</action>"
     invalid_action_penalty: float = 0.1
     show_admissible_actions: bool = True
-    action_format: str = "text"
+    action_format: str = "index"
     gpu_memory_utilization: float = 0.4
     cpu_kv_cache_gib: float = 1.0
     bucket_mb: float = 256.0
@@ -129,7 +132,7 @@ class RolloutConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 12
+    max_steps: int = 8
     output_dir: str = "outputs/sdar"
     save_interval: int = 4
     keep_last: int = 2
@@ -142,10 +145,10 @@ class TrainerConfig:
     clip_grad: float = 1.0
     micro_batch_size: int = 8
     eval_interval: int = 4
-    eval_tasks: int = 24
+    eval_tasks: int = 32
     sft_steps: int = 150
     sft_lr: float = 1e-3
-    sft_batch_size: int = 32
+    sft_batch_size: int = 16
     sft_episodes: int = 400
     export_hf: bool = True
     tensorboard: bool = True

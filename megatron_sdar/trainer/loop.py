@@ -149,6 +149,7 @@ class SDARTrainer:
         self._synced_updates = -1  # optimizer updates pushed to vLLM
         self.step = 0
         self.sft_done = t.sft_steps == 0
+        self.resumed_from: Path | None = None
         self.logger = None
         self._pp_last_rank = ps.is_pipeline_last_stage()
 
@@ -367,6 +368,7 @@ class SDARTrainer:
             log("trainer.resume=auto: no checkpoint yet, starting from scratch")
             return
         state = load_checkpoint(path, self.policy)
+        self.resumed_from = path
         self.step = int(state["step"])
         self.sft_done = bool(state.get("sft_done", True))
         if self.retriever is not None and state.get("retriever"):
@@ -389,7 +391,7 @@ class SDARTrainer:
             self.logger.log(-1, {"eval/stage": 0.0, **baseline})  # before any training
             log(f"before training: eval success {baseline.get('eval/success_rate', float('nan')):.3f}")
             self.sft()
-        if self.step == 0:
+        if self.step == 0 and self.resumed_from is None:
             evaluation = self.evaluate()
             self.logger.log(0, {**evaluation, "eval/stage": 1.0})
             log(f"step 0 (after SFT): eval success {evaluation.get('eval/success_rate', float('nan')):.3f}")
