@@ -2,6 +2,7 @@
 with a tiny Qwen2, the real vLLM engine and the built-in household world."""
 import pytest
 
+from megatron_sdar.envs.household import HouseholdEnv
 from megatron_sdar.testing import run_distributed
 
 LOGPROB_BOUND = 1e-3  # fp32 on CPU; larger means a resharding bug
@@ -30,19 +31,13 @@ def _max_diff(a, b):
     return max(abs(x - y) for xs, ys in zip(a, b) for x, y in zip(xs, ys))
 
 
-class _FlakyHousehold:
+class _FlakyHousehold(HouseholdEnv):
     """A household environment whose step raises on its second call (a broken env server)."""
 
-    def __new__(cls, **kwargs):
-        from megatron_sdar.envs.household import HouseholdEnv
-
-        class Flaky(HouseholdEnv):
-            def _step(self, action):
-                if self._turn >= 2:
-                    raise ConnectionError("environment server went away")
-                return super()._step(action)
-
-        return Flaky(**kwargs)
+    def _step(self, action):
+        if self._turn >= 2:
+            raise ConnectionError("environment server went away")
+        return super()._step(action)
 
 
 def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: int | None):
@@ -80,8 +75,8 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     specs = []
     for k in range(rank_episodes[rank]):  # G=4 episodes per task, two tasks per rank
         group = 2 * rank + k // 4
-        factory = _FlakyHousehold if (raise_on is not None and group * 4 + k % 4 == raise_on) else None
-        env = factory(seed=group) if factory else make("household", seed=group)
+        flaky = raise_on is not None and group * 4 + k % 4 == raise_on
+        env = _FlakyHousehold(seed=group) if flaky else make("household", seed=group)
         specs.append(EpisodeSpec(env=env, group=group, task_seed=100 + group, episode_id=group * 4 + k % 4))
     batch = loop.run(specs)
 

@@ -55,9 +55,13 @@ def test_bad_config_fails_fast_with_a_clear_message(overrides, message, capsys):
     assert "Traceback" not in err
 
 
-def test_recipes_compose():
-    """Every shipped recipe composes and validates (its model checkpoint is not needed for that)."""
+def test_recipes_compose_and_validate(tmp_path):
+    """Every shipped recipe composes and passes validation, layout included. The checkpoints are
+    not downloaded here: a config.json with the recipe's architecture numbers stands in for each."""
+    import json
     from pathlib import Path
+
+    from hydra import compose, initialize_config_module
 
     import megatron_sdar.config as config_pkg
     from megatron_sdar.config.schema import ConfigError
@@ -65,5 +69,13 @@ def test_recipes_compose():
     recipes = sorted(p.stem for p in (Path(config_pkg.__file__).parent / "experiment").glob("*.yaml"))
     assert len(recipes) >= 10
     for recipe in recipes:
-        with pytest.raises(ConfigError, match="no config.json"):  # the checkpoint is not downloaded here
+        with pytest.raises(ConfigError, match="no config.json"):  # without the checkpoint: a clear error
             _compose(f"experiment={recipe}")
+        with initialize_config_module("megatron_sdar.config", version_base=None):
+            arch = compose("sdar", overrides=[f"experiment={recipe}"]).model.architecture
+        model_dir = tmp_path / recipe
+        model_dir.mkdir()
+        (model_dir / "config.json").write_text(json.dumps({
+            "num_attention_heads": arch.heads, "num_key_value_heads": arch.kv_heads, "num_hidden_layers": arch.layers}))
+        run = _compose(f"experiment={recipe}", f"model.hf_path={model_dir}")
+        assert run.rollout.action_format == "text" and run.model.dtype == "bfloat16", recipe

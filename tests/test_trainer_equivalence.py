@@ -111,7 +111,7 @@ def _non_finite_step(model_dir: str):
     metrics = updater.train_on(samples, step=0)
     unchanged = all(torch.equal(a, p.detach()) for a, p in zip(before, policy.model[0].parameters()))
     return {"skipped": metrics["trainer/skipped_step"], "loss": metrics["actor/loss"], "unchanged": unchanged,
-            "updates": updater.updates}
+            "updates": policy.steps_taken}
 
 
 @pytest.mark.multiproc

@@ -29,6 +29,7 @@ Catalog format::
 """
 from __future__ import annotations
 
+import abc
 import ast
 import json
 import random
@@ -353,10 +354,10 @@ class _WebShopEnvBase(TextEnv):
     name = "webshop"
     page: Page
 
+    @abc.abstractmethod
     def _open(self, path: str, form: dict[str, str] | None = None) -> Page:
         """Fetch a shop page: the local shop (LocalWebShopEnv) or a WebShop server over HTTP
-        (WebShopHTTPEnv) implement it; the base class is never instantiated on its own."""
-        raise NotImplementedError(f"{type(self).__name__} must implement _open")
+        (WebShopHTTPEnv)."""
 
     def _task_type(self) -> str:
         return "webshop"

@@ -116,6 +116,13 @@ class EpisodeState:
     admissible_actions: list[str] | None = None
     history: list[tuple[str, str]] = field(default_factory=list)  # (action text, observation)
 
+    def advance(self, action: str, observation: str, admissible: list[str] | None = None) -> None:
+        """Record one step (the rollout and the expert demonstrations build prompts the same way)."""
+        self.history.append((action, observation))
+        self.observation = observation
+        if admissible is not None:
+            self.admissible_actions = admissible
+
 
 class ChatFormatter:
     """Renders prompts with the tokenizer's chat template; the trainer rebuilds the same ids."""
@@ -166,10 +173,14 @@ class ChatFormatter:
             return options[int(parsed) - 1]
         return None
 
+    @staticmethod
+    def _with_context(user_content: str, privileged_context: str) -> str:
+        if not privileged_context:
+            return user_content
+        return CONTEXT_HEADER + privileged_context.strip() + "\n\n" + user_content
+
     def messages(self, user_content: str, privileged_context: str = "") -> list[dict[str, str]]:
-        if privileged_context:
-            user_content = CONTEXT_HEADER + privileged_context.strip() + "\n\n" + user_content
-        messages = [{"role": "user", "content": user_content}]
+        messages = [{"role": "user", "content": self._with_context(user_content, privileged_context)}]
         if self.config.system_prompt:
             messages.insert(0, {"role": "system", "content": self.config.system_prompt})
         return messages
@@ -184,8 +195,7 @@ class ChatFormatter:
     def teacher_messages(self, student_messages: list[dict[str, str]], privileged_context: str) -> list[dict[str, str]]:
         """The teacher's messages: the privileged context in front of the student's user content."""
         out = [dict(m) for m in student_messages]
-        if privileged_context:
-            out[-1]["content"] = CONTEXT_HEADER + privileged_context.strip() + "\n\n" + out[-1]["content"]
+        out[-1]["content"] = self._with_context(out[-1]["content"], privileged_context)
         return out
 
 
@@ -361,10 +371,7 @@ class AgentLoop:
         turn = episode.turns[-1]
         turn.invalid_action = invalid
         episode.invalid_actions += int(invalid)
-        state.history.append((action, observation))
-        state.observation = observation
-        if admissible is not None:
-            state.admissible_actions = admissible
+        state.advance(action, observation, admissible)
 
     def _sampling_seed(self, episode_id: int, turn: int) -> int:
         return (self.config.seed * 1_000_003 + episode_id * 10_007 + turn) % (2**31 - 1)

@@ -158,7 +158,7 @@ class RolloutEngine:
                                      f"dp={self.dp_size}): {type(exc).__name__}: {exc}") from exc
         finally:
             torch.set_num_threads = set_num_threads
-        self.asleep = False
+        self.sleeping: set[str] = set()  # parts of vLLM's memory released: "weights", "kv_cache"
         self.last_sync: SyncStats | None = None
 
     # ------------------------------------------------------------------ generation
@@ -167,7 +167,7 @@ class RolloutEngine:
         """Generate one completion per prompt (token ids in, token ids + log-probs out)."""
         from vllm import SamplingParams
 
-        if self.asleep:
+        if self.sleeping:
             raise RolloutEngineError("generate() on a sleeping engine: call wake_up() first")
         if seeds is not None and len(seeds) != len(prompts):
             raise ValueError(f"got {len(seeds)} seeds for {len(prompts)} prompts")
@@ -215,8 +215,9 @@ class RolloutEngine:
     def sync_weights(self, source: MegatronWeightSource) -> SyncStats:
         """Load the trainer's current weights into every worker, in place. Collective: every
         rank calls it with its own shard of the model."""
-        if self.asleep and self.on_gpu:
+        if "weights" in self.sleeping:  # the KV cache stays released until wake_up()
             self.llm.wake_up(tags=["weights"])
+            self.sleeping.discard("weights")
         stats = SyncStats()
         start = time.perf_counter()
         try:
@@ -231,15 +232,15 @@ class RolloutEngine:
 
     def sleep(self) -> None:
         """Release weights and KV cache (GPU) while the trainer runs."""
-        if self.on_gpu and self.config.enable_sleep_mode and not self.asleep:
+        if self.on_gpu and self.config.enable_sleep_mode and not self.sleeping:
             self.llm.sleep(level=1)
-            self.asleep = True
+            self.sleeping = {"weights", "kv_cache"}
 
     def wake_up(self) -> None:
         """Take the memory back for rollout (after :meth:`sync_weights`)."""
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+        if self.sleeping:
+            self.llm.wake_up(tags=sorted(self.sleeping))
+            self.sleeping.clear()
 
     def shutdown(self) -> None:
         """Tear vLLM down (before the process group is destroyed)."""

@@ -23,8 +23,7 @@ tensors until a bucket is full, the consumer loads the bucket, then the next buc
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -53,15 +52,15 @@ class SyncStats:
     seconds: float = 0.0
     buckets: int = 0
     tensors: int = 0
-    bucket_seconds: list[float] = field(default_factory=list)
 
     @property
     def gbytes_per_s(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
-    def as_metrics(self, prefix: str = "rollout/weight_sync") -> dict[str, float]:
-        return {f"{prefix}_bytes": float(self.bytes), f"{prefix}_seconds": self.seconds,
-                f"{prefix}_gbps": self.gbytes_per_s, f"{prefix}_buckets": float(self.buckets)}
+    def as_metrics(self) -> dict[str, float]:
+        """Step metrics; wall-clock ones under ``perf/`` (they differ between identical runs)."""
+        return {"rollout/weight_sync_bytes": float(self.bytes), "rollout/weight_sync_buckets": float(self.buckets),
+                "perf/weight_sync_seconds": self.seconds, "perf/weight_sync_gbps": self.gbytes_per_s}
 
 
 class MegatronWeightSource(WeightSource):
@@ -115,11 +114,7 @@ class MegatronWeightSource(WeightSource):
 
     def flat_stream(self, stats: SyncStats) -> Iterator[tuple[str, torch.Tensor]]:
         """The bucketed stream flattened back to pairs (what ``reload_weights`` consumes),
-        recording per-bucket timing in ``stats``."""
-        start = time.perf_counter()
+        counting buckets in ``stats``."""
         for bucket in self.iter_buckets(stats):
             stats.buckets += 1
             yield from bucket
-            now = time.perf_counter()
-            stats.bucket_seconds.append(now - start)
-            start = now

@@ -14,6 +14,7 @@ is a model-generated token.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -84,19 +85,11 @@ def plan_pass(lengths: list[int], micro_batch_size: int, dp_size: int, dp_rank: 
     """The layout for sequences of ``lengths`` (every rank passes the same list)."""
     if not lengths:
         raise ValueError("no samples to train on")
-    align = 8  # fewer distinct shapes
-    for factor in (2 * cp_size if cp_size > 1 else 1, multiple):
-        align = align * factor // _gcd(align, factor)
+    align = math.lcm(8, 2 * cp_size if cp_size > 1 else 1, multiple)  # 8: fewer distinct shapes
     seq_len = -(-max(lengths) // align) * align
     per_rank = -(-len(lengths) // dp_size)
     num_micro = -(-per_rank // micro_batch_size)
     return PassLayout(seq_len, micro_batch_size, num_micro, dp_size, dp_rank, cp_size, cp_rank)
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 @dataclass

@@ -146,7 +146,7 @@ class SDARTrainer:
             quantization="fp8" if run.model.fp8_rollout else None))
         self.weight_source = MegatronWeightSource(self.policy.model, self.arch, bucket_mb=r.bucket_mb)
         self.preemption = Preemption()
-        self._synced_updates = -1  # optimizer updates pushed to vLLM
+        self._synced_updates = -1  # policy.steps_taken when vLLM last received the weights
         self.step = 0
         self.sft_done = t.sft_steps == 0
         self.resumed_from: Path | None = None
@@ -229,26 +229,27 @@ class SDARTrainer:
     def rollout(self, seeds: list[int], *, temperature: float, with_skills: bool, group_size: int,
                 first_episode_id: int) -> TrajectoryBatch:
         loop = self._loop(temperature, with_skills)
-        return self._gather_episodes(loop.run(self._specs(seeds, group_size, first_episode_id)))
+        self.engine.wake_up()
+        batch = loop.run(self._specs(seeds, group_size, first_episode_id))
+        self.engine.sleep()  # GPU: vLLM's weights and KV cache make room for the passes
+        return self._gather_episodes(batch)
 
     def sync_weights(self) -> dict[str, float]:
         """Push the policy's weights into vLLM unless it already has them (eval right before a
         step shares the sync); returns the last sync's stats."""
-        if self._synced_updates != self.updater.updates:
+        if self._synced_updates != self.policy.steps_taken:
             self.engine.sync_weights(self.weight_source)
-            self._synced_updates = self.updater.updates
-        metrics = self.engine.last_sync.as_metrics()
-        return {("perf/" + k.split("/", 1)[1] if k.endswith(("seconds", "gbps")) else k): v
-                for k, v in metrics.items()}
+            self._synced_updates = self.policy.steps_taken
+        return self.engine.last_sync.as_metrics()
 
     # ------------------------------------------------------------------ passes
     # ------------------------------------------------------------------ SFT warm start
     def expert_samples(self, episodes: int) -> list[TrainingSample]:
         """Expert demonstrations rendered exactly like rollout turns (same prompts, same format)."""
-        from megatron_sdar.rollout.agent_loop import ChatFormatter, EpisodeState
+        from megatron_sdar.rollout.agent_loop import EpisodeState
 
-        loop_config = self._loop(1.0, False).config
-        formatter = ChatFormatter(self.tokenizer, loop_config)
+        loop = self._loop(1.0, False)
+        loop_config, formatter = loop.config, loop.formatter
         eos = self.tokenizer.eos_token_id
         samples = []
         for k in range(episodes):
@@ -266,9 +267,7 @@ class SDARTrainer:
                     samples.append(TrainingSample(prompt + response, len(prompt), prompt + response, len(prompt),
                                                   [0.0] * len(response), episode=k))
                 obs, _, terminated, truncated, info = env.step(action)
-                state.history.append((action, obs))
-                state.observation = obs
-                state.admissible_actions = info.get("admissible_actions")
+                state.advance(action, obs, info.get("admissible_actions"))
                 if terminated or truncated:
                     break
         return samples
@@ -346,7 +345,6 @@ class SDARTrainer:
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "sft_done": self.sft_done, "seed": self.run_config.trainer.seed,
-                "policy_steps": self.policy.steps_taken,
                 "retriever": self.retriever.state_dict() if self.retriever is not None else None}
 
     def save(self) -> Path:

@@ -78,7 +78,7 @@ def _attention_mask(seq_len: int, cp_size: int):
 
 
 def _run_schedule(model: list, micro_batches: list[MicroBatch], layout: PassLayout,
-                  loss_func: Callable[[MicroBatch, torch.Tensor], tuple], forward_only: bool, config) -> None:
+                  loss_func: Callable[[MicroBatch, torch.Tensor], tuple], forward_only: bool) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = current_device()
@@ -144,7 +144,7 @@ def forward_token_values(model: list, micro_batches: list[MicroBatch], layout: P
         return torch.zeros((), device=logits.device), {}
 
     with torch.no_grad():
-        _run_schedule(model, micro_batches, layout, loss_func, forward_only=True, config=None)
+        _run_schedule(model, micro_batches, layout, loss_func, forward_only=True)
     return out
 
 
@@ -223,7 +223,7 @@ def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayou
         acc.add(metrics, float(tokens))
         return loss * scale, {}
 
-    _run_schedule(model, micro_batches, layout, loss_func, forward_only=False, config=None)
+    _run_schedule(model, micro_batches, layout, loss_func, forward_only=False)
     return acc.result(sum_group=ctx.dp_cp_group) if ctx.last_stage else {}
 
 
@@ -243,7 +243,7 @@ def sft_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, v
         total[0] += float(loss.detach())
         return loss * scale, {}
 
-    _run_schedule(model, micro_batches, layout, loss_func, forward_only=False, config=None)
+    _run_schedule(model, micro_batches, layout, loss_func, forward_only=False)
     if not ctx.last_stage:
         return float("nan")
     t = torch.tensor([total[0]], dtype=torch.float64)

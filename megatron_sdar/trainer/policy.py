@@ -82,14 +82,15 @@ class Policy:
         for chunk in self.model:
             chunk.finish_grad_sync()
 
-    def step(self) -> StepResult:
-        """Data-parallel grad sync, clipping and one optimizer step at the scheduled lr.
+    def step(self, lr: float | None = None) -> StepResult:
+        """Data-parallel grad sync, clipping and one optimizer step at ``lr`` (default: the
+        schedule's lr for ``steps_taken``).
 
         Megatron's optimizer checks the gradients for inf/NaN across all ranks; on a non-finite
         gradient it skips the update (``applied=False``) and the weights stay as they were.
         """
         self.finish_grad_sync()
-        lr = self.optim_config.lr_at(self.steps_taken)
+        lr = self.optim_config.lr_at(self.steps_taken) if lr is None else lr
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         applied, grad_norm, _ = self.optimizer.step()

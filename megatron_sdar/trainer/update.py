@@ -39,10 +39,6 @@ class PolicyUpdate:
         self._overrides = transformer_overrides
         self.ctx = ParallelContext.current()
         self.reference = None
-        self.updates = 0  # optimizer updates applied
-
-    def _pad_id(self) -> int:
-        return self.pad_id
 
     def _layout(self, samples: list[TrainingSample], teacher: bool):
         lengths = [len(s.teacher_input_ids if teacher else s.input_ids) for s in samples]
@@ -52,7 +48,7 @@ class PolicyUpdate:
 
     def _forward_values(self, model: list, samples: list[TrainingSample], teacher: bool, **kwargs):
         layout = self._layout(samples, teacher)
-        micro = build_micro_batches(samples, layout, teacher=teacher, pad_id=self._pad_id())
+        micro = build_micro_batches(samples, layout, teacher=teacher, pad_id=self.pad_id)
         return forward_token_values(model, micro, layout, self.arch.vocab_size, self.ctx, **kwargs)
 
     def _reference_model(self) -> list:
@@ -99,7 +95,7 @@ class PolicyUpdate:
             tables = {"rollout_logprobs": tables["rollout_logprobs"]}  # values are read on the last stage only
         layout = self._layout(samples, teacher=False)
         micro = build_micro_batches(samples, layout, per_token=tables if self.ctx.last_stage else None,
-                                    pad_id=self._pad_id())
+                                    pad_id=self.pad_id)
         normalizers = LossNormalizers(num_tokens=float(sum(s.num_response_tokens for s in samples)),
                                       num_sequences=float(len(samples)))
         self.policy.zero_grad()
@@ -115,14 +111,10 @@ class PolicyUpdate:
             log(f"non-finite loss {loss}: update skipped, weights unchanged")
             metrics["trainer/skipped_step"] = 1.0
             return metrics
-        self.policy.finish_grad_sync()
-        for group in self.policy.optimizer.param_groups:
-            group["lr"] = lr
-        applied, grad_norm, _ = self.policy.optimizer.step()
-        self.updates += int(bool(applied))
-        metrics["actor/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
-        metrics["actor/lr"] = lr
-        metrics["trainer/skipped_step"] = 0.0 if applied else 1.0
+        result = self.policy.step(lr)
+        metrics["actor/grad_norm"] = result.grad_norm
+        metrics["actor/lr"] = result.lr
+        metrics["trainer/skipped_step"] = 0.0 if result.applied else 1.0
         return metrics
 
     def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
