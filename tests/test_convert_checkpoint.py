@@ -226,6 +226,117 @@ def test_force_replaces_output_and_hf_config_supplies_assets(converted, tmp_path
 
 
 # --------------------------------------------------------------------------------------------
+# nothing lost, nothing silent: nested --force, staging, checksums, non-finite weights, tokenizer
+# --------------------------------------------------------------------------------------------
+def _one_line_error(proc: subprocess.CompletedProcess, pattern: str) -> str:
+    """Exit code 2, no traceback, and the error in one line (the last one: library import warnings
+    such as "Transformer Engine and Apex are not installed" may come before it on CPU)."""
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "Traceback" not in err, (proc.returncode, err[-3000:])
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == err.splitlines()[-1], err[-3000:]
+    assert errors[0].startswith("convert_checkpoint: error: ") and re.search(pattern, errors[0]), err[-3000:]
+    return errors[0]
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.multiproc
+def test_force_never_deletes_a_directory_that_holds_the_input(converted, tmp_path):
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_00000008"
+    import shutil
+
+    shutil.copytree(converted["ckpt"]["qwen3"], ckpt)
+    (run / "metrics.jsonl").write_text('{"step": 8}\n')
+    before = _tree(run)
+    for out in (run, run / "checkpoints", ckpt / "export"):  # holds the input / lies inside it
+        _one_line_error(_run_tool("megatron-to-hf", "--ckpt", str(ckpt), "--out", str(out), "--force", check=False),
+                        "contain one another; --force would delete the input")
+    _one_line_error(_run_tool("hf-to-megatron", "--hf", str(converted["src"]["qwen3"]), "--out",
+                              str(converted["src"]["qwen3"] / "mcore"), "--force", check=False), "contain one another")
+    assert _tree(run) == before
+
+
+@pytest.mark.multiproc
+def test_failed_conversion_leaves_the_old_output_intact(converted, tmp_path):
+    import shutil
+
+    bad = tmp_path / "random_bytes"
+    shutil.copytree(converted["ckpt"]["qwen3"], bad)
+    shard = max(bad.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "previous.txt").write_text("an earlier export")
+    # the checksum catches it; with --no-verify the load itself fails: one line either way
+    _one_line_error(_run_tool("megatron-to-hf", "--ckpt", str(bad), "--out", str(out), "--force", check=False),
+                    f"{shard.name} does not match its xxh3_64 checksum")
+    _one_line_error(_run_tool("megatron-to-hf", "--ckpt", str(bad), "--out", str(out), "--force", "--no-verify",
+                              check=False), "could not read the checkpoint: ")
+    assert _tree(out) == {"previous.txt": b"an earlier export"}
+    assert not list(tmp_path.glob(".export.*"))  # no staging directory left behind
+
+
+@pytest.mark.multiproc
+def test_corrupt_incomplete_and_nonfinite_checkpoints_are_refused(converted, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = converted["ckpt"]["qwen3"]
+    same_size = tmp_path / "same_size"
+    shutil.copytree(src, same_size)
+    shard = max(same_size.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = b"\xff" * 4096  # 4 KiB of 0xFF, same size
+    shard.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(src, truncated)
+    shard = max(truncated.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    unmarked = tmp_path / "unmarked"
+    shutil.copytree(src, unmarked)
+    (unmarked / "complete.json").unlink()
+    for ckpt, pattern in ((same_size, "does not match its xxh3_64 checksum"), (truncated, "bytes, .* were written"),
+                          (unmarked, "not a complete checkpoint: no complete.json")):
+        _one_line_error(_run_tool("megatron-to-hf", "--ckpt", str(ckpt), "--out", str(tmp_path / "o"), check=False),
+                        pattern)
+    # NaN weights with valid checksums: an HF model with a NaN tensor, converted to a checkpoint
+    nan_hf = tmp_path / "nan_hf"
+    shutil.copytree(converted["src"]["qwen3"], nan_hf)
+    weights = load_file(str(nan_hf / "model.safetensors"))
+    weights["model.layers.0.mlp.down_proj.weight"][0, :3] = float("nan")
+    save_file(weights, str(nan_hf / "model.safetensors"), metadata={"format": "pt"})
+    _run_tool("hf-to-megatron", "--hf", str(nan_hf), "--out", str(tmp_path / "nan_ckpt"))
+    _one_line_error(_run_tool("megatron-to-hf", "--ckpt", str(tmp_path / "nan_ckpt"), "--out", str(tmp_path / "o"),
+                              check=False), r"non-finite weights \(NaN/inf in 1 parameter\(s\), e.g. decoder.layers.0")
+    assert not (tmp_path / "o").exists()
+    _run_tool("megatron-to-hf", "--ckpt", str(tmp_path / "nan_ckpt"), "--out", str(tmp_path / "o"), "--no-verify")
+    assert torch.isnan(_hf_tensors(tmp_path / "o")["model.layers.0.mlp.down_proj.weight"]).sum() == 3
+
+
+@pytest.mark.multiproc
+def test_export_without_a_tokenizer_is_refused(converted, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare_hf"  # weights and config only
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(converted["src"]["qwen3"] / name, bare / name)
+    _run_tool("hf-to-megatron", "--hf", str(bare), "--out", str(tmp_path / "ckpt"))
+    _one_line_error(_run_tool("megatron-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"),
+                              check=False), "no tokenizer for .* pass --hf-config DIR .* or --no-tokenizer")
+    _run_tool("megatron-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o"), "--no-tokenizer")
+    assert (tmp_path / "o" / "model.safetensors").is_file() and not (tmp_path / "o" / "tokenizer.json").exists()
+    _run_tool("megatron-to-hf", "--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "o2"),
+              "--hf-config", str(converted["src"]["qwen3"]))
+    assert (tmp_path / "o2" / "tokenizer.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------
 # memory: exporting holds at most one layer's full tensors beyond the model
 # --------------------------------------------------------------------------------------------
 MEM_CONFIG = {

@@ -121,11 +121,12 @@ def _save_runs(model_dir: str, root: str, names: list[str]) -> dict:
         for step in (1, 2):
             losses.append(_train_step(policy, step, _shards()))
             if name == "tp1" and step == 1:
-                save_checkpoint(Path(root) / name, 1, policy, dict(TRAINER_STATE, step=1), keep_last=2)
+                save_checkpoint(Path(root) / name, 1, policy, dict(TRAINER_STATE, step=1), keep_last=2,
+                                hf_assets_source=model_dir)
         if name == "tp1":  # replaced below by the same step's second save
             save_checkpoint(Path(root) / name, 2, policy, dict(TRAINER_STATE, attempt=1), keep_last=2)
         save_checkpoint(Path(root) / name, 2, policy, dict(TRAINER_STATE, attempt=2), keep_last=2,
-                        optimizer_sharding=sharding)
+                        optimizer_sharding=sharding, hf_assets_source=model_dir)
         out[name] = dict(_after_resume(policy, _shards()), losses=losses)
     return out
 
@@ -317,6 +318,8 @@ def test_keep_last_same_step_replacement_and_leftovers(saved):
     marker = json.loads((root / "step_00000002" / "complete.json").read_text())
     assert marker["step"] == 2 and marker["policy_steps_taken"] == 2 and marker["layout"]["world_size"] == 1
     assert "rng/rank_00000.pt" in marker["files"] and "metadata.json" in marker["files"]
+    assert marker["checksum"] == "xxh3_64" and all(len(e["xxh3_64"]) == 16 for e in marker["files"].values())
+    assert "hf_assets/tokenizer.json" in marker["files"] and "hf_assets/chat_template.jinja" in marker["files"]
     two = saved["root"] / "dp2_distopt" / "step_00000002"
     assert (two / "rng" / "rank_00001.pt").is_file()
     # the model part reads like a model-only checkpoint (tools/convert_checkpoint.py can export it)
@@ -363,3 +366,67 @@ def test_find_latest_skips_corrupt_incomplete_and_temporary(saved, tmp_path):
     assert find_latest_checkpoint(tmp_path / "never_written") is None
     (tmp_path / "empty").mkdir()
     assert find_latest_checkpoint(tmp_path / "empty") is None
+
+
+def _skip_bad_checkpoints(model_dir: str, root: str) -> dict:
+    """World 1: resume=auto over a same-size corruption of the newest checkpoint, then over a newer
+    one whose weights are NaN (valid checksums): each is skipped for the previous one."""
+    import torch
+
+    from megatron_sdar.trainer.checkpointing import load_latest_checkpoint, save_checkpoint
+
+    out = {}
+    root = Path(root)
+    shard = max((root / "step_00000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    original = shard.read_bytes()
+    data = bytearray(original)
+    data[len(data) // 2: len(data) // 2 + 4096] = b"\xff" * 4096
+    shard.write_bytes(bytes(data))
+    for key in ("corrupt", "corrupt_unverified"):
+        policy = _policy(model_dir, False, from_hf=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            path, state = load_latest_checkpoint(root, policy, verify=key == "corrupt")
+        out[key] = (path.name, state.get("step"), [str(w.message) for w in caught])
+    shard.write_bytes(original)
+
+    policy = _policy(model_dir, False, from_hf=True)
+    _train_step(policy, 1, [0])  # the optimizer has state to save
+    with torch.no_grad():
+        next(policy.unwrapped()[0].parameters())[0, 0] = float("nan")
+    save_checkpoint(root, 3, policy, dict(TRAINER_STATE, step=3), keep_last=None)
+    policy = _policy(model_dir, False, from_hf=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path, state = load_latest_checkpoint(root, policy)
+    out["nonfinite"] = (path.name, state.get("attempt"), [str(w.message) for w in caught])
+    return out
+
+
+@pytest.mark.multiproc
+def test_resume_skips_corrupt_and_nonfinite_checkpoints(saved, model_dir, tmp_path):
+    root = tmp_path / "run"
+    shutil.copytree(saved["root"] / "tp1", root)
+    out = run_distributed(_skip_bad_checkpoints, world_size=1, args=(model_dir, str(root)), timeout=240)[0]
+    name, step, messages = out["corrupt"]
+    assert (name, step) == ("step_00000001", 1), out["corrupt"]
+    assert any("skipping checkpoint" in m and "step_00000002" in m and "does not match its xxh3_64 checksum" in m
+               for m in messages), messages
+    assert out["corrupt_unverified"][0] == "step_00000002"  # trainer.verify_checkpoints=false: not checked
+    name, attempt, messages = out["nonfinite"]
+    assert (name, attempt) == ("step_00000002", 2), out["nonfinite"]
+    assert any("step_00000003" in m and "non-finite weights" in m for m in messages), messages
+
+
+@pytest.mark.multiproc
+def test_training_checkpoint_exports_a_complete_hf_directory(saved, tmp_path):
+    """megatron-to-hf on a training checkpoint, no extra flag: weights, tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    from tests.test_convert_checkpoint import _run_tool
+
+    out = tmp_path / "export"
+    _run_tool("megatron-to-hf", "--ckpt", str(saved["root"] / "tp1" / "step_00000002"), "--out", str(out))
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert len(tokenizer) > 100 and tokenizer.chat_template
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

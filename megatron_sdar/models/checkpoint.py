@@ -7,8 +7,13 @@ A checkpoint directory written by :func:`save_model_checkpoint` holds
   chunks, as Megatron-LM does): loadable at any TP/PP layout;
 * ``megatron_sdar_model.json``: the HF ``config.json`` the model was built from and the layout it
   was saved at;
-* ``hf_assets/``: the tokenizer files and generation config of the source HF directory, so the
-  checkpoint converts back to a complete HF directory on its own.
+* ``hf_assets/``: the tokenizer files, chat template and generation config of the source HF
+  directory, so the checkpoint converts back to a complete HF directory on its own;
+* ``complete.json``, written last: the checksum manifest of every other file
+  (:mod:`megatron_sdar.utils.integrity`), verified before a conversion.
+
+Training checkpoints (:mod:`megatron_sdar.trainer.checkpointing`) hold the same model keys,
+metadata file and assets, so everything here reads them too.
 """
 from __future__ import annotations
 
@@ -21,16 +26,43 @@ import torch.distributed as dist
 
 from megatron_sdar.models.architecture import QwenArchitecture
 from megatron_sdar.models.hf_writer import GENERATION_CONFIG, TOKENIZER_FILES
+from megatron_sdar.utils.integrity import MARKER_FILE, MarkerError, collect_manifest, read_marker, write_marker
 
 METADATA_FILE = "megatron_sdar_model.json"
 HF_ASSETS_DIR = "hf_assets"
 FORMAT_NAME = "megatron-sdar/qwen-dist-checkpoint"
 FORMAT_VERSION = 1
+# The completion markers of the two checkpoint kinds (model only; model + optimizer + trainer state).
+MODEL_MARKER_VERSION = 1
+TRAIN_FORMAT_NAME = "megatron-sdar/train-checkpoint"
+TRAIN_FORMAT_VERSION = 2  # 2: the manifest holds checksums
+MARKER_FORMATS = {FORMAT_NAME: MODEL_MARKER_VERSION, TRAIN_FORMAT_NAME: TRAIN_FORMAT_VERSION}
 _DIST_CKPT_MARKER = "metadata.json"  # written by megatron.core.dist_checkpointing
 
 
-class CheckpointFormatError(ValueError):
-    """A directory is not (or not a complete) checkpoint of the expected kind."""
+class CheckpointFormatError(MarkerError):
+    """A directory is not (or not a complete, intact) checkpoint of the expected kind."""
+
+
+# Files that make a tokenizer loadable (one of them is enough); the chat template travels with them.
+_TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def copy_hf_assets(source: str | Path, assets_dir: str | Path) -> list[str]:
+    """Copy the tokenizer files, chat template, generation config and ``config.json`` of the HF
+    directory ``source`` into ``assets_dir``; returns the names copied."""
+    source, assets_dir = Path(source), Path(assets_dir)
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG, "config.json"):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, assets_dir / name)
+            copied.append(name)
+    return copied
+
+
+def has_tokenizer(directory: str | Path | None) -> bool:
+    return directory is not None and any((Path(directory) / n).is_file() for n in _TOKENIZER_VOCAB_FILES)
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
@@ -71,25 +103,31 @@ def save_model_checkpoint(model_chunks, arch: QwenArchitecture, out_dir: str | P
     out_dir = Path(out_dir)
     if dist.get_rank() == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MARKER_FILE).unlink(missing_ok=True)
     dist.barrier()
     dist_checkpointing.save(_sharded_state_dict(model_chunks), str(out_dir))
     if dist.get_rank() == 0:
-        meta = {
-            "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
-            "hf_config": dict(arch.hf_config),
-            "saved_with": {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-                           "pipeline_parallel": ps.get_pipeline_model_parallel_world_size()},
-        }
-        (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (out_dir / METADATA_FILE).write_text(json.dumps(model_metadata(arch, _saved_with(ps)), indent=2,
+                                                        sort_keys=True) + "\n")
         if hf_assets_source is not None:
-            assets = out_dir / HF_ASSETS_DIR
-            assets.mkdir(exist_ok=True)
-            for name in (*TOKENIZER_FILES, GENERATION_CONFIG, "config.json"):
-                if (Path(hf_assets_source) / name).is_file():
-                    shutil.copyfile(Path(hf_assets_source) / name, assets / name)
+            copy_hf_assets(hf_assets_source, out_dir / HF_ASSETS_DIR)
+    dist.barrier()
+    manifest = collect_manifest(out_dir, exclude=[MARKER_FILE])
+    if dist.get_rank() == 0:
+        write_marker(out_dir, {"format": FORMAT_NAME, "version": MODEL_MARKER_VERSION}, manifest)
     dist.barrier()
     return out_dir
+
+
+def _saved_with(ps) -> dict:
+    return {"tensor_parallel": ps.get_tensor_model_parallel_world_size(),
+            "pipeline_parallel": ps.get_pipeline_model_parallel_world_size()}
+
+
+def model_metadata(arch: QwenArchitecture, saved_with: dict) -> dict:
+    """The content of ``megatron_sdar_model.json`` (model and training checkpoints alike)."""
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "hf_config": dict(arch.hf_config),
+            "saved_with": saved_with}
 
 
 def load_model_checkpoint(model_chunks, ckpt_dir: str | Path) -> None:
@@ -106,6 +144,39 @@ def load_model_checkpoint(model_chunks, ckpt_dir: str | Path) -> None:
         unwrap_model(chunk).load_state_dict(state[key], strict=True)
 
 
+def verify_checkpoint(ckpt_dir: str | Path) -> None:
+    """Collective: check the completion marker and every file's checksum; raise
+    :class:`CheckpointFormatError` naming the first problem. Only for checkpoints written by
+    megatron-sdar (a marker is required)."""
+    from megatron_sdar.utils.integrity import verify_manifest
+
+    ckpt_dir = Path(ckpt_dir)
+    try:
+        marker = read_marker(ckpt_dir, MARKER_FORMATS)
+    except MarkerError as exc:
+        raise CheckpointFormatError(str(exc)) from None
+    problems = verify_manifest(ckpt_dir, marker["files"])
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointFormatError(f"{ckpt_dir} is corrupt: {problems[0]}{more}")
+
+
+def nonfinite_parameters(model_chunks) -> list[str]:
+    """Collective over all ranks: names of parameters holding NaN or inf anywhere (any rank's shard)."""
+    import torch
+
+    from megatron_sdar.models.weight_mapping import unwrap_model
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    bad = sorted({name for chunk in chunks for name, p in unwrap_model(chunk).named_parameters()
+                  if not bool(torch.isfinite(p.detach()).all())})
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, bad)
+        bad = sorted({name for part in parts for name in part})
+    return bad
+
+
 @dataclass(frozen=True)
 class CheckpointModelInfo:
     """The architecture a checkpoint holds and where its HF assets (tokenizer, ...) live."""
@@ -113,6 +184,7 @@ class CheckpointModelInfo:
     arch: QwenArchitecture
     assets_dir: Path | None  # directory with tokenizer / generation config files, if any
     saved_with: dict
+    written_by_us: bool  # has megatron-sdar's metadata (then a completion marker is required)
 
 
 def read_checkpoint_model_info(ckpt_dir: str | Path, hf_config_dir: str | Path | None = None
@@ -133,13 +205,13 @@ def read_checkpoint_model_info(ckpt_dir: str | Path, hf_config_dir: str | Path |
             raise CheckpointFormatError(
                 f"--hf-config {hf_config_dir} describes a different model than {ckpt_dir} "
                 f"(checkpoint vs given: {diffs})")
-        return CheckpointModelInfo(given, Path(hf_config_dir), meta["saved_with"] if meta else {})
+        return CheckpointModelInfo(given, Path(hf_config_dir), meta["saved_with"] if meta else {}, meta is not None)
     if stored is None:
         raise CheckpointFormatError(
             f"{ckpt_dir} has no {METADATA_FILE} (not written by megatron-sdar): pass --hf-config DIR "
             "with the HF config.json and tokenizer of the model")
     assets = ckpt_dir / HF_ASSETS_DIR
-    return CheckpointModelInfo(stored, assets if assets.is_dir() else None, meta["saved_with"])
+    return CheckpointModelInfo(stored, assets if assets.is_dir() else None, meta["saved_with"], True)
 
 
 def _shape_fields(arch: QwenArchitecture) -> dict:

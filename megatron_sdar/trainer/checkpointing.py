@@ -1,8 +1,9 @@
 """Training checkpoints: model, optimizer, per-rank RNG states and the trainer's own state.
 
-    path = save_checkpoint(root, step, policy, trainer_state)      # collective
+    path = save_checkpoint(root, step, policy, trainer_state, hf_assets_source=model_dir)  # collective
     latest = find_latest_checkpoint(root)                         # any process, no collectives
-    trainer_state = load_checkpoint(latest, policy)               # collective
+    trainer_state = load_checkpoint(latest, policy)               # collective, verifies checksums
+    path, trainer_state = load_latest_checkpoint(root, policy)    # collective, skips bad ones
 
 Layout of ``root`` (one training run per root)::
 
@@ -12,15 +13,18 @@ Layout of ``root`` (one training run per root)::
                                    writes it (so tools/convert_checkpoint.py exports a training checkpoint)
         rng/rank_00000.pt ...      each rank's RNG states
         trainer_state.json         the trainer's dict (rank 0's copy)
-        complete.json              written last: layout, optimizer kind, size of every file above
+        hf_assets/                 tokenizer, chat template, generation config of the run's model
+        complete.json              written last: layout, optimizer kind, size and xxh3-64 checksum
+                                   of every file above (each rank hashes the files it wrote)
     root/.tmp-step_00000140/       a save in progress (or one that died): ignored, removed later
 
 Why a marker and a rename: a job killed mid-save (Slurm preemption, node failure) must never leave
 something that looks like the newest checkpoint. Everything is written into a ``.tmp-`` directory;
 only after every rank has finished (barrier) does rank 0 write ``complete.json`` and rename the
-directory into place. ``complete.json`` records each file's size, so a checkpoint damaged later (a
-full disk while copying it, a truncated rsync) is detected without reading the tensors, and
-:func:`find_latest_checkpoint` falls back to the previous one.
+directory into place. ``complete.json`` records each file's size and checksum: a truncated copy is
+seen by :func:`find_latest_checkpoint` without reading the tensors (size), a same-size corruption by
+:func:`load_checkpoint` (checksum, unless ``verify=False``), which also refuses non-finite weights;
+:func:`load_latest_checkpoint` then falls back to the previous checkpoint.
 
 What may change between save and load (checked, with a clear error where not supported):
 
@@ -63,15 +67,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_sdar.models.checkpoint import (FORMAT_NAME as MODEL_FORMAT_NAME, FORMAT_VERSION as MODEL_FORMAT_VERSION,
-                                             METADATA_FILE as MODEL_METADATA_FILE, CheckpointFormatError,
-                                             _shape_fields, _sharded_state_dict)
+from megatron_sdar.models.checkpoint import (HF_ASSETS_DIR, METADATA_FILE as MODEL_METADATA_FILE,
+                                             TRAIN_FORMAT_NAME as FORMAT_NAME, TRAIN_FORMAT_VERSION as FORMAT_VERSION,
+                                             CheckpointFormatError, _shape_fields, _sharded_state_dict, copy_hf_assets,
+                                             model_metadata, nonfinite_parameters, verify_checkpoint)
+from megatron_sdar.utils.integrity import MARKER_FILE, MarkerError, collect_manifest, fsync_dir, read_marker, write_marker
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME = "megatron-sdar/train-checkpoint"
-FORMAT_VERSION = 1
-MARKER_FILE = "complete.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 RNG_DIR = "rng"
 STEP_PREFIX = "step_"
@@ -84,6 +87,10 @@ _MODEL_PARALLEL_KEYS = ("tensor_parallel", "pipeline_parallel", "context_paralle
 
 class IncompatibleCheckpointError(CheckpointFormatError):
     """A complete checkpoint that cannot be loaded into this policy or parallel layout."""
+
+
+class CorruptCheckpointError(CheckpointFormatError):
+    """A complete checkpoint whose files fail their checksums, or whose weights are not finite."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -263,32 +270,6 @@ def _load_optimizer_state(optimizer, state) -> None:
 # ------------------------------------------------------------------------------------------------
 # file helpers (rank 0)
 # ------------------------------------------------------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable; some network file systems refuse directory fsync, which is fine."""
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_text_durably(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _file_sizes(directory: Path) -> dict[str, int]:
-    return {str(p.relative_to(directory)): p.stat().st_size
-            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MARKER_FILE}
-
-
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
@@ -313,32 +294,26 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 # ------------------------------------------------------------------------------------------------
 def _read_complete_checkpoint(path: Path) -> tuple[dict, dict]:
     """``(marker, trainer_state)`` of a complete checkpoint, or :class:`CheckpointFormatError`
-    saying why it is not one. Checks the marker, the trainer state and every recorded file's size."""
-    marker_path = path / MARKER_FILE
-    if not marker_path.is_file():
-        raise CheckpointFormatError(f"{path} is not a complete checkpoint: no {MARKER_FILE} "
-                                    "(the save was interrupted, or the directory was altered)")
+    saying why it is not one. Cheap: reads the JSON files and checks every recorded file's size
+    (checksums are verified by :func:`load_checkpoint`)."""
     try:
-        marker = json.loads(marker_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointFormatError(f"{marker_path} does not parse ({exc})") from exc
-    if not isinstance(marker, dict) or marker.get("format") != FORMAT_NAME:
-        raise CheckpointFormatError(f"{marker_path} is not a {FORMAT_NAME} marker")
-    if marker.get("version") != FORMAT_VERSION:
-        raise CheckpointFormatError(f"{marker_path} has format version {marker.get('version')!r}; "
-                                    f"this code reads version {FORMAT_VERSION}")
-    for name, size in marker.get("files", {}).items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointFormatError(f"{path} is corrupt: {name} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointFormatError(
-                f"{path} is corrupt: {name} has {file.stat().st_size} bytes, {size} were written")
+        marker = read_marker(path, {FORMAT_NAME: FORMAT_VERSION})
+    except MarkerError as exc:
+        raise CheckpointFormatError(str(exc)) from None
     try:
         trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
     except (OSError, ValueError) as exc:
         raise CheckpointFormatError(f"{path / TRAINER_STATE_FILE} does not parse ({exc})") from exc
     return marker, trainer_state
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Cheap: ``path`` is a complete training checkpoint (marker, sizes, trainer state)."""
+    try:
+        _read_complete_checkpoint(Path(path))
+    except CheckpointFormatError:
+        return False
+    return True
 
 
 def find_latest_checkpoint(root: str | Path) -> Path | None:
@@ -348,23 +323,33 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
     (saves in progress or killed) are ignored; ``step_*`` directories that are incomplete or corrupt
     are skipped with a warning naming them, so a run resumes from the previous good checkpoint.
     """
+    return next(iter(complete_checkpoints(root)), None)
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Every complete checkpoint under ``root``, newest first; incomplete or corrupt ``step_*``
+    directories are left out with a warning naming them and the reason (not collective)."""
+    found = []
     for _, path in reversed(_step_dirs(Path(root))):
         try:
             _read_complete_checkpoint(path)
         except CheckpointFormatError as exc:
-            message = f"skipping checkpoint {path}: {exc}"
-            logger.warning(message)
-            warnings.warn(message, stacklevel=2)
+            _warn(f"skipping checkpoint {path}: {exc}")
             continue
-        return path
-    return None
+        found.append(path)
+    return found
+
+
+def _warn(message: str) -> None:
+    logger.warning(message)
+    warnings.warn(message, stacklevel=3)
 
 
 # ------------------------------------------------------------------------------------------------
 # save
 # ------------------------------------------------------------------------------------------------
 def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, keep_last: int | None = 2, *,
-                    optimizer_sharding: str = "dp_reshardable") -> Path:
+                    optimizer_sharding: str = "dp_reshardable", hf_assets_source: str | Path | None = None) -> Path:
     """Collective: save ``policy`` (model + optimizer), every rank's RNG states and ``trainer_state``
     as ``root/step_{step:08d}``; return that path on every rank.
 
@@ -375,7 +360,8 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     (``None`` keeps all), as are leftover ``.tmp-`` directories. Checkpoints of *later* steps (left
     by a run resumed from an older one) are kept but reported: :func:`find_latest_checkpoint`
     would prefer them. ``optimizer_sharding`` only matters for the distributed optimizer (module
-    docstring).
+    docstring). ``hf_assets_source``: the HF directory whose tokenizer, chat template and
+    generation config are copied into the checkpoint (so it exports to a complete HF directory).
     """
     from megatron.core import dist_checkpointing
 
@@ -405,11 +391,11 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
               "policy_steps_taken": policy.steps_taken, "layout": layout,
               "optimizer": dict(_optimizer_kind(policy), sharding=optimizer_sharding)}
-    saved_with = {k: layout[k] for k in ("tensor_parallel", "pipeline_parallel")}
-    model_meta = {"format": MODEL_FORMAT_NAME, "version": MODEL_FORMAT_VERSION,
-                  "hf_config": dict(policy.arch.hf_config), "saved_with": saved_with}
+    model_meta = model_metadata(policy.arch, {k: layout[k] for k in ("tensor_parallel", "pipeline_parallel")})
+    _on_rank0(_write_metadata, tmp, trainer_json, model_meta, hf_assets_source)
     dist.barrier()  # every rank's shards and RNG file are on disk
-    _on_rank0(_publish, tmp, final, marker, trainer_json, model_meta, keep_last)
+    manifest = collect_manifest(tmp, exclude=[MARKER_FILE])  # each rank hashes the files it wrote
+    _on_rank0(_publish, tmp, final, marker, manifest, keep_last)
     return final
 
 
@@ -442,21 +428,25 @@ def _prepare_empty_dir(root: Path, tmp: Path) -> None:
     tmp.mkdir()
 
 
-def _publish(tmp: Path, final: Path, marker: dict, trainer_json: str, model_meta: dict,
-             keep_last: int | None) -> None:
-    """Rank 0, once every rank has written its part: the JSON files, the marker (last, with every
-    file's size), the rename into place, then pruning."""
+def _write_metadata(tmp: Path, trainer_json: str, model_meta: dict, hf_assets_source: str | Path | None) -> None:
+    """Rank 0: the JSON files and the HF assets (tokenizer, chat template)."""
     (tmp / TRAINER_STATE_FILE).write_text(trainer_json)
     (tmp / MODEL_METADATA_FILE).write_text(json.dumps(model_meta, indent=2, sort_keys=True) + "\n")
-    marker = dict(marker, files=_file_sizes(tmp))
-    _write_text_durably(tmp / MARKER_FILE, json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    if hf_assets_source is not None:
+        copy_hf_assets(hf_assets_source, tmp / HF_ASSETS_DIR)
+
+
+def _publish(tmp: Path, final: Path, marker: dict, manifest: dict, keep_last: int | None) -> None:
+    """Rank 0, once every rank has written and hashed its part: the marker (last, with every
+    file's size and checksum), the rename into place, then pruning."""
+    write_marker(tmp, marker, manifest)
     root = final.parent
     displaced = root / f"{TMP_PREFIX}replaced-{final.name}"
     if final.exists():  # rename(2) cannot replace a non-empty directory: move it aside first
         _remove(displaced)
         os.rename(final, displaced)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     _prune(root, marker["step"], keep_last)
     logger.info("saved checkpoint %s", final)
 
@@ -467,10 +457,10 @@ def _prune(root: Path, step: int, keep_last: int | None) -> None:
     for leftover in root.glob(f"{TMP_PREFIX}*"):
         _remove(leftover)
     complete = [(s, p) for s, p in _step_dirs(root) if (p / MARKER_FILE).is_file()]
-    later = [p.name for s, p in complete if s > step]
+    later = [p.name for s, p in complete if s > step and is_complete_checkpoint(p)]
     if later:
-        logger.warning("%s holds checkpoints of later steps than %d (%s): find_latest_checkpoint "
-                       "prefers them to the one just saved", root, step, ", ".join(later))
+        logger.warning("%s holds complete checkpoints of later steps than %d (%s): trainer.resume=auto "
+                       "would pick the newest of them, not the one just saved", root, step, ", ".join(later))
     if keep_last is None:
         return
     earlier = [p for s, p in complete if s < step]
@@ -524,10 +514,14 @@ def _validate_for_load(path: Path, policy) -> tuple[dict, dict, bool]:
     return marker, trainer_state, _check_compatible(path, marker, policy)
 
 
-def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True) -> dict:
+def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: bool = True) -> dict:
     """Collective: restore the model weights, the optimizer (Adam moments, step counts, fp32 master
     weights), this rank's RNG states and ``policy.steps_taken`` from a checkpoint written by
     :func:`save_checkpoint`; return its ``trainer_state``.
+
+    ``verify``: check every file against its checksum first (the ranks share the reading), and the
+    loaded weights for NaN/inf after; either failure raises :class:`CorruptCheckpointError`
+    (the policy's weights are then undefined: load another checkpoint into it).
 
     Model and optimizer state load at another TP/PP/DP layout as the module docstring says. RNG
     states are restored only when the world size and model-parallel layout are those of the save
@@ -542,6 +536,11 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True) -> dict:
     _check_uniform_param_dtype(policy)
     # Rank 0 validates (stats every file once, not once per rank); every rank gets the verdict.
     marker, trainer_state, same_layout = _on_rank0(_validate_for_load, path, policy)
+    if verify:
+        try:
+            verify_checkpoint(path)
+        except CheckpointFormatError as exc:
+            raise CorruptCheckpointError(str(exc)) from None
 
     sharded = _sharded_train_state(policy, marker["optimizer"].get("sharding", "dp_reshardable"), is_loading=True)
     state = dist_checkpointing.load(sharded, str(path))
@@ -550,6 +549,9 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True) -> dict:
         unwrap_model(chunk).load_state_dict(state[key], strict=True)
     _load_optimizer_state(policy.optimizer, state["optimizer"])
     policy.steps_taken = int(marker["policy_steps_taken"])
+    if verify and (bad := nonfinite_parameters(policy.model)):
+        raise CorruptCheckpointError(f"{path} holds non-finite weights (NaN/inf in {len(bad)} parameter(s), "
+                                     f"e.g. {bad[0]})")
 
     if load_rng and same_layout:
         _restore_rng_state(torch.load(_rng_file(path, dist.get_rank()), weights_only=True))
@@ -560,3 +562,18 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True) -> dict:
         warnings.warn(message, stacklevel=2)
     dist.barrier()
     return trainer_state
+
+
+def load_latest_checkpoint(root: str | Path, policy, *, verify: bool = True) -> tuple[Path, dict] | None:
+    """Collective: load the newest checkpoint under ``root`` that is complete and intact;
+    ``(path, trainer_state)``, or ``None`` when there is none. A checkpoint that fails its checks
+    (incomplete, corrupt, non-finite weights) is skipped with a warning that says why, and the
+    previous one is tried."""
+    candidates = _on_rank0(complete_checkpoints, Path(root))
+    for path in candidates:
+        try:
+            return path, load_checkpoint(path, policy, verify=verify)
+        except CorruptCheckpointError as exc:
+            if dist.get_rank() == 0:
+                _warn(f"skipping checkpoint {path}: {exc}")
+    return None
