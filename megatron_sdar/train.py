@@ -16,17 +16,22 @@ def main(argv: list[str] | None = None) -> int:
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
 
-    from megatron_sdar.config.schema import ConfigError, load_config
+    from megatron_sdar.config.schema import ConfigError, check_experiment, load_config, yaml_error_line
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return 0
     try:
+        check_experiment(args)
         with initialize_config_module("megatron_sdar.config", version_base=None):
             cfg = compose("sdar", overrides=args)
         run = load_config(cfg)
+    except YAMLError as exc:
+        print(f"megatron-sdar: configuration error: {yaml_error_line(exc)}", file=sys.stderr)
+        return 2
     except (ConfigError, HydraException, OmegaConfBaseException) as exc:
         print(f"megatron-sdar: configuration error: {exc}", file=sys.stderr)
         return 2

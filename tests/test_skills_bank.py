@@ -1,6 +1,7 @@
 """Skill bank: the release's format (reference sets), retrieval modes, UCB, checkpoints, bad input."""
 import json
 import math
+import os
 import random
 import shutil
 from pathlib import Path
@@ -10,21 +11,26 @@ import pytest
 from megatron_sdar.envs import make
 from megatron_sdar.skills import GENERAL_SKILL, SkillBank, SkillBankError, SkillRetriever, builtin_skill_dir
 
-# CI keeps a copy of shared/ beside the clone: <repo>/../shared/reference/sdar-skills.
-REFERENCE_SKILLS = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "sdar-skills"
+# The public release's skill sets, for the compatibility check: .ci/run points this variable at
+# them (shared/reference/sdar-skills beside the clone). The format itself is tested on fixtures
+# written below in the release's schema, so a plain clone runs every other test.
+REFERENCE_ENV = "MEGATRON_SDAR_REFERENCE_SKILLS"
 
 
 @pytest.fixture(scope="module")
-def reference_dir():
-    if not (REFERENCE_SKILLS / "alfworld" / "skill_mapping.json").is_file():
-        pytest.fail(f"reference skill sets not found at {REFERENCE_SKILLS}: the format-compatibility test needs "
-                    "shared/reference/sdar-skills next to the repository clone")
-    return REFERENCE_SKILLS
+def release_format_sets(tmp_path_factory):
+    from tests.skill_sets import write_release_format_sets
+
+    return write_release_format_sets(tmp_path_factory.mktemp("release_format"))
 
 
-@pytest.mark.parametrize("name, n_skills, n_task_types", [("alfworld", 6, 6), ("webshop", 8, 7), ("search", 5, 4)])
-def test_reference_skill_sets_load(reference_dir, name, n_skills, n_task_types):
-    bank = SkillBank.from_dir(reference_dir / name)
+@pytest.mark.parametrize("name, n_skills, n_task_types", [("alfworld", 6, 6), ("search", 4, 3)])
+def test_release_format_loads(release_format_sets, name, n_skills, n_task_types):
+    _check_release_set(release_format_sets[name], n_skills, n_task_types)
+
+
+def _check_release_set(directory: Path, n_skills: int, n_task_types: int) -> None:
+    bank = SkillBank.from_dir(directory)
     assert len(bank) == n_skills and len(bank.task_to_skill) == n_task_types
     assert bank.general is not None and bank.general.text.startswith("### GENERAL SKILLS ###")
     context = SkillRetriever(bank, mode="full").retrieve("anything").context
@@ -32,22 +38,49 @@ def test_reference_skill_sets_load(reference_dir, name, n_skills, n_task_types):
     assert all(bank.skills[n].text in context for n in bank.skills)
 
 
-def test_reference_keyword_matching(reference_dir):
-    alf = SkillRetriever(SkillBank.from_dir(reference_dir / "alfworld"), mode="keyword")
+def test_release_format_keyword_matching(release_format_sets):
+    alf = SkillRetriever(SkillBank.from_dir(release_format_sets["alfworld"]), mode="keyword")
     assert alf.retrieve("put two cellphone in sofa").skill_names == ["pick_and_place"]  # via pick_two_obj_and_place
     assert alf.retrieve("heat some egg and put it in garbagecan").skill_names == ["heat"]
     assert alf.retrieve("look at bowl under the desklamp").skill_names == ["look_at_obj_in_light"]
-    # Keywords alone send ALFWorld's "put a hot ..." template to pick_and_place ("hot" is not a reference
+    # Keywords alone send ALFWorld's "put a hot ..." template to pick_and_place ("hot" is not a
     # keyword, "put" is); a task type the mapping knows takes precedence.
     assert alf.retrieve("put a hot apple in fridge").skill_names == ["pick_and_place"]
     assert alf.retrieve("put a hot apple in fridge", task_type="pick_heat_then_place_in_recep").skill_names == ["heat"]
     assert alf.retrieve("put a hot apple in fridge", task_type="unmapped").skill_names == ["pick_and_place"]
+    search = SkillRetriever(SkillBank.from_dir(release_format_sets["search"]), mode="keyword")
+    assert search.retrieve("who was born earlier", task_type="compare").skill_names == ["compare"]
+    assert search.retrieve("who was born earlier").skill_names == []  # no keywords, no task type: general only
+    assert search.retrieve("q").context == search.bank.general.text
+
+
+@pytest.fixture(scope="module")
+def reference_dir():
+    value = os.environ.get(REFERENCE_ENV)
+    if not value:
+        pytest.skip(f"{REFERENCE_ENV} is not set (.ci/run sets it to the release's skill sets)")
+    path = Path(value)
+    if not (path / "alfworld" / "skill_mapping.json").is_file():
+        pytest.fail(f"{REFERENCE_ENV}={value} does not hold the release's skill sets (alfworld/skill_mapping.json)")
+    return path
+
+
+@pytest.mark.parametrize("name, n_skills, n_task_types", [("alfworld", 6, 6), ("webshop", 8, 7), ("search", 5, 4)])
+def test_reference_skill_sets_load(reference_dir, name, n_skills, n_task_types):
+    _check_release_set(reference_dir / name, n_skills, n_task_types)
+
+
+def test_reference_keyword_matching(reference_dir):
+    alf = SkillRetriever(SkillBank.from_dir(reference_dir / "alfworld"), mode="keyword")
+    assert alf.retrieve("put two cellphone in sofa").skill_names == ["pick_and_place"]
+    assert alf.retrieve("heat some egg and put it in garbagecan").skill_names == ["heat"]
+    assert alf.retrieve("look at bowl under the desklamp").skill_names == ["look_at_obj_in_light"]
+    assert alf.retrieve("put a hot apple in fridge", task_type="pick_heat_then_place_in_recep").skill_names == ["heat"]
     shop = SkillRetriever(SkillBank.from_dir(reference_dir / "webshop"), mode="keyword")
     assert shop.retrieve("i need a usb c charger under 20 dollars").skill_names == ["electronics"]
     search = SkillRetriever(SkillBank.from_dir(reference_dir / "search"), mode="keyword")
     assert search.retrieve("who was born earlier", task_type="compare").skill_names == ["compare"]
-    assert search.retrieve("who was born earlier").skill_names == []  # no keywords, no task type: general only
-    assert search.retrieve("q").context == search.bank.general.text
+    assert search.retrieve("who was born earlier").skill_names == []
 
 
 def test_builtin_household_skills_match_generated_tasks():

@@ -1,4 +1,6 @@
 """The main job's configuration: Hydra composition, validation before anything is built, clear errors."""
+import json
+
 import pytest
 
 from megatron_sdar.train import main
@@ -39,7 +41,7 @@ def test_overrides_reach_the_objective():
     (["parallel.tp=3"], "does not divide the 4 attention heads"),
     (["parallel.pp=3"], "does not divide the 4 layers"),
     (["parallel.sequence_parallel=true"], "sequence_parallel needs parallel.tp > 1"),
-    (["env.skills_dir=/nonexistent/skills"], "skill_mapping.json"),
+    (["env.skills_dir=/nonexistent/skills"], "does not exist"),
     (["env.retrieval=telepathy"], "env.retrieval"),
     (["model.hf_path=/nonexistent/model"], "no config.json"),
     (["model.dtype=float16"], "model.dtype"),
@@ -55,27 +57,103 @@ def test_bad_config_fails_fast_with_a_clear_message(overrides, message, capsys):
     assert "Traceback" not in err
 
 
+def _fails_in_one_line(overrides, capsys) -> str:
+    assert main(overrides) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("megatron-sdar: configuration error: "), err
+    return err.strip()
+
+
+def test_misspelt_recipe_is_refused_with_close_matches(capsys):
+    err = _fails_in_one_line(["experiment=alfworld_qwen2_5_7"], capsys)
+    assert "'alfworld_qwen2_5_7' is not a recipe" in err and "did you mean alfworld_qwen2_5_7b" in err
+    err = _fails_in_one_line(["experiment=nonexistent"], capsys)
+    assert "recipes: alfworld_qwen2_5_14b" in err  # no close match: the whole list
+
+
+def _skill_dir(tmp_path, name, mapping: str, files=("general_skills.md", "heat.md")):
+    root = tmp_path / name
+    root.mkdir()
+    for f in files:
+        (root / f).write_text(f"### {f} ###\nadvice\n")
+    (root / "skill_mapping.json").write_text(mapping)
+    return root
+
+
+@pytest.mark.parametrize("name, mapping, message", [
+    ("bad_json", '{"skill_files": {', "not valid JSON"),
+    ("missing_md", '{"skill_files": {"general_skills": "general_skills.md", "heat": "nothere.md"}, '
+                   '"task_to_skill": {"heat": "heat"}}', "points to missing file 'nothere.md'"),
+    ("empty", "{}", "missing required key 'skill_files'"),
+    ("dangling", '{"skill_files": {"general_skills": "general_skills.md", "heat": "heat.md"}, '
+                 '"task_to_skill": {"heat": "cool"}}', "task_to_skill['heat'] = 'cool' is not in skill_files"),
+])
+def test_malformed_skill_directory_fails_before_anything_is_built(tmp_path, capsys, name, mapping, message):
+    root = _skill_dir(tmp_path, name, mapping)
+    err = _fails_in_one_line([f"env.skills_dir={root}"], capsys)
+    assert message in err and str(root / "skill_mapping.json") in err, err
+
+
+def test_yaml_syntax_error_in_a_recipe_is_one_line(capsys):
+    """A user's own recipe beside the shipped ones, with a syntax error."""
+    import megatron_sdar.config as config_pkg
+    from pathlib import Path
+
+    recipe = Path(config_pkg.__file__).parent / "experiment" / "zz_test_broken_recipe.yaml"
+    recipe.write_text("model:\n  dtype: [bfloat16\ntrainer:\n  lr: 1.0e-6\n")
+    try:
+        err = _fails_in_one_line(["experiment=zz_test_broken_recipe"], capsys)
+    finally:
+        recipe.unlink()
+    assert f"YAML syntax error in {recipe}, line 3" in err, err
+
+
+def test_resume_pointed_at_a_run_directory_names_the_checkpoint(tmp_path, capsys):
+    from megatron_sdar.trainer.checkpointing import FORMAT_NAME, FORMAT_VERSION
+
+    run = tmp_path / "run"
+    for step in (4, 8):
+        ckpt = run / "checkpoints" / f"step_{step:08d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "complete.json").write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": {}}))
+        (ckpt / "trainer_state.json").write_text("{}")
+    (run / "checkpoints" / "step_00000012").mkdir()  # a save that did not finish
+    err = _fails_in_one_line([f"trainer.resume={run}"], capsys)
+    assert f"is a run directory, not a checkpoint: pass trainer.resume={run}/checkpoints/step_00000008" in err, err
+    assert f"trainer.resume=auto with trainer.output_dir={run}" in err
+    err = _fails_in_one_line([f"trainer.resume={run / 'checkpoints'}"], capsys)
+    assert "step_00000008" in err and f"trainer.output_dir={run}" in err
+    err = _fails_in_one_line([f"trainer.resume={run / 'checkpoints' / 'step_00000012'}"], capsys)
+    assert "not a complete checkpoint: no complete.json" in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "does not parse"),
+    ('{"model_type": "llama", "hidden_size": 8}', "is not a supported model"),
+])
+def test_bad_model_directory_is_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "config.json").write_text(content)
+    err = _fails_in_one_line([f"model.hf_path={tmp_path}"], capsys)
+    assert message in err and str(tmp_path / "config.json") in err, err
+
+
 def test_recipes_compose_and_validate(tmp_path):
     """Every shipped recipe composes and passes validation, layout included. The checkpoints are
     not downloaded here: a config.json with the recipe's architecture numbers stands in for each."""
-    import json
-    from pathlib import Path
-
-    from hydra import compose, initialize_config_module
-
-    import megatron_sdar.config as config_pkg
     from megatron_sdar.config.schema import ConfigError
+    from tests.recipes import recipe_model_dir, recipe_names
+    from tests.skill_sets import write_release_format_sets
 
-    recipes = sorted(p.stem for p in (Path(config_pkg.__file__).parent / "experiment").glob("*.yaml"))
+    skills = write_release_format_sets(tmp_path / "skills")
+    recipes = recipe_names()
     assert len(recipes) >= 10
     for recipe in recipes:
         with pytest.raises(ConfigError, match="no config.json"):  # without the checkpoint: a clear error
             _compose(f"experiment={recipe}")
-        with initialize_config_module("megatron_sdar.config", version_base=None):
-            arch = compose("sdar", overrides=[f"experiment={recipe}"]).model.architecture
-        model_dir = tmp_path / recipe
-        model_dir.mkdir()
-        (model_dir / "config.json").write_text(json.dumps({
-            "num_attention_heads": arch.heads, "num_key_value_heads": arch.kv_heads, "num_hidden_layers": arch.layers}))
-        run = _compose(f"experiment={recipe}", f"model.hf_path={model_dir}")
+        env = recipe.split("_")[0]
+        with pytest.raises(ConfigError, match=f"skills/{env}.* does not exist"):  # nor the skill set
+            _compose(f"experiment={recipe}", f"model.hf_path={recipe_model_dir(recipe, tmp_path)}")
+        run = _compose(f"experiment={recipe}", f"model.hf_path={recipe_model_dir(recipe, tmp_path)}",
+                       f"env.skills_dir={skills[env]}")
         assert run.rollout.action_format == "text" and run.model.dtype == "bfloat16", recipe

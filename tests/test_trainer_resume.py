@@ -77,14 +77,27 @@ def test_sigkill_and_sigterm_resume_equal_uninterrupted_run(tmp_path):
     assert any(k.startswith("rollout/success_rate/") for k in raw)  # per task type
     assert expected[4]["rollout/train_infer_logprob_diff_max"] < 1e-3
 
-    # SIGKILL once the step-2 checkpoint is complete, then resume to step 4
+    # SIGKILL once the step-2 checkpoint is complete; 4 KiB of it overwritten in place (same size);
+    # resume=auto skips it for the step-0 checkpoint, naming the failed checksum, and resumes to step 4
     killed = tmp_path / "killed"
     proc = _start(killed)
     _wait_for(lambda: (killed / "checkpoints" / "step_00000002").is_dir(), proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    first_config = (killed / "config.json").read_text()
+    shard = max((killed / "checkpoints" / "step_00000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = b"\xff" * 4096
+    shard.write_bytes(bytes(data))
     assert _finish(_start(killed, "trainer.resume=auto"), killed) == 0
     _assert_same(_rows(killed), expected)
+    log = (tmp_path / "killed.log").read_text()
+    assert "step_00000002 is corrupt: " + shard.name + " does not match its xxh3_64 checksum" in log
+    assert "resumed from " + str(killed / "checkpoints" / "step_00000000") in log
+    # the first invocation's config stays; the resumed one is stored beside it
+    assert (killed / "config.json").read_text() == first_config
+    assert json.loads(first_config)["trainer"]["resume"] is None
+    assert json.loads((killed / "config.resume-0.json").read_text())["trainer"]["resume"] == "auto"
 
     # SIGTERM in the middle of a step: the job checkpoints that step and exits 0; resume finishes
     stopped = tmp_path / "stopped"

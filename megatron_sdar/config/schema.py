@@ -137,6 +137,7 @@ class TrainerConfig:
     save_interval: int = 4
     keep_last: int = 2
     resume: Optional[str] = None
+    verify_checkpoints: bool = True  # checksums + finite weights before a resume (false: skip)
     seed: int = 0
     lr: float = 2e-5
     min_lr: float = 0.0
@@ -170,6 +171,33 @@ class RunConfig:
         return self.algo.objective()
 
 
+CONFIG_DIR = Path(__file__).parent
+
+
+def check_experiment(overrides: list[str]) -> None:
+    """An ``experiment=<recipe>`` override must name a recipe of ``config/experiment/``: Hydra
+    treats the group as optional and would silently run the default instead."""
+    import difflib
+
+    recipes = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.lstrip("+~") != "experiment" or value in ("", "null"):
+            continue
+        if value not in recipes:
+            close = difflib.get_close_matches(value, recipes, n=3, cutoff=0.5)
+            hint = f"did you mean {' or '.join(close)}?" if close else f"recipes: {', '.join(recipes)}"
+            raise ConfigError(f"experiment={value!r} is not a recipe of {CONFIG_DIR / 'experiment'}; {hint}")
+
+
+def yaml_error_line(exc: Exception) -> str:
+    """One line for a YAML syntax error: file, line, column and what is wrong."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a YAML file"
+    return f"YAML syntax error in {where}: {problem}"
+
+
 def load_config(cfg: Any) -> RunConfig:
     """Hydra DictConfig / plain dict -> validated :class:`RunConfig` (unknown keys are errors)."""
     from omegaconf import OmegaConf
@@ -189,17 +217,68 @@ def load_config(cfg: Any) -> RunConfig:
 
 
 def model_shape(model: ModelConfig) -> tuple[int, int, int]:
-    """(attention heads, KV heads, layers) of the configured model, without building it."""
+    """(attention heads, KV heads, layers) of the configured model, without building it; the
+    model directory's ``config.json`` must parse and describe a supported Qwen model."""
     if model.hf_path is None:
         return model.tiny.heads, model.tiny.kv_heads, model.tiny.layers
-    import json
+    arch = hf_architecture(model.hf_path)
+    return arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers
 
-    path = Path(model.hf_path) / "config.json"
+
+def hf_architecture(hf_path: str):
+    """:class:`QwenArchitecture` of ``model.hf_path``, or :class:`ConfigError` naming the file."""
+    from megatron_sdar.models.architecture import QwenArchitecture, UnsupportedConfigError
+
+    path = Path(hf_path) / "config.json"
     if not path.is_file():
-        raise ConfigError(f"model.hf_path={model.hf_path!r} has no config.json (download the checkpoint first)")
-    cfg = json.loads(path.read_text())
-    heads = int(cfg.get("num_attention_heads", 0))
-    return heads, int(cfg.get("num_key_value_heads", heads)), int(cfg.get("num_hidden_layers", 0))
+        raise ConfigError(f"model.hf_path={hf_path!r} has no config.json (download the checkpoint first)")
+    try:
+        return QwenArchitecture.from_hf_config(path)
+    except ValueError as exc:  # json.JSONDecodeError and UnsupportedConfigError are ValueErrors
+        kind = "is not a supported model" if isinstance(exc, UnsupportedConfigError) else "does not parse"
+        raise ConfigError(f"model.hf_path: {path} {kind}: {exc}") from None
+
+
+def skills_dir_of(env: "EnvConfig") -> Optional[Path]:
+    """The skill directory the run uses: ``env.skills_dir``, else the environment's built-in set
+    (None when it has none)."""
+    if env.skills_dir is not None:
+        return Path(env.skills_dir)
+    from megatron_sdar.skills import builtin_skill_dir
+
+    try:
+        return builtin_skill_dir(env.name)
+    except FileNotFoundError:
+        return None
+
+
+def _check_resume(resume: str) -> None:
+    """``trainer.resume`` is null, ``auto`` or a complete checkpoint directory (cheap checks:
+    marker, file sizes; checksums are verified when it is loaded)."""
+    from megatron_sdar.trainer.checkpointing import complete_checkpoints, is_complete_checkpoint
+
+    path = Path(resume)
+    if not path.exists():
+        raise ConfigError(f"trainer.resume={resume!r}: no such checkpoint directory")
+    if is_complete_checkpoint(path):
+        return
+    for root in (path / "checkpoints", path):  # a run directory, or its checkpoints/ folder
+        if root.is_dir() and any(p.name.startswith("step_") for p in root.iterdir()):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                found = complete_checkpoints(root)
+            hint = f"trainer.resume={found[0]} (its newest complete checkpoint)" if found else \
+                "a complete checkpoint (it holds none)"
+            raise ConfigError(f"trainer.resume={resume!r} is a run directory, not a checkpoint: pass {hint}, or "
+                              f"trainer.resume=auto with trainer.output_dir={path if root != path else path.parent}")
+    from megatron_sdar.trainer.checkpointing import _read_complete_checkpoint
+
+    try:
+        _read_complete_checkpoint(path)
+    except ValueError as exc:
+        raise ConfigError(f"trainer.resume: {exc}") from None
 
 
 def _positive(section: str, obj: Any, *names: str) -> None:
@@ -231,8 +310,8 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
         raise ConfigError(f"trainer.max_steps must be >= 0 (0: SFT warm start only), got {t.max_steps}")
     if t.sft_steps < 0 or t.eval_tasks < 0:
         raise ConfigError("trainer.sft_steps and trainer.eval_tasks must be >= 0")
-    if t.resume not in (None, "auto") and not Path(t.resume).exists():
-        raise ConfigError(f"trainer.resume={t.resume!r}: no such checkpoint directory")
+    if t.resume not in (None, "auto"):
+        _check_resume(t.resume)
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
     if m.fp8 is not None:
@@ -244,9 +323,7 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
             raise ConfigError("model.fp8 needs model.dtype=bfloat16 (FP8 GEMMs with BF16 master weights)")
     if m.hf_path is None and m.arch not in ("qwen2", "qwen3"):
         raise ConfigError(f"the built-in tiny model is qwen2 or qwen3, got model.arch={m.arch!r}")
-    if e.skills_dir is not None and not (Path(e.skills_dir) / "skill_mapping.json").is_file():
-        raise ConfigError(f"env.skills_dir={e.skills_dir!r} has no skill_mapping.json")
-    from megatron_sdar.skills import RETRIEVAL_MODES
+    from megatron_sdar.skills import RETRIEVAL_MODES, SkillBank
 
     if e.retrieval not in RETRIEVAL_MODES:
         raise ConfigError(f"env.retrieval must be one of {RETRIEVAL_MODES}, got {e.retrieval!r}")
@@ -254,7 +331,16 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
 
     if e.name not in available_envs():
         raise ConfigError(f"env.name={e.name!r} is not registered; available: {available_envs()}")
-    run.objective()  # preset and option values
+    objective = run.objective()  # preset and option values
+    skills = skills_dir_of(e)
+    if skills is None and (objective.needs_teacher or objective.student_sees_skills):
+        raise ConfigError(f"algo={run.algo.name} needs skills but env {e.name!r} has no built-in skill set: "
+                          "set env.skills_dir")
+    if skills is not None:
+        try:
+            SkillBank.from_dir(skills)
+        except (OSError, ValueError) as exc:  # SkillBankError is a ValueError
+            raise ConfigError(f"env.skills_dir: {exc}") from None
     if world_size is not None:
         model_parallel = p.tp * p.pp * p.cp
         if world_size % model_parallel:

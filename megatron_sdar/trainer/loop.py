@@ -172,18 +172,13 @@ class SDARTrainer:
         return overrides
 
     def _build_retriever(self):
-        from megatron_sdar.skills import SkillBank, SkillRetriever, builtin_skill_dir
+        from megatron_sdar.config.schema import skills_dir_of
+        from megatron_sdar.skills import SkillBank, SkillRetriever
 
         env = self.run_config.env
-        skills_dir = env.skills_dir
+        skills_dir = skills_dir_of(env)  # validated with the config
         if skills_dir is None:
-            try:
-                skills_dir = builtin_skill_dir(env.name)
-            except FileNotFoundError:
-                if self.objective.needs_teacher or self.objective.student_sees_skills:
-                    raise ConfigError(f"algo={self.run_config.algo.name} needs skills but env {env.name!r} has no "
-                                      "built-in skill set: set env.skills_dir") from None
-                return None
+            return None
         return SkillRetriever(SkillBank.from_dir(skills_dir), mode=env.retrieval, top_k=env.skills_top_k,
                               seed=self.run_config.trainer.seed)
 
@@ -351,21 +346,31 @@ class SDARTrainer:
         from megatron_sdar.trainer.checkpointing import save_checkpoint
 
         path = save_checkpoint(self.output_dir / "checkpoints", self.step, self.policy, self.trainer_state(),
-                               keep_last=self.run_config.trainer.keep_last)
+                               keep_last=self.run_config.trainer.keep_last, hf_assets_source=self.model_dir)
         log(f"checkpoint: {path}")
         return path
 
     def resume(self) -> None:
-        from megatron_sdar.trainer.checkpointing import find_latest_checkpoint, load_checkpoint
+        """``trainer.resume=auto``: the newest intact checkpoint of this run (bad ones are skipped
+        with the reason); a path: that checkpoint, which must be intact."""
+        from megatron_sdar.models.checkpoint import CheckpointFormatError
+        from megatron_sdar.trainer.checkpointing import load_checkpoint, load_latest_checkpoint
 
-        resume = self.run_config.trainer.resume
-        if resume is None:
+        t = self.run_config.trainer
+        if t.resume is None:
             return
-        path = find_latest_checkpoint(self.output_dir / "checkpoints") if resume == "auto" else Path(resume)
-        if path is None:
-            log("trainer.resume=auto: no checkpoint yet, starting from scratch")
-            return
-        state = load_checkpoint(path, self.policy)
+        if t.resume == "auto":
+            found = load_latest_checkpoint(self.output_dir / "checkpoints", self.policy, verify=t.verify_checkpoints)
+            if found is None:
+                log("trainer.resume=auto: no intact checkpoint yet, starting from scratch")
+                return
+            path, state = found
+        else:
+            path = Path(t.resume)
+            try:
+                state = load_checkpoint(path, self.policy, verify=t.verify_checkpoints)
+            except CheckpointFormatError as exc:
+                raise ConfigError(f"trainer.resume: {exc}") from None
         self.resumed_from = path
         self.step = int(state["step"])
         self.sft_done = bool(state.get("sft_done", True))
@@ -373,14 +378,23 @@ class SDARTrainer:
             self.retriever.load_state_dict(state["retriever"])
         log(f"resumed from {path} at step {self.step}")
 
+    def write_config(self) -> Path:
+        """The run's config: ``config.json`` from its first invocation, never overwritten; a resumed
+        invocation adds ``config.resume-<step>.json`` beside it."""
+        first = self.output_dir / "config.json"
+        path = first if self.resumed_from is None or not first.exists() else \
+            self.output_dir / f"config.resume-{self.step}.json"
+        if dist.get_rank() == 0:
+            path.write_text(json.dumps(_as_dict(self.run_config), indent=2))
+        return path
+
     # ------------------------------------------------------------------ the run
     def train(self) -> dict[str, Any]:
         from megatron_sdar.utils.logging import MetricsLogger
 
         t = self.run_config.trainer
         self.resume()
-        if dist.get_rank() == 0:
-            (self.output_dir / "config.json").write_text(json.dumps(_as_dict(self.run_config), indent=2))
+        self.write_config()
         self.logger = _RunLogger(MetricsLogger(self.output_dir, tensorboard=t.tensorboard,
                                                wandb_project=t.wandb_project,
                                                resume_step=self.step if t.resume else None))
