@@ -65,6 +65,12 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
             p.mul_(1 + 0.05 * torch.randn_like(p))
     engine = RolloutEngine(model_dir, RolloutEngineConfig(tp=1, max_model_len=512, bucket_mb=0.25))
     source = MegatronWeightSource(policy.model, arch, bucket_mb=0.25)
+    import logging
+
+    reload_log: list[str] = []  # what vLLM's in-place reload logs (the layerwise loader's logger)
+    handler = logging.Handler()
+    handler.emit = lambda record: reload_log.append(record.getMessage())
+    logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addHandler(handler)
     stats = engine.sync_weights(source)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     retriever = SkillRetriever(SkillBank.from_dir(builtin_skill_dir("household")), mode="keyword")
@@ -118,6 +124,7 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     vllm_after = engine.score(seqs, starts)
     result["post_diff"] = _max_diff(_megatron_logprobs(model, seqs, starts), vllm_after)
     result["moved"] = _max_diff(vllm_after, rollout_lp)
+    result["reload_log"] = reload_log
     engine.shutdown()
     return result
 
@@ -152,6 +159,8 @@ def test_rollout_sync_step_resync_single_process(tiny_qwen2):
     # every unsolved turn counts as invalid or not; reward = -0.1 x invalid actions
     assert all(abs(reward + 0.1 * invalid) < 1e-9 for *_, reward, invalid in episodes)
     assert result["metrics"]["rollout/tokens_per_s"] > 0
+    # the derived rotary cache is not reported as a failed weight load on every sync
+    assert not [m for m in result["reload_log"] if "Failed to load weights" in m], result["reload_log"]
 
 
 @pytest.mark.multiproc

