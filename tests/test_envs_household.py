@@ -135,9 +135,109 @@ def test_difficulty_knobs_and_truncation():
     (dict(num_receptacles=2), "num_receptacles"),
     (dict(num_distractors=(3, 1)), "num_distractors"),
     (dict(task_types=("fly",)), "task_types"),
-    (dict(rooms=3), "unknown option"),
+    (dict(colour=3), "unknown option"),
+    (dict(rooms=("garage",)), "rooms"),
+    (dict(rooms=("bathroom",), task_types=("heat",)), "cannot be set in rooms"),
+    (dict(placement="sorted"), "placement"),
+    (dict(placement="homes", homes={"heat": "microwave"}, task_types=("heat",)), "own appliance"),
+    (dict(placement="homes", homes={"heat": "bed"}, task_types=("heat",), rooms=("kitchen",)), "in none of the rooms"),
+    (dict(home_prob=1.5), "home_prob"),
+    (dict(turn_slack=-1), "turn_slack"),
+    (dict(targets=("microwave",), task_types=("heat",)), "no target"),
+    (dict(targets=("shelf",), placement="homes", homes={"cool": "shelf"}, task_types=("cool",)), "no target"),
     (dict(max_turns=0), "max_turns"),
 ])
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make("household", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# world knowledge: homes, the skills that state them, the scripted agents
+# ------------------------------------------------------------------------------------------------
+def embedded_world() -> dict:
+    """The household kwargs of the embedded default (config/env/household.yaml)."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    import megatron_sdar.config as config_pkg
+
+    env = OmegaConf.load(Path(config_pkg.__file__).parent / "env" / "household.yaml")
+    return {**OmegaConf.to_container(env.kwargs), "max_turns": env.max_turns}
+
+
+def _scripted_win_rate(world: dict, knowledge: bool, n: int = 1000) -> tuple[float, float]:
+    from megatron_sdar.envs.household import ScriptedSearcher, play_scripted
+
+    env = HouseholdEnv(**world)
+    wins, turns = 0, 0
+    for k in range(n):
+        env.reset(seed=500_000 + k)
+        home = env.config.homes[env.state.task.task_type] if knowledge else None
+        actions, won = play_scripted(env, ScriptedSearcher(random.Random(k), home), 500_000 + k)
+        wins += won
+        turns += len(actions)
+    return wins / n, turns / n
+
+
+def test_embedded_world_rewards_knowing_the_homes():
+    """The embedded default: a searcher without the knowledge wins at most 40%, one that looks in
+    the home first (what the built-in skill says) at least 85%, over 1,000 tasks each."""
+    world = embedded_world()
+    assert world["placement"] == "homes"
+    blind, blind_turns = _scripted_win_rate(world, knowledge=False)
+    informed, informed_turns = _scripted_win_rate(world, knowledge=True)
+    print(f"\nscripted searcher: without the homes {blind:.3f} ({blind_turns:.1f} turns), "
+          f"with them {informed:.3f} ({informed_turns:.1f} turns)")
+    assert blind <= 0.40 and informed >= 0.85
+    # the same world with uniform placement: knowing the (meaningless) homes does not help
+    uniform = dict(world, placement="uniform")
+    assert abs(_scripted_win_rate(uniform, True, 600)[0] - _scripted_win_rate(uniform, False, 600)[0]) < 0.08
+
+
+def test_goal_objects_start_at_home_with_home_prob():
+    from megatron_sdar.envs.household import DEFAULT_HOMES
+
+    world = embedded_world()
+    env = HouseholdEnv(**world)
+    at_home = 0
+    for seed in range(1000):
+        env.reset(seed=seed)
+        state = env.state
+        goal = next(i for i in state.items.values() if i.kind == state.task.object_kind)
+        at_home += state.receptacles[goal.location].kind == DEFAULT_HOMES[state.task.task_type]
+        assert not any(r.kind == state.task.target_kind and r.kind == DEFAULT_HOMES[state.task.task_type]
+                       for r in state.receptacles.values())
+    assert abs(at_home / 1000 - world["home_prob"]) < 0.03
+    # the budget is the optimal plan + turn_slack, and the expert fits in it
+    env.reset(seed=3)
+    assert env.max_turns == len(env.expert_actions()) + world["turn_slack"]
+
+
+def test_targets_fix_where_tasks_put_their_object():
+    env = HouseholdEnv(**embedded_world())
+    assert embedded_world()["targets"] == ["shelf"]
+    for seed in range(200):
+        env.reset(seed=seed)
+        assert env.state.task.target_kind == "shelf" and env.state.task.text.rstrip(".").endswith("shelf")
+        assert any(r.kind == "shelf" for r in env.state.receptacles.values())
+
+
+def test_builtin_skills_state_the_homes_briefly(tmp_path):
+    from megatron_sdar.envs.household import DEFAULT_HOMES, HouseholdConfig, corpus_text, home_skill_text
+    from megatron_sdar.models.tiny import build_tokenizer
+    from megatron_sdar.skills import SkillBank, builtin_skill_dir
+    from megatron_sdar.trainer.seeds import corpus_seeds
+
+    bank = SkillBank.from_dir(builtin_skill_dir("household"))
+    assert bank.general is None  # every token of privileged context is a task-specific fact
+    # the main job's tokenizer is trained on the world's text, skills included
+    tokenizer = build_tokenizer(tmp_path, vocab_size=768,
+                                extra_text=corpus_text(HouseholdConfig(**embedded_world()), corpus_seeds(20)))
+    for task_type in TASK_TYPES:
+        text = bank.skills[bank.task_to_skill[task_type]].text
+        assert text == home_skill_text(task_type, DEFAULT_HOMES[task_type])
+        assert DEFAULT_HOMES[task_type] in text
+        if task_type in embedded_world()["task_types"]:  # the ones the tokenizer's corpus covers
+            assert len(tokenizer(text)["input_ids"]) <= 40, text  # tens of tokens

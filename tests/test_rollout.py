@@ -234,3 +234,60 @@ def test_index_action_format(tmp_path):
         assert fmt.resolve(parse_action(bad, config.action_pattern), state) is None
     with pytest.raises(ValueError, match="show_admissible_actions"):
         AgentLoopConfig(action_format="index", show_admissible_actions=False)
+
+
+def test_prefix_action_format(tmp_path):
+    """A reply may be a word prefix of an admissible action (the first listed one with it is taken);
+    demonstrations use the shortest prefix naming their action; a reply that is no prefix is passed
+    on as written (the environment rejects it)."""
+    from megatron_sdar.models.tiny import build_tokenizer
+    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter, parse_action
+    from megatron_sdar.rollout.agent_loop import EpisodeState
+
+    config = AgentLoopConfig(action_format="prefix")
+    fmt = ChatFormatter(build_tokenizer(tmp_path), config)
+    admissible = ["go to drawer 1", "go to drawer 2", "go to fridge 1", "take egg 1 from drawer 1", "look"]
+    state = EpisodeState("Room. Your task is to: cool egg.", "Room.", admissible)
+    assert "Admissible actions: go to drawer 1, go to drawer 2" in fmt.user_content(state, 1)
+    assert fmt.answer("go to fridge 1", state) == "<action>go to fridge</action>"
+    assert fmt.answer("go to drawer 1", state) == "<action>go to drawer</action>"
+    assert fmt.answer("go to drawer 2", state) == "<action>go to drawer 2</action>"
+    assert fmt.answer("take egg 1 from drawer 1", state) == "<action>take</action>"
+    assert fmt.answer("Look", state) == "<action>look</action>"
+    assert fmt.answer("go to desk 1", state) is None
+    resolved = {reply: fmt.resolve(parse_action(f"<action>{reply}</action>", config.action_pattern), state)
+                for reply in ("take", "TAKE egg", "go to fridge", "go to fridge 1", "go to drawer", "go", "dance")}
+    assert resolved == {"take": "take egg 1 from drawer 1", "TAKE egg": "take egg 1 from drawer 1",
+                        "go to fridge": "go to fridge 1", "go to fridge 1": "go to fridge 1",
+                        "go to drawer": "go to drawer 1", "go": "go to drawer 1", "dance": "dance"}
+    assert fmt.resolve(parse_action("no tags", config.action_pattern), state) is None
+    with pytest.raises(ValueError, match="show_admissible_actions"):
+        AgentLoopConfig(action_format="prefix", show_admissible_actions=False)
+
+
+def test_context_position(tmp_path):
+    """Privileged context goes first, or last before the reply instruction; the student's
+    messages never carry it."""
+    from megatron_sdar.models.tiny import build_tokenizer
+    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter
+    from megatron_sdar.rollout.agent_loop import FORMAT_REMINDER, EpisodeState
+
+    state = EpisodeState("Room. Your task is to: cool egg.", "Room.", ["go to fridge 1"])
+    tokenizer = build_tokenizer(tmp_path)
+    for position in ("start", "end"):
+        fmt = ChatFormatter(tokenizer, AgentLoopConfig(context_position=position))
+        student = fmt.messages(fmt.user_content(state, 1))
+        teacher = fmt.teacher_messages(student, "Eggs live in the fridge.")[-1]["content"]
+        block = "Skills that may help:\nEggs live in the fridge."
+        expected = (block + "\n\n" + student[-1]["content"] if position == "start" else
+                    student[-1]["content"].replace("\n\n" + FORMAT_REMINDER, "\n\n" + block + "\n\n" + FORMAT_REMINDER))
+        assert teacher == expected and block not in student[-1]["content"]
+        assert fmt.messages(fmt.user_content(state, 1), "Eggs live in the fridge.")[-1]["content"] == teacher
+    # the restated task stays last, after the context, before the reply instruction
+    fmt = ChatFormatter(tokenizer, AgentLoopConfig(context_position="end", restate_task=True))
+    state.task = "cool egg."
+    teacher = fmt.messages(fmt.user_content(state, 1), "Eggs live in the fridge.")[-1]["content"]
+    assert teacher.endswith("Skills that may help:\nEggs live in the fridge.\n\nTask: cool egg.\n\n" + FORMAT_REMINDER)
+    assert fmt.user_content(state, 1).endswith("go to fridge 1\n\nTask: cool egg.\n\n" + FORMAT_REMINDER)
+    with pytest.raises(ValueError, match="context_position"):
+        AgentLoopConfig(context_position="middle")

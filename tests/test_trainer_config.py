@@ -39,7 +39,7 @@ def test_overrides_reach_the_objective():
     (["trainer.no_such_key=1"], "trainer.no_such_key"),
     (["algo=ppo"], "algo"),
     (["parallel.tp=3"], "does not divide the 4 attention heads"),
-    (["parallel.pp=3"], "does not divide the 4 layers"),
+    (["parallel.pp=3"], "does not divide the 2 layers"),
     (["parallel.sequence_parallel=true"], "sequence_parallel needs parallel.tp > 1"),
     (["env.skills_dir=/nonexistent/skills"], "does not exist"),
     (["env.retrieval=telepathy"], "env.retrieval"),

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdar.algo.aggregation import LOSS_AGG_MODES, LossNormalizers, aggregate, check_mask, masked_moments
-from megatron_sdar.algo.gates import GATES, gated_distillation
+from megatron_sdar.algo.gates import GATES, compute_gate, gated_distillation
 from megatron_sdar.algo.grpo import (
     KL_ESTIMATORS,
     kl_penalty,
@@ -154,6 +154,7 @@ class ObjectiveInputs:
     teacher_logits: Optional[torch.Tensor] = None  # [B, T, V_local] for estimator "full"
     teacher_topk_logprobs: Optional[torch.Tensor] = None  # [B, T, k] for estimator "topk"
     teacher_topk_ids: Optional[torch.Tensor] = None  # [B, T, k]
+    action_mask: Optional[torch.Tensor] = None  # [B, T] 1 on action-choice tokens (metrics only)
 
 
 @dataclass
@@ -235,6 +236,9 @@ class SDARObjective:
             raise ValueError("kl_coef > 0 but ref_logprobs were not given")
 
         metrics["actor/entropy"] = masked_moments(entropy.detach(), mask, g.dp_cp)[0]
+        action = inputs.action_mask.float() * mask if inputs.action_mask is not None else None
+        if action is not None:  # the action-choice tokens alone (format tokens are near-deterministic)
+            metrics["actor/action_entropy"] = masked_moments(entropy.detach(), action, g.dp_cp)[0]
         if inputs.rollout_logprobs is not None:
             metrics.update(_train_infer_diff(logprobs.detach(), inputs.rollout_logprobs, mask, g.dp_cp))
         if cfg.entropy_coef:
@@ -252,6 +256,12 @@ class SDARObjective:
             if lam > 0:
                 total = total + lam * distill_loss
             metrics.update(gate_metrics)
+            if action is not None:
+                gap = teacher.detach().float() - logprobs.detach().float()
+                gate = compute_gate(gap, cfg.gate, cfg.gate_beta, entropy, cfg.entropy_gate_beta,
+                                    cfg.entropy_gate_threshold)
+                metrics["sdar/action_gap_mean"] = masked_moments(gap, action, g.dp_cp)[0]
+                metrics["sdar/action_gate_mean"] = masked_moments(gate, action, g.dp_cp)[0]
             metrics["sdar/distill_loss"] = float(distill_loss.detach())
             metrics["sdar/distill_coef"] = lam
         metrics["actor/loss"] = float(total.detach())

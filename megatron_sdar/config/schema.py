@@ -24,12 +24,13 @@ class ConfigError(ValueError):
 
 @dataclass
 class TinyModelConfig:
-    hidden: int = 256
-    layers: int = 4
+    hidden: int = 128
+    layers: int = 2
     heads: int = 4
     kv_heads: int = 2
-    ffn: int = 768
+    ffn: int = 384
     vocab: int = 768
+    init_std: float = 0.02  # std of every weight matrix at initialization
 
 
 @dataclass
@@ -87,11 +88,17 @@ class AlgoConfig:
             raise ConfigError(f"algo: {exc}") from None
 
 
+def _embedded_world() -> dict:
+    return {"rooms": ["kitchen"], "task_types": ["pick_and_place", "clean", "heat", "cool"],
+            "num_receptacles": [6, 6], "num_distractors": [1, 2], "placement": "homes", "home_prob": 0.9,
+            "closed_share": 0.75, "turn_slack": 1}
+
+
 @dataclass
 class EnvConfig:
     name: str = "household"
-    max_turns: int = 8
-    kwargs: dict = field(default_factory=dict)
+    max_turns: int = 10
+    kwargs: dict = field(default_factory=_embedded_world)
     skills_dir: Optional[str] = None
     retrieval: str = "keyword"
     skills_top_k: int = 1
@@ -113,18 +120,20 @@ class ParallelConfig:
 @dataclass
 class RolloutConfig:
     tp: int = 1
-    group_size: int = 4
+    group_size: int = 8
     tasks_per_step: int = 4
-    max_turns: int = 8
+    max_turns: int = 10
     history_window: int = 1
     max_prompt_tokens: int = 1024
     max_response_tokens: int = 12
     temperature: float = 1.0
-    eval_temperature: float = 0.4
+    eval_temperature: float = 1.0
     action_pattern: Optional[str] = "<action>(.*?)</action>"
     invalid_action_penalty: float = 0.1
     show_admissible_actions: bool = True
-    action_format: str = "index"
+    action_format: str = "prefix"
+    context_position: str = "start"
+    restate_task: bool = False
     gpu_memory_utilization: float = 0.4
     cpu_kv_cache_gib: float = 1.0
     bucket_mb: float = 256.0
@@ -139,18 +148,25 @@ class TrainerConfig:
     resume: Optional[str] = None
     verify_checkpoints: bool = True  # checksums + finite weights before a resume (false: skip)
     seed: int = 0
-    lr: float = 2e-5
+    lr: float = 1e-4
     min_lr: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 2
     weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
     clip_grad: float = 1.0
     micro_batch_size: int = 8
     eval_interval: int = 4
-    eval_tasks: int = 32
-    sft_steps: int = 150
+    eval_tasks: int = 200
+    eval_greedy: bool = True  # also evaluate greedily (eval/greedy/*)
+    eval_before_rl: bool = True  # evaluate at step 0 (after SFT), with and without skills
+    sft_steps: int = 120
     sft_lr: float = 1e-3
     sft_batch_size: int = 16
     sft_episodes: int = 400
+    sft_skill_share: float = 0.5  # share of demonstrations with a (randomly drawn) skill in the prompt
+    sft_prompt_weight: float = 0.5  # language-model loss on the prompt tokens, relative to the response's
+    sft_skill_turn_repeats: int = 2  # extra copies of each skill demonstration's deciding (first) turn
     export_hf: bool = True
     tensorboard: bool = True
     wandb_project: Optional[str] = None
@@ -310,6 +326,15 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
         raise ConfigError(f"trainer.max_steps must be >= 0 (0: SFT warm start only), got {t.max_steps}")
     if t.sft_steps < 0 or t.eval_tasks < 0:
         raise ConfigError("trainer.sft_steps and trainer.eval_tasks must be >= 0")
+    if not 0.0 <= t.sft_skill_share <= 1.0:
+        raise ConfigError(f"trainer.sft_skill_share must be in [0, 1], got {t.sft_skill_share}")
+    if t.sft_prompt_weight < 0:
+        raise ConfigError(f"trainer.sft_prompt_weight must be >= 0, got {t.sft_prompt_weight}")
+    if t.sft_skill_turn_repeats < 0:
+        raise ConfigError(f"trainer.sft_skill_turn_repeats must be >= 0, got {t.sft_skill_turn_repeats}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"trainer.{name} must be in [0, 1), got {getattr(t, name)}")
     if t.resume not in (None, "auto"):
         _check_resume(t.resume)
     if m.dtype not in ("float32", "bfloat16"):

@@ -25,6 +25,16 @@ state unchanged, answers ``"Nothing happens."`` and sets ``info["invalid_action"
 Reward: 1.0 on the step that completes the task (``terminated=True``), else 0.0.
 :meth:`HouseholdEnv.expert_actions` returns a plan that solves the task from the
 current state (it simulates the plan on a copy of the state with the same rules).
+
+**World knowledge** (``placement="homes"``): the goal object of each task type starts in its
+*home* receptacle kind (``homes``, default :data:`DEFAULT_HOMES`: leftovers to heat wait in the
+fridge, things to cool on the stoveburner, ...) with probability ``home_prob``, elsewhere uniformly.
+The task text does not reveal it; a skill can state it (the built-in skill set does, in one line
+per task type: :func:`home_skill_text`). With closed containers among the receptacles and a turn
+budget close to the optimal plan, every wrong guess costs turns, so knowing the home decides the
+episode: :class:`ScriptedSearcher` without the knowledge wins far less often than one that looks
+in the home first (``tests/test_envs_household.py`` measures both). ``placement="uniform"`` is the
+world without regularities.
 """
 from __future__ import annotations
 
@@ -108,6 +118,15 @@ TASK_TEMPLATES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Where the goal object of each task type usually starts (placement="homes"). Kitchen kinds, so the
+# embedded default (a kitchen) has every home; an appliance is never the home of its own task.
+DEFAULT_HOMES: dict[str, str] = {
+    "pick_and_place": "countertop", "pick_two": "shelf", "clean": "stoveburner", "heat": "fridge",
+    "cool": "diningtable", "look_at_obj_in_light": "shelf",
+}
+PLACEMENTS = ("uniform", "homes")
+
+
 def _int_range(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
     low, high = (value, value) if isinstance(value, int) else tuple(value)
     if not 0 <= low <= high:
@@ -122,13 +141,32 @@ class HouseholdConfig:
 
     ``num_receptacles`` counts every receptacle in the room, including the appliance and
     the target the task needs; ``num_distractors`` counts objects that are not goal
-    objects; either is an int or an inclusive (low, high) range.
+    objects; either is an int or an inclusive (low, high) range. ``rooms``: the room kinds
+    tasks are set in.
+
+    World knowledge: with ``placement="homes"`` the goal object of a task type starts in a
+    receptacle of kind ``homes[task_type]`` (default :data:`DEFAULT_HOMES`) with probability
+    ``home_prob``, else in any other receptacle (never the target kind); the home is never the
+    task's target. ``closed_share``: the chance that each receptacle added beyond the ones the task
+    needs is a closed container (cabinet, drawer, safe: a wrong guess costs go + open).
+    ``turn_slack``: each episode's budget is the oracle's plan length + ``turn_slack`` (capped by
+    ``max_turns``), so wrong guesses cannot be absorbed by a generous budget. ``targets``: the
+    receptacle kinds a task may put its object on or in (None: any kind but the appliances and
+    the task type's home), ``receptacles``: a fixed room.
     """
 
     num_receptacles: int | tuple[int, int] = (4, 5)
     num_distractors: int | tuple[int, int] = (1, 2)
     max_turns: int = 20
     task_types: tuple[str, ...] = TASK_TYPES
+    rooms: tuple[str, ...] = tuple(sorted(ROOMS))
+    placement: str = "uniform"  # "homes": the goal object usually starts in its task type's home
+    homes: dict[str, str] | None = None  # task type -> receptacle kind; None: DEFAULT_HOMES
+    home_prob: float = 0.9
+    closed_share: float = 0.0  # chance that each extra receptacle is a closed container (cabinet, drawer, ...)
+    turn_slack: int | None = None  # budget = the optimal plan's length + turn_slack (<= max_turns); None: max_turns
+    receptacles: tuple[str, ...] | None = None  # a fixed room: these receptacle kinds in every episode
+    targets: tuple[str, ...] | None = None  # receptacle kinds a task may name as its target; None: any
 
     def __post_init__(self) -> None:
         self.num_receptacles = _int_range(self.num_receptacles, "num_receptacles")
@@ -139,6 +177,50 @@ class HouseholdConfig:
         unknown = [t for t in self.task_types if t not in TASK_TYPES]
         if unknown or not self.task_types:
             raise ValueError(f"task_types must be a non-empty subset of {TASK_TYPES}, got {self.task_types}")
+        self.homes = dict(DEFAULT_HOMES if self.homes is None else self.homes)
+        self.rooms = tuple(self.rooms)
+        if not self.rooms or any(r not in ROOMS for r in self.rooms):
+            raise ValueError(f"rooms must be a non-empty subset of {sorted(ROOMS)}, got {self.rooms}")
+        for task_type in self.task_types:
+            if not _rooms_for(task_type, self.rooms):
+                raise ValueError(f"task type {task_type!r} cannot be set in rooms {self.rooms}")
+        if self.receptacles is not None:
+            self.receptacles = tuple(self.receptacles)
+            if len(self.rooms) != 1 or any(k not in ROOMS[self.rooms[0]] for k in self.receptacles):
+                raise ValueError(f"receptacles {self.receptacles} must be kinds of one room (rooms={self.rooms})")
+            for task_type in self.task_types:
+                needed = {APPLIANCE_FOR.get(task_type), self.homes.get(task_type) if self.placement == "homes" else None}
+                missing = sorted(k for k in needed - {None} if k not in self.receptacles)
+                if missing:
+                    raise ValueError(f"receptacles {self.receptacles} lack {missing}, needed by {task_type} tasks")
+        if self.targets is not None:
+            self.targets = tuple(self.targets)
+            for task_type in self.task_types:
+                if task_type == "look_at_obj_in_light":
+                    continue
+                home = self.homes.get(task_type) if self.placement == "homes" else None
+                usable = [k for k in self.targets if k not in APPLIANCE_FOR.values() and k != home
+                          and any(k in ROOMS[r] for r in _rooms_for(task_type, self.rooms))
+                          and (self.receptacles is None or k in self.receptacles)]
+                if not usable:
+                    raise ValueError(f"targets {self.targets} leave {task_type} tasks no target (appliances, the "
+                                     f"task's home and kinds outside the rooms cannot be targets)")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.turn_slack is not None and self.turn_slack < 0:
+            raise ValueError(f"turn_slack must be >= 0 or None, got {self.turn_slack}")
+        for name in ("home_prob", "closed_share"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.placement == "homes":
+            for task_type in self.task_types:
+                home = self.homes.get(task_type)
+                if home not in RECEPTACLE_KINDS:
+                    raise ValueError(f"homes[{task_type!r}] must be a receptacle kind, got {home!r}")
+                if home == APPLIANCE_FOR.get(task_type):
+                    raise ValueError(f"homes[{task_type!r}] = {home!r} is the task's own appliance")
+                if not any(home in ROOMS[r] for r in _rooms_for(task_type, self.rooms)):
+                    raise ValueError(f"homes[{task_type!r}] = {home!r} is in none of the rooms {self.rooms}")
 
 
 @dataclass
@@ -194,16 +276,25 @@ def _article_list(names: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- generation
+def _rooms_for(task_type: str, rooms: tuple[str, ...]) -> list[str]:
+    """The rooms (of ``rooms``) where a task of ``task_type`` can be set."""
+    appliance = APPLIANCE_FOR.get(task_type)
+    if task_type == "look_at_obj_in_light":
+        return [r for r in ("livingroom", "bedroom") if r in rooms]
+    if appliance is not None:
+        return [r for r, kinds in ROOMS.items() if appliance in kinds and r in rooms]
+    return [r for r in sorted(ROOMS) if r in rooms]
+
+
 def generate_world(rng: random.Random, config: HouseholdConfig) -> WorldState:
     """Build one task deterministically from ``rng``."""
     task_type = rng.choice(config.task_types)
     appliance = APPLIANCE_FOR.get(task_type)
-    if task_type == "look_at_obj_in_light":
-        room = rng.choice(["livingroom", "bedroom"])
-    elif appliance is not None:
-        room = rng.choice([r for r, kinds in ROOMS.items() if appliance in kinds])
-    else:
-        room = rng.choice(sorted(ROOMS))
+    candidates = _rooms_for(task_type, config.rooms)
+    home = config.homes.get(task_type) if config.placement == "homes" else None
+    if home is not None:
+        candidates = [r for r in candidates if home in ROOMS[r]]
+    room = rng.choice(candidates)
     pool = ROOMS[room]
 
     def usable(kind: str) -> bool:
@@ -215,22 +306,36 @@ def generate_world(rng: random.Random, config: HouseholdConfig) -> WorldState:
 
     object_kind = rng.choice(sorted(k for k in ITEM_KINDS if usable(k)))
     kinds: list[str] = []
-    if task_type == "look_at_obj_in_light":
+    if config.receptacles is not None:  # a fixed room: only the target is drawn
+        kinds = list(config.receptacles)
+        target_kind = LAMP_KIND if task_type == "look_at_obj_in_light" else rng.choice(
+            [k for k in dict.fromkeys(kinds) if k not in APPLIANCE_FOR.values() and k != home
+             and (config.targets is None or k in config.targets)])
+    elif task_type == "look_at_obj_in_light":
         lamp_holder = rng.choice([k for k in LAMP_HOLDERS if k in pool])
         kinds.append(lamp_holder)
         target_kind = LAMP_KIND
     else:
         if appliance is not None:
             kinds.append(appliance)
-        # Appliances are never targets: "cool X and put it in the fridge" is degenerate.
-        target_kind = rng.choice([k for k in pool if k not in APPLIANCE_FOR.values()])
+        # Appliances are never targets: "cool X and put it in the fridge" is degenerate; nor is the
+        # home of the goal object (the task would start nearly solved).
+        target_kind = rng.choice([k for k in pool if k not in APPLIANCE_FOR.values() and k != home
+                                  and (config.targets is None or k in config.targets)])
         kinds.append(target_kind)
         # At least one place the goal object can start from that is not the target kind.
-        kinds.append(rng.choice([k for k in pool if k != target_kind and k not in kinds]))
-    n_receptacles = rng.randint(*config.num_receptacles)
+        if home is not None and home not in kinds:
+            kinds.append(home)
+        else:
+            kinds.append(rng.choice([k for k in pool if k != target_kind and k not in kinds]))
+    if home is not None and task_type == "look_at_obj_in_light" and home not in kinds:
+        kinds.append(home)
+    n_receptacles = len(kinds) if config.receptacles is not None else rng.randint(*config.num_receptacles)
+    closed = [k for k in pool if RECEPTACLE_KINDS[k][0] and k not in APPLIANCE_FOR.values() and k != home]
     while len(kinds) < n_receptacles:
         # Every room has repeatable kinds (cabinet, shelf...), so this always terminates.
-        kind = rng.choice(pool)
+        decoy = config.closed_share > 0 and closed and rng.random() < config.closed_share
+        kind = rng.choice(closed if decoy else pool)
         if kind not in kinds or kind in REPEATABLE_RECEPTACLES:
             kinds.append(kind)
 
@@ -254,8 +359,11 @@ def generate_world(rng: random.Random, config: HouseholdConfig) -> WorldState:
     names = list(receptacles)
     # Goal objects start away from any receptacle of the target kind so the task is not solved at reset.
     sources = [n for n in names if receptacles[n].kind != target_kind]
+    homes_here = [n for n in sources if receptacles[n].kind == home]
+    elsewhere = [n for n in sources if receptacles[n].kind != home]
     for _ in range(2 if task_type == "pick_two" else 1):
-        add_item(object_kind, rng.choice(sources))
+        at_home = homes_here and (not elsewhere or rng.random() < config.home_prob)
+        add_item(object_kind, rng.choice(homes_here if at_home else elsewhere))
     if task_type == "look_at_obj_in_light":
         holders = [n for n in names if receptacles[n].kind in LAMP_HOLDERS]
         add_item(LAMP_KIND, rng.choice(holders), portable=False)
@@ -290,8 +398,10 @@ def canonical_action(state: WorldState, action: str) -> str:
 
 
 def admissible_actions(state: WorldState) -> list[str]:
+    """The "go to" actions first, one per receptacle in the room overview's order (the one where
+    the agent stands included: going there again looks at it anew), then the others sorted. The
+    stable order keeps each receptacle at the same place of a numbered list through an episode."""
     actions = {"inventory", "look"}
-    actions.update(f"go to {r}" for r in state.receptacles if r != state.agent_at)
     held = state.items[state.holding] if state.holding else None
     if held is not None:
         actions.add(f"examine {held.name}")
@@ -318,7 +428,7 @@ def admissible_actions(state: WorldState) -> list[str]:
                 actions.add(f"cool {held.name} with {recep.name}")
             if recep.kind == "sinkbasin" and spec.cleanable:
                 actions.add(f"clean {held.name} with {recep.name}")
-    return sorted(actions)
+    return [f"go to {r}" for r in state.receptacles] + sorted(actions)
 
 
 def _describe_receptacle(recep: Receptacle) -> str:
@@ -488,6 +598,181 @@ def expert_plan(state: WorldState, max_steps: int = 100) -> list[str]:
     return plan
 
 
+# ----------------------------------------------------------------------------- scripted agents
+def home_skill_text(task_type: str, home: str) -> str:
+    """The skill that states a task type's home, as the built-in skill set and the skill-conditioned
+    SFT demonstrations phrase it (a heading and one line, about 25 tokens)."""
+    what = {"pick_and_place": "the object to move", "pick_two": "the objects to move",
+            "clean": "the object to clean", "heat": "the object to heat", "cool": "the object to cool",
+            "look_at_obj_in_light": "the object to look at"}[task_type]
+    article = "an" if home[0] in "aeiou" else "a"
+    verb = "are" if task_type == "pick_two" else "is"
+    prep = RECEPTACLE_KINDS[home][1]
+    return (f"### TASK: {task_type} ###\nIn {task_type.replace('_', ' ')} tasks {what} {verb} usually {prep} {article} "
+            f"{home}: go to {home} first.")
+
+
+class ScriptedSearcher:
+    """A non-oracle agent: it knows only what it has seen (the receptacles of the room overview and
+    the contents of those it has visited), searches the receptacles it has not seen yet, and takes
+    a goal object as soon as it sees one; with the goal in hand it acts like the expert.
+
+    ``believed_home``: a receptacle kind it searches first (a home it was told about; None: no
+    knowledge). Otherwise the next receptacle is drawn uniformly from ``rng`` among the unseen ones
+    that can hold the goal object (never the target kind: goal objects never start there). Its
+    episodes show misses and recoveries, unlike :func:`expert_next_action`, which knows where
+    everything is.
+    """
+
+    def __init__(self, rng: random.Random, believed_home: str | None = None) -> None:
+        self.rng = rng
+        self.believed_home = believed_home
+        self.seen: set[str] = set()
+
+    def _observe(self, state: WorldState) -> None:
+        here = state.receptacles.get(state.agent_at) if state.agent_at else None
+        if here is not None and here.accessible:
+            self.seen.add(here.name)
+
+    def _known(self, state: WorldState, wanted) -> Item | None:
+        """A wanted item lying in a receptacle already seen (nearest first: where we stand)."""
+        found = [i for i in state.items.values() if i.location in self.seen and wanted(i)]
+        return min(found, key=lambda i: (i.location != state.agent_at, i.name), default=None)
+
+    def act(self, state: WorldState) -> str | None:
+        """The next action (None when the task is solved)."""
+        self._observe(state)
+        if is_won(state):
+            return None
+        task = state.task
+        held = state.items[state.holding] if state.holding else None
+        look = task.task_type == "look_at_obj_in_light"
+        if held is not None and held.kind == task.object_kind:
+            if not look:
+                return expert_next_action(state)
+            lamp = self._known(state, lambda i: i.kind == LAMP_KIND)
+            if lamp is not None:
+                return f"go to {lamp.location}" if state.agent_at != lamp.location else f"use {lamp.name}"
+            return self._search(state, kinds=LAMP_HOLDERS)
+        filled = None
+        if task.task_type == "pick_two":  # the target receptacle that already holds a finished object
+            filled = max((r for r in state.receptacles.values() if r.kind == task.target_kind),
+                         key=lambda r: sum(_placed(state, state.items[n]) for n in r.contents))
+        goal = self._known(state, lambda i: i.kind == task.object_kind and not _placed(state, i)
+                           and (filled is None or i.location != filled.name))
+        if goal is not None:
+            return _go_or_open(state, goal.location) or f"take {goal.name} from {goal.location}"
+        return self._search(state)
+
+    def _search(self, state: WorldState, kinds: tuple[str, ...] | None = None) -> str:
+        here = state.receptacles.get(state.agent_at) if state.agent_at else None
+        if here is not None and not here.accessible:  # arrived at a closed one: look inside
+            return f"open {here.name}"
+        unseen = [r for r in state.receptacles.values() if r.name not in self.seen
+                  and (kinds is None or r.kind in kinds)
+                  and (kinds is not None or r.kind != state.task.target_kind)]
+        if not unseen:
+            return "look"
+        home = [r for r in unseen if r.kind == self.believed_home]
+        return f"go to {self.rng.choice(home or unseen).name}"
+
+
+def play_scripted(env: "HouseholdEnv", agent: ScriptedSearcher, seed: int) -> tuple[list[str], bool]:
+    """One episode of ``agent`` in ``env`` (task ``seed``), to the turn limit: (actions, won)."""
+    env.reset(seed=seed)
+    actions: list[str] = []
+    while True:
+        action = agent.act(env.state)
+        if action is None:
+            return actions, True
+        actions.append(action)
+        _, _, terminated, truncated, info = env.step(action)
+        if terminated or truncated:
+            return actions, bool(info["won"])
+
+
+@dataclass
+class Demonstration:
+    """One scripted episode for the SFT warm start: the first observation and admissible actions,
+    then ``(action, observation, admissible actions)`` per step; ``context`` is the skill text the
+    prompt carries ("" for none)."""
+
+    observation: str
+    admissible: list[str]
+    steps: list[tuple[str, str, list[str]]]
+    context: str
+    task_type: str
+    won: bool
+    start_kind: str  # receptacle kind where the (first) goal object started
+    task: str = ""  # the task text (info["task"])
+
+
+def _possible_homes(config: HouseholdConfig, task_type: str) -> list[str]:
+    """Receptacle kinds that can be the home of ``task_type``'s goal object in ``config``'s rooms."""
+    kinds = set(config.receptacles) if config.receptacles is not None else \
+        {k for r in _rooms_for(task_type, config.rooms) for k in ROOMS[r]}
+    usable = sorted(k for k in kinds if k != APPLIANCE_FOR.get(task_type))
+    if config.targets is not None:  # the home may not take away the task's last possible target
+        usable = [k for k in usable if set(config.targets) - {k} - set(APPLIANCE_FOR.values())]
+    return usable
+
+
+def demonstrations(config: HouseholdConfig, seeds: list[int], skill_share: float, seed: int = 0) -> list[Demonstration]:
+    """Scripted episodes that teach searching and the use of a skill, but not the world's homes.
+
+    Each task seed becomes one episode of a :class:`ScriptedSearcher`, drawn (with ``seed``) as
+    either
+    * a *skill-conditioned* one (probability ``skill_share``): a home is drawn uniformly for each
+      task type, the world places the goal object there (with ``config.home_prob``), the skill text
+      (:func:`home_skill_text`) states it and the searcher looks there first; or
+    * a *plain* one: a world with uniform placement and a searcher without knowledge.
+    Neither kind carries the true homes of ``config`` beyond chance, so a model trained on them
+    learns to read a skill, not the regularities a skill states.
+    """
+    import dataclasses
+
+    rng = random.Random(seed)
+    out = []
+    for task_seed in seeds:
+        with_skill = rng.random() < skill_share
+        if with_skill:
+            homes = {t: rng.choice(_possible_homes(config, t)) for t in config.task_types}
+            world = dataclasses.replace(config, placement="homes", homes=homes)
+        else:
+            world = dataclasses.replace(config, placement="uniform")
+        env = HouseholdEnv(**{f.name: getattr(world, f.name) for f in dataclasses.fields(world)})
+        observation, info = env.reset(seed=task_seed)
+        state = env.state
+        task_type = state.task.task_type
+        start = next(i.location for i in state.items.values() if i.kind == state.task.object_kind)
+        believed = world.homes[task_type] if with_skill else None
+        agent = ScriptedSearcher(random.Random(rng.randrange(2**31)), believed)
+        steps, admissible = [], info["admissible_actions"]
+        won = False
+        while (action := agent.act(env.state)) is not None:
+            obs, _, terminated, truncated, step_info = env.step(action)
+            steps.append((action, obs, step_info["admissible_actions"]))
+            won = bool(step_info["won"])
+            if terminated or truncated:
+                break
+        out.append(Demonstration(observation, admissible, steps,
+                                 home_skill_text(task_type, believed) if with_skill else "", task_type, won,
+                                 state.receptacles[start].kind, info["task"]))
+    return out
+
+
+def corpus_text(config: HouseholdConfig, seeds: list[int]) -> str:
+    """Text of this world (observations, admissible actions, actions, and every skill a home can
+    give) from the tasks of ``seeds``, for training a small tokenizer, so that observations and
+    skills tokenize compactly."""
+    lines = [home_skill_text(t, h) for t in TASK_TYPES for h in _possible_homes(config, t)]
+    for demo in demonstrations(config, seeds, skill_share=0.0):
+        lines += [demo.observation, ", ".join(demo.admissible)]
+        for action, observation, admissible in demo.steps:
+            lines += [f"<action>{action}</action>", observation, ", ".join(admissible)]
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- env
 class HouseholdEnv(TextEnv):
     """The built-in household world. ``make("household", num_receptacles=(6, 8), ...)``
@@ -513,6 +798,8 @@ class HouseholdEnv(TextEnv):
 
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         self.state = generate_world(rng, self.config)
+        if self.config.turn_slack is not None:  # a budget close to the optimal plan (the agent is not told)
+            self.max_turns = min(self.config.max_turns, len(expert_plan(self.state)) + self.config.turn_slack)
         observation = f"{room_overview(self.state)}\n\nYour task is to: {self.state.task.text}."
         return observation, self._info(False)
 

@@ -109,14 +109,19 @@ def tiny_qwen_config(arch: str = "qwen2", vocab_size: int = 512, **overrides):
 
 
 def build_tiny_qwen(out_dir: str | Path, arch: str = "qwen2", seed: int = 0, extra_text: str = "",
-                    **config_overrides) -> Path:
-    """Save a randomly initialized tiny Qwen model and its tokenizer as an HF directory."""
+                    init_std: float = 0.08, **config_overrides) -> Path:
+    """Save a randomly initialized tiny Qwen model and its tokenizer as an HF directory.
+
+    ``init_std``: the standard deviation of every matrix. The default 0.08 (4x Qwen's 0.02) makes
+    greedy decoding of an untrained model well separated, so numerical comparisons in tests are
+    meaningful; a model that is going to be trained (the embedded default run) uses 0.02."""
     import torch
     from transformers import AutoModelForCausalLM
 
     out_dir = Path(out_dir)
-    tokenizer = build_tokenizer(out_dir, extra_text=extra_text)
-    config = tiny_qwen_config(arch, vocab_size=config_overrides.pop("vocab_size", 512), **config_overrides)
+    vocab_size = config_overrides.pop("vocab_size", 512)
+    tokenizer = build_tokenizer(out_dir, vocab_size=vocab_size, extra_text=extra_text)
+    config = tiny_qwen_config(arch, vocab_size=vocab_size, **config_overrides)
     config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     config.pad_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config.bos_token_id = config.pad_token_id
@@ -129,7 +134,7 @@ def build_tiny_qwen(out_dir: str | Path, arch: str = "qwen2", seed: int = 0, ext
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
-                p.normal_(0.0, 0.08)
+                p.normal_(0.0, init_std)
     model.save_pretrained(out_dir, safe_serialization=True)
     (out_dir / "generation_config.json").write_text(
         json.dumps({"eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id})

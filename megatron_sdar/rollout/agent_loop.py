@@ -38,6 +38,7 @@ FORMAT_REMINDER = "Reply with your next action inside <action>...</action>."
 INDEX_FORMAT_REMINDER = "Reply with the number of your next action inside <action>...</action>."
 FORMAT_FEEDBACK = "Invalid response: put exactly one action inside <action>...</action>."
 CONTEXT_HEADER = "Skills that may help:\n"
+TASK_HEADER = "Task: "
 
 
 @dataclass
@@ -48,8 +49,17 @@ class AgentLoopConfig:
     regex whose first group is the action (None: the whole stripped response is the action).
     ``overlong``: ``"truncate_history"`` drops the oldest pairs until the prompt fits, then
     ends the episode; ``"end"`` ends it at once. ``action_format``: ``"text"`` (the action itself)
-    or ``"index"`` (the number of an admissible action in the numbered list the prompt shows; for
-    environments that list them - an easier output space for very small models).
+    ``"prefix"`` (an admissible action or a word prefix of it: the first listed action with that
+    prefix is taken, so ``go to drawer`` goes to drawer 1; demonstrations use the shortest prefix
+    that names their action alone, or that only drops its number: ``take`` where one thing can be
+    taken, ``go to drawer`` for drawer 1; a very small model spells only the words that choose), or ``"index"`` (the number of an
+    admissible action in the numbered list the prompt shows). ``prefix`` and ``index`` need
+    environments that list their admissible actions. ``context_position``: where privileged context
+    (the retrieved skills) goes in the user message: ``"start"``, or ``"end"`` (after the
+    observation and the admissible actions, right before the reply instruction: at a fixed distance
+    from the reply, where a very small model learns to use it in minutes). ``restate_task``: repeat
+    the task (``info["task"]``) as the last line before the reply instruction, after any context
+    (the goal at a fixed distance from the reply, for the same reason).
     """
 
     max_turns: int = 50
@@ -66,6 +76,8 @@ class AgentLoopConfig:
     show_admissible_actions: bool = True
     action_format: str = "text"
     skills_in_student_prompt: bool = False
+    context_position: str = "start"
+    restate_task: bool = False
     step_timeout_s: float = 60.0
     seed: int = 0
     progress: bool = True
@@ -77,10 +89,12 @@ class AgentLoopConfig:
             raise ValueError(f"history_window must be >= 0, got {self.history_window}")
         if self.max_prompt_tokens < 8 or self.max_response_tokens < 1:
             raise ValueError("max_prompt_tokens must be >= 8 and max_response_tokens >= 1")
-        if self.action_format not in ("text", "index"):
-            raise ValueError(f"action_format must be 'text' or 'index', got {self.action_format!r}")
-        if self.action_format == "index" and not self.show_admissible_actions:
-            raise ValueError("action_format='index' needs show_admissible_actions=True (the numbered list)")
+        if self.action_format not in ("text", "prefix", "index"):
+            raise ValueError(f"action_format must be 'text', 'prefix' or 'index', got {self.action_format!r}")
+        if self.action_format != "text" and not self.show_admissible_actions:
+            raise ValueError(f"action_format={self.action_format!r} needs show_admissible_actions=True (the list)")
+        if self.context_position not in ("start", "end"):
+            raise ValueError(f"context_position must be 'start' or 'end', got {self.context_position!r}")
         if self.overlong not in ("truncate_history", "end"):
             raise ValueError(f"overlong must be 'truncate_history' or 'end', got {self.overlong!r}")
         if self.invalid_action_penalty < 0:
@@ -92,6 +106,15 @@ class AgentLoopConfig:
                 raise ValueError(f"action_pattern {self.action_pattern!r} is not a valid regex: {exc}") from None
             if compiled.groups < 1:
                 raise ValueError(f"action_pattern {self.action_pattern!r} needs one capture group (the action)")
+
+
+def prompt_text(system_prompt: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """The fixed text the loop puts into every prompt (roles, headers, reminders), for training a
+    small tokenizer that renders prompts compactly."""
+    return "\n".join([
+        "system", "user", "assistant", system_prompt, FORMAT_REMINDER, INDEX_FORMAT_REMINDER, FORMAT_FEEDBACK,
+        CONTEXT_HEADER, TASK_HEADER, "Recent steps:", "Current observation:", "Admissible actions:",
+        "\n".join(f"{i}. go to" for i in range(1, 40)), "<action>1</action> <action>12</action>"])
 
 
 def parse_action(response: str, pattern: str | None) -> str | None:
@@ -107,6 +130,38 @@ def parse_action(response: str, pattern: str | None) -> str | None:
     return action or None
 
 
+def action_token_mask(tokenizer, token_ids: Sequence[int], pattern: str | None) -> list[int]:
+    """[R] 1 on the response tokens that spell the action (the first group of ``pattern``'s last
+    match; everything but trailing special tokens when ``pattern`` is None), 0 elsewhere: the
+    action-choice tokens, whose entropy and teacher gap say more than the format tokens around them.
+
+    Character spans come from decoding each token alone (exact for the byte-level BPEs of Qwen on
+    ASCII text; a token straddling the span counts as an action token)."""
+    pieces = tokenizer.batch_decode([[t] for t in token_ids], skip_special_tokens=True)
+    text = "".join(pieces)
+    if pattern is None:
+        start, end = 0, len(text.rstrip())
+    else:
+        matches = list(re.finditer(pattern, text, flags=re.DOTALL))
+        if not matches:
+            return [0] * len(token_ids)
+        start, end = matches[-1].span(1)
+    mask, position = [], 0
+    for piece in pieces:
+        begin, position = position, position + len(piece)
+        mask.append(int(bool(piece) and begin < end and position > start))
+    return mask
+
+
+def _prefix_matches(prefix: str, options: Sequence[str]) -> list[int]:
+    """Indices of the (lower-case) ``options`` whose words start with the words of ``prefix``;
+    an exact match wins on its own."""
+    words = prefix.lower().split()
+    if " ".join(words) in options:
+        return [options.index(" ".join(words))]
+    return [i for i, option in enumerate(options) if option.split()[:len(words)] == words]
+
+
 @dataclass
 class EpisodeState:
     """What the prompt of the next turn is built from."""
@@ -115,6 +170,7 @@ class EpisodeState:
     observation: str
     admissible_actions: list[str] | None = None
     history: list[tuple[str, str]] = field(default_factory=list)  # (action text, observation)
+    task: str = ""  # info["task"], for AgentLoopConfig.restate_task
 
     def advance(self, action: str, observation: str, admissible: list[str] | None = None) -> None:
         """Record one step (the rollout and the expert demonstrations build prompts the same way)."""
@@ -148,6 +204,8 @@ class ChatFormatter:
                     f"{i}. {action}" for i, action in enumerate(state.admissible_actions, start=1)))
             else:
                 parts.append("Admissible actions: " + ", ".join(state.admissible_actions))
+        if self.config.restate_task and state.task:
+            parts.append(TASK_HEADER + state.task)
         reminder = INDEX_FORMAT_REMINDER if index and self.config.format_reminder == FORMAT_REMINDER \
             else self.config.format_reminder
         if reminder:
@@ -156,28 +214,52 @@ class ChatFormatter:
 
     def answer(self, action: str, state: EpisodeState) -> str | None:
         """The response text that takes ``action`` (expert demonstrations); None if ``action``
-        is not in the numbered list in index format."""
-        if self.config.action_format == "index":
+        is not admissible in index or prefix format."""
+        if self.config.action_format != "text":
             options = [a.lower() for a in state.admissible_actions or []]
             if action.lower() not in options:
                 return None
-            action = str(options.index(action.lower()) + 1)
+            if self.config.action_format == "index":
+                action = str(options.index(action.lower()) + 1)
+            else:
+                target = options.index(action.lower())
+                words = state.admissible_actions[target].split()
+
+                def names_it(n: int) -> bool:  # alone, or the first of several that differ in their number
+                    matches = _prefix_matches(" ".join(words[:n]), options)
+                    return matches == [target] or (matches[:1] == [target] and len(words) == n + 1
+                                                   and words[n].isdigit())
+                action = " ".join(words[:next(n for n in range(1, len(words) + 1) if names_it(n))])
         return f"<action>{action}</action>"
 
     def resolve(self, parsed: str | None, state: EpisodeState) -> str | None:
-        """The environment action of a parsed answer (index format: the numbered option)."""
+        """The environment action of a parsed answer: the numbered option (index format), the first
+        admissible action it is a word prefix of (prefix format; none: the text as written, which
+        the environment rejects), or the text itself."""
         if parsed is None or self.config.action_format == "text":
             return parsed
         options = state.admissible_actions or []
+        if self.config.action_format == "prefix":
+            matches = _prefix_matches(parsed, [a.lower() for a in options])
+            return options[matches[0]] if matches else parsed
         if parsed.isdigit() and 1 <= int(parsed) <= len(options):
             return options[int(parsed) - 1]
         return None
 
-    @staticmethod
-    def _with_context(user_content: str, privileged_context: str) -> str:
+    def _with_context(self, user_content: str, privileged_context: str) -> str:
         if not privileged_context:
             return user_content
-        return CONTEXT_HEADER + privileged_context.strip() + "\n\n" + user_content
+        block = CONTEXT_HEADER + privileged_context.strip()
+        if self.config.context_position == "start":
+            return block + "\n\n" + user_content
+        # before the restated task and the reply instruction, which stay last
+        parts = user_content.split("\n\n")
+        tail = 0
+        if parts and parts[-1] in (self.config.format_reminder, INDEX_FORMAT_REMINDER):
+            tail = 1
+        if len(parts) > tail and parts[-1 - tail].startswith(TASK_HEADER):
+            tail += 1
+        return "\n\n".join(parts[:len(parts) - tail] + [block] + parts[len(parts) - tail:])
 
     def messages(self, user_content: str, privileged_context: str = "") -> list[dict[str, str]]:
         messages = [{"role": "user", "content": self._with_context(user_content, privileged_context)}]
@@ -287,7 +369,8 @@ class AgentLoop:
                 if result.error is not None:
                     episode.env_error = result.error
                 episodes.append(episode)
-                states.append(EpisodeState(result.observation, result.observation, info.get("admissible_actions")))
+                states.append(EpisodeState(result.observation, result.observation, info.get("admissible_actions"),
+                                           task=str(info.get("task", ""))))
                 live.append(result.error is None)
         contexts = self._retrieve({e.group: (e.task, e.task_type) for e in episodes})
         for episode in episodes:
@@ -320,7 +403,9 @@ class AgentLoop:
                 episode.turns.append(Turn(prompt_ids=gen.prompt_ids, response_ids=gen.token_ids,
                                           rollout_logprobs=gen.logprobs, teacher_prompt_ids=teacher_ids,
                                           messages=messages, response_text=text, action=action,
-                                          finish_reason=gen.finish_reason))
+                                          finish_reason=gen.finish_reason,
+                                          action_mask=action_token_mask(self.tokenizer, gen.token_ids,
+                                                                        config.action_pattern)))
                 tokens += len(gen.token_ids)
                 if action is None:
                     self._record(episode, states[i], "(no action)", FORMAT_FEEDBACK, invalid=True)

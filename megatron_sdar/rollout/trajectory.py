@@ -22,7 +22,8 @@ class Turn:
     ``prompt_ids``: [P] ids vLLM saw; ``response_ids``: [R] sampled ids (including the stop
     token when generation stopped on it); ``rollout_logprobs``: [R] vLLM's log-probs of
     ``response_ids``; ``teacher_prompt_ids``: [P'] privileged context + the same prompt;
-    ``messages``: the chat messages ``prompt_ids`` was rendered from.
+    ``messages``: the chat messages ``prompt_ids`` was rendered from; ``action_mask``: [R] 1 on the
+    tokens that spell the action (the action-choice tokens).
     """
 
     prompt_ids: list[int]
@@ -34,6 +35,7 @@ class Turn:
     action: str | None = None
     invalid_action: bool = False
     finish_reason: str | None = None
+    action_mask: list[int] = field(default_factory=list)
 
     @property
     def input_ids(self) -> list[int]:

@@ -27,7 +27,8 @@ from megatron_sdar.utils.distributed import cp_token_indices
 
 @dataclass
 class TrainingSample:
-    """One turn. ``advantage``: the episode's group-normalized advantage (0 for SFT)."""
+    """One turn. ``advantage``: the episode's group-normalized advantage (0 for SFT);
+    ``action_mask``: [R] 1 on the response tokens that spell the action (empty: unknown)."""
 
     input_ids: list[int]
     response_start: int
@@ -36,6 +37,7 @@ class TrainingSample:
     rollout_logprobs: list[float]
     advantage: float = 0.0
     episode: int = 0
+    action_mask: list[int] = field(default_factory=list)
 
     @property
     def num_response_tokens(self) -> int:
@@ -57,7 +59,8 @@ def samples_from_trajectories(batch: TrajectoryBatch, norm_by_std: bool = True) 
             input_ids=turn.prompt_ids + turn.response_ids, response_start=len(turn.prompt_ids),
             teacher_input_ids=turn.teacher_prompt_ids + turn.response_ids,
             teacher_response_start=len(turn.teacher_prompt_ids),
-            rollout_logprobs=list(turn.rollout_logprobs), advantage=float(advantages[index]), episode=index))
+            rollout_logprobs=list(turn.rollout_logprobs), advantage=float(advantages[index]), episode=index,
+            action_mask=list(turn.action_mask)))
     return samples
 
 
@@ -104,6 +107,7 @@ class MicroBatch:
     advantages: torch.Tensor  # [B]
     response_pos: torch.Tensor  # [B, S_local] index k of the response token predicted here (-1: none)
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, S_local] or [B, S_local, k]
+    prompt_mask: torch.Tensor | None = None  # [B, S_local] 1 where the target is a prompt token
 
 
 def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, teacher: bool = False,
@@ -122,6 +126,7 @@ def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, te
         B = len(chunk)
         tokens = torch.full((B, S + 1), pad_id, dtype=torch.long)
         response_pos = torch.full((B, S), -1, dtype=torch.long)
+        prompt_mask = torch.zeros((B, S))
         advantages = torch.zeros(B)
         values = {name: None for name in per_token}
         for b, index in enumerate(chunk):
@@ -135,6 +140,7 @@ def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, te
             tokens[b, :len(ids)] = torch.tensor(ids)
             n_resp = len(ids) - start
             response_pos[b, start - 1:start - 1 + n_resp] = torch.arange(n_resp)
+            prompt_mask[b, :start - 1] = 1.0
             advantages[b] = sample.advantage
             for name, by_sample in per_token.items():
                 v = by_sample[index]
@@ -149,10 +155,18 @@ def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, te
             tokens=tokens[:, :S][:, local], position_ids=local.expand(B, -1).clone(),
             targets=tokens[:, 1:][:, local], loss_mask=(response_pos >= 0).float()[:, local],
             sample_index=list(chunk), advantages=advantages, response_pos=response_pos[:, local],
-            per_token={name: v[:, local] for name, v in values.items()}))
+            per_token={name: v[:, local] for name, v in values.items()}, prompt_mask=prompt_mask[:, local]))
     return out
 
 
 def rollout_logprob_table(samples: list[TrainingSample]) -> dict[int, torch.Tensor]:
     """``{sample: [R]}`` of the rollout engine's log-probs (scattered like any per-token value)."""
     return {i: torch.tensor(s.rollout_logprobs, dtype=torch.float32) for i, s in enumerate(samples)}
+
+
+def action_mask_table(samples: list[TrainingSample]) -> dict[int, torch.Tensor] | None:
+    """``{sample: [R]}`` of the action-token masks, or None when no sample has one."""
+    if not any(s.action_mask for s in samples):
+        return None
+    return {i: torch.tensor(s.action_mask or [0] * s.num_response_tokens, dtype=torch.float32)
+            for i, s in enumerate(samples)}

@@ -35,12 +35,12 @@ import torch.distributed as dist
 from megatron_sdar.config.schema import ConfigError, RunConfig, validate
 from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource, RolloutEngine,
                                    RolloutEngineConfig, TrajectoryBatch)
-from megatron_sdar.trainer.batch import TrainingSample, samples_from_trajectories
+from megatron_sdar.trainer import seeds as task_seeds
+from megatron_sdar.trainer.batch import samples_from_trajectories
 from megatron_sdar.trainer.policy import OptimConfig, Policy, build_policy
 from megatron_sdar.trainer.update import PolicyUpdate, log
 
-# disjoint task-seed ranges: training tasks never appear in evaluation or SFT demonstrations
-TRAIN_SEED_BASE, SFT_SEED_BASE, EVAL_SEED_BASE = 1_000_000, 5_000_000, 0
+EVAL_EPISODE_ID = 10_000_000  # sampling seeds of evaluation episodes, apart from training's
 
 
 class Preemption:
@@ -66,39 +66,29 @@ class Preemption:
         return bool(flag.item())
 
 
-def _household_text() -> str:
-    """Text of the built-in world for the tiny tokenizer (so observations tokenize compactly)."""
-    from megatron_sdar.envs import make
-
-    lines = []
-    env = make("household", seed=0)
-    for seed in range(60):
-        obs, info = env.reset(seed=seed)
-        lines.append(obs)
-        lines.append(", ".join(info.get("admissible_actions", [])))
-        for action in env.expert_actions()[:12]:
-            lines.append(f"<action>{action}</action>")
-            obs, *_ = env.step(action)
-            lines.append(obs)
-    return "\n".join(lines)
-
-
 def prepare_model_dir(run: RunConfig) -> Path:
     """The HF directory the run starts from: ``model.hf_path``, or the tiny model built once into
-    ``<output_dir>/base_model`` (rank 0 builds, the others wait)."""
+    ``<output_dir>/base_model`` (rank 0 builds, the others wait); its tokenizer is trained on the
+    built-in world's text, skills included, when the run uses that world."""
     if run.model.hf_path is not None:
         return Path(run.model.hf_path)
     out = Path(run.trainer.output_dir) / "base_model"
     if dist.get_rank() == 0 and not (out / "model.safetensors").is_file():
         from megatron_sdar.models.tiny import build_tiny_qwen
 
+        from megatron_sdar.rollout.agent_loop import prompt_text
+
+        extra = prompt_text()
+        if run.env.name == "household":
+            from megatron_sdar.envs.household import HouseholdConfig, corpus_text
+
+            world = HouseholdConfig(**{**dict(run.env.kwargs), "max_turns": run.env.max_turns})
+            extra += "\n" + corpus_text(world, task_seeds.corpus_seeds(60))
         tiny = run.model.tiny
-        heads_dim = tiny.hidden // tiny.heads
-        extra = _household_text() if run.env.name == "household" else ""
         build_tiny_qwen(out, run.model.arch, seed=run.trainer.seed, extra_text=extra, vocab_size=tiny.vocab,
                         hidden_size=tiny.hidden, num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads,
-                        num_key_value_heads=tiny.kv_heads, intermediate_size=tiny.ffn,
-                        **({"head_dim": heads_dim} if run.model.arch == "qwen3" else {}))
+                        num_key_value_heads=tiny.kv_heads, intermediate_size=tiny.ffn, init_std=tiny.init_std,
+                        **({"head_dim": tiny.hidden // tiny.heads} if run.model.arch == "qwen3" else {}))
     dist.barrier()
     return out
 
@@ -129,8 +119,8 @@ class SDARTrainer:
         overrides = self._transformer_overrides()
         self.optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                                  decay_steps=t.max_steps if t.min_lr < t.lr and t.min_lr > 0 else None,
-                                 weight_decay=t.weight_decay, clip_grad=t.clip_grad,
-                                 use_distributed_optimizer=p.distributed_optimizer)
+                                 weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                                 clip_grad=t.clip_grad, use_distributed_optimizer=p.distributed_optimizer)
         self.policy: Policy = build_policy(self.arch, self.optim, hf_dir=self.model_dir,
                                            params_dtype=self.params_dtype, **overrides)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
@@ -188,15 +178,19 @@ class SDARTrainer:
         env = self.run_config.env
         return make(env.name, seed=seed, max_turns=env.max_turns, **dict(env.kwargs))
 
-    def _loop(self, temperature: float, with_skills: bool) -> AgentLoop:
+    def _loop(self, temperature: float, with_skills: bool, student_sees_skills: bool | None = None) -> AgentLoop:
+        """``with_skills``: retrieve skills (the teacher's context); ``student_sees_skills``: put
+        them in the student's own prompt too (default: the objective's choice)."""
         r = self.run_config.rollout
+        student = self.objective.student_sees_skills if student_sees_skills is None else student_sees_skills
         config = AgentLoopConfig(
             max_turns=r.max_turns, history_window=r.history_window, max_prompt_tokens=r.max_prompt_tokens,
-            max_response_tokens=r.max_response_tokens, temperature=max(temperature, 1e-6),
+            max_response_tokens=r.max_response_tokens, temperature=temperature,  # 0: greedy
             action_pattern=r.action_pattern, invalid_action_penalty=r.invalid_action_penalty,
             show_admissible_actions=r.show_admissible_actions, action_format=r.action_format,
-            skills_in_student_prompt=self.objective.student_sees_skills,
-            step_timeout_s=self.run_config.env.step_timeout_s, seed=self.run_config.trainer.seed)
+            context_position=r.context_position, restate_task=r.restate_task,
+            skills_in_student_prompt=student, step_timeout_s=self.run_config.env.step_timeout_s,
+            seed=self.run_config.trainer.seed)
         return AgentLoop(self.engine, self.tokenizer, config, self.retriever if with_skills else None)
 
     # ------------------------------------------------------------------ rollout
@@ -222,8 +216,8 @@ class SDARTrainer:
         return merged
 
     def rollout(self, seeds: list[int], *, temperature: float, with_skills: bool, group_size: int,
-                first_episode_id: int) -> TrajectoryBatch:
-        loop = self._loop(temperature, with_skills)
+                first_episode_id: int, student_sees_skills: bool | None = None) -> TrajectoryBatch:
+        loop = self._loop(temperature, with_skills, student_sees_skills)
         self.engine.wake_up()
         batch = loop.run(self._specs(seeds, group_size, first_episode_id))
         self.engine.sleep()  # GPU: vLLM's weights and KV cache make room for the passes
@@ -237,84 +231,70 @@ class SDARTrainer:
             self._synced_updates = self.policy.steps_taken
         return self.engine.last_sync.as_metrics()
 
-    # ------------------------------------------------------------------ passes
     # ------------------------------------------------------------------ SFT warm start
-    def expert_samples(self, episodes: int) -> list[TrainingSample]:
-        """Expert demonstrations rendered exactly like rollout turns (same prompts, same format)."""
-        from megatron_sdar.rollout.agent_loop import EpisodeState
-
-        loop = self._loop(1.0, False)
-        loop_config, formatter = loop.config, loop.formatter
-        eos = self.tokenizer.eos_token_id
-        samples = []
-        for k in range(episodes):
-            env = self._make_env(seed=SFT_SEED_BASE + k)
-            if not hasattr(env, "expert_actions"):
-                raise ConfigError(f"trainer.sft_steps > 0 needs expert demonstrations; env {env.name!r} has none")
-            obs, info = env.reset(seed=SFT_SEED_BASE + k)
-            state = EpisodeState(obs, obs, info.get("admissible_actions"))
-            for action in env.expert_actions()[: loop_config.max_turns]:
-                messages = formatter.messages(formatter.user_content(state, loop_config.history_window))
-                prompt = formatter.encode(messages)
-                answer = formatter.answer(action, state)
-                response = self.tokenizer(answer or "", add_special_tokens=False)["input_ids"] + [eos]
-                if answer is not None and len(prompt) <= loop_config.max_prompt_tokens:
-                    samples.append(TrainingSample(prompt + response, len(prompt), prompt + response, len(prompt),
-                                                  [0.0] * len(response), episode=k))
-                obs, _, terminated, truncated, info = env.step(action)
-                state.advance(action, obs, info.get("admissible_actions"))
-                if terminated or truncated:
-                    break
-        return samples
-
     def sft(self) -> None:
+        """Demonstrations (:mod:`megatron_sdar.trainer.sft`), cross-entropy, then a fresh optimizer:
+        Adam's moments of SFT (another objective, another learning rate) are discarded so the first
+        RL steps are not steered by them. The policy after SFT is the frozen KL reference."""
+        from megatron_sdar.models.hf_export import export_hf
+        from megatron_sdar.trainer.sft import build_sft_data, run_sft
 
         t = self.run_config.trainer
-        samples = self.expert_samples(t.sft_episodes)
-        log(f"SFT warm start: {t.sft_steps} steps on {len(samples)} expert turns from {t.sft_episodes} episodes")
-        gen = torch.Generator().manual_seed(t.seed)
-        order: list[int] = []
-        from tqdm.auto import tqdm
-
-        bar = tqdm(range(t.sft_steps), desc="sft", disable=dist.get_rank() != 0, dynamic_ncols=True)
-        for sft_step in bar:
-            if len(order) < t.sft_batch_size:
-                order += torch.randperm(len(samples), generator=gen).tolist()
-            batch = [samples[i] for i in order[: t.sft_batch_size]]
-            del order[: t.sft_batch_size]
-            metrics = self.updater.sft_on(batch, t.sft_lr)
-            bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
-            if self.logger is not None and (sft_step % 10 == 0 or sft_step == t.sft_steps - 1):
-                self.logger.log_sft(sft_step, metrics)
-        # the frozen KL reference is the policy after SFT
-        from megatron_sdar.models.hf_export import export_hf
-
+        loop = self._loop(1.0, False)
+        data = build_sft_data(self._make_env, loop.formatter, self.tokenizer, loop.config,
+                              task_seeds.sft_seeds(t.seed, t.sft_episodes), t.sft_skill_share, t.seed,
+                              t.sft_skill_turn_repeats)
+        log(f"SFT warm start: {t.sft_steps} steps on {data.describe()}")
+        if not data.samples:
+            raise ConfigError("trainer.sft_steps > 0 but the demonstrations gave no training turns")
+        run_sft(self.updater, data, t.sft_steps, t.sft_batch_size, t.sft_lr, t.seed, self.logger.log_sft,
+                t.sft_prompt_weight)
+        self.policy.reset_optimizer()
         export_hf(self.policy.unwrapped(), self.arch, self.output_dir / "sft_model", assets_dir=self.model_dir)
         self.sft_done = True
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self) -> dict[str, float]:
-        """Held-out tasks, one episode each, at the evaluation temperature, **without skills**
-        (the student must have internalized them), except for skill-in-prompt presets."""
-        t, r = self.run_config.trainer, self.run_config.rollout
+    def evaluate(self, *, temperature: float, with_skills: bool, prefix: str = "eval") -> dict[str, float]:
+        """Held-out tasks (the same ones for every run), one episode each. ``with_skills``: the
+        retrieved skills in the student's prompt (the teacher's view); otherwise none, except for
+        skill-in-prompt presets (the student must have internalized them). Success comes with its
+        95% Wilson interval."""
+        from megatron_sdar.utils.stats import wilson_interval
+
+        t = self.run_config.trainer
         if t.eval_tasks == 0:
             return {}
         self.sync_weights()
-        seeds = [EVAL_SEED_BASE + i for i in range(t.eval_tasks)]
-        batch = self.rollout(seeds, temperature=r.eval_temperature, with_skills=self.objective.student_sees_skills,
-                             group_size=1, first_episode_id=10_000_000)
+        sees = with_skills or self.objective.student_sees_skills
+        batch = self.rollout(task_seeds.eval_seeds(t.eval_tasks), temperature=temperature, with_skills=sees,
+                             group_size=1, first_episode_id=EVAL_EPISODE_ID, student_sees_skills=sees)
         summary = batch.summary()
-        return {k.replace("rollout/", "eval/"): v for k, v in summary.items()
-                if k.startswith("rollout/success_rate") or k in ("rollout/reward_mean", "rollout/turns_mean",
-                                                                 "rollout/invalid_action_rate")}
+        out = {k.replace("rollout/", f"{prefix}/"): v for k, v in summary.items()
+               if k.startswith("rollout/success_rate") or k in ("rollout/reward_mean", "rollout/turns_mean",
+                                                                "rollout/invalid_action_rate")}
+        wins, n = sum(e.won for e in batch.episodes), len(batch.episodes)
+        low, high = wilson_interval(wins, n)
+        out.update({f"{prefix}/num_tasks": float(n), f"{prefix}/success_rate_ci_low": low,
+                    f"{prefix}/success_rate_ci_high": high})
+        return out
+
+    def evaluations(self, *, before_rl: bool = False) -> dict[str, float]:
+        """``eval/*`` at ``rollout.eval_temperature``, ``eval/greedy/*`` (``trainer.eval_greedy``) and,
+        before RL, ``eval/with_skills/*``: the teacher's edge over the student."""
+        r, t = self.run_config.rollout, self.run_config.trainer
+        out = self.evaluate(temperature=r.eval_temperature, with_skills=False)
+        if t.eval_greedy:
+            out.update(self.evaluate(temperature=0.0, with_skills=False, prefix="eval/greedy"))
+        if before_rl and self.retriever is not None and not self.objective.student_sees_skills:
+            out.update(self.evaluate(temperature=r.eval_temperature, with_skills=True, prefix="eval/with_skills"))
+        return out
 
     # ------------------------------------------------------------------ one RL iteration
     def iteration(self, step: int) -> dict[str, float]:
         r = self.run_config.rollout
         started = time.perf_counter()
         metrics = self.sync_weights()
-        seeds = [TRAIN_SEED_BASE * (self.run_config.trainer.seed + 1) + step * r.tasks_per_step + i
-                 for i in range(r.tasks_per_step)]
+        seeds = task_seeds.train_seeds(self.run_config.trainer.seed, step, r.tasks_per_step)
         batch = self.rollout(seeds, temperature=r.temperature, with_skills=True, group_size=r.group_size,
                              first_episode_id=step * r.tasks_per_step * r.group_size)
         rollout_seconds = time.perf_counter() - started
@@ -334,7 +314,10 @@ class SDARTrainer:
         metrics.update({"perf/rollout_seconds": rollout_seconds, "perf/train_seconds": train_seconds,
                         "perf/train_tokens_per_s": tokens / max(train_seconds, 1e-9),
                         "perf/step_seconds": time.perf_counter() - started, "train/samples": float(len(samples)),
-                        "train/tokens": float(tokens)})
+                        "train/tokens": float(tokens), "perf/student_tokens": float(tokens)})
+        if self.objective.needs_teacher:
+            teacher = sum(len(s.teacher_input_ids) for s in samples)
+            metrics.update({"perf/teacher_tokens": float(teacher), "perf/teacher_token_ratio": teacher / tokens})
         return metrics
 
     # ------------------------------------------------------------------ checkpoints
@@ -395,18 +378,15 @@ class SDARTrainer:
         t = self.run_config.trainer
         self.resume()
         self.write_config()
-        self.logger = _RunLogger(MetricsLogger(self.output_dir, tensorboard=t.tensorboard,
-                                               wandb_project=t.wandb_project,
-                                               resume_step=self.step if t.resume else None))
+        self.logger = MetricsLogger(self.output_dir, tensorboard=t.tensorboard, wandb_project=t.wandb_project,
+                                    resume_step=self.step if t.resume else None)
         if self.step == 0 and not self.sft_done:
-            baseline = self.evaluate()
-            self.logger.log(-1, {"eval/stage": 0.0, **baseline})  # before any training
-            log(f"before training: eval success {baseline.get('eval/success_rate', float('nan')):.3f}")
             self.sft()
         if self.step == 0 and self.resumed_from is None:
-            evaluation = self.evaluate()
-            self.logger.log(0, {**evaluation, "eval/stage": 1.0})
-            log(f"step 0 (after SFT): eval success {evaluation.get('eval/success_rate', float('nan')):.3f}")
+            if t.eval_before_rl:
+                evaluation = self.evaluations(before_rl=True)
+                self.logger.log(0, evaluation)
+                log(f"step 0 (after SFT): {_success_line(evaluation)}")
             self.save()
         from tqdm.auto import tqdm
 
@@ -416,7 +396,8 @@ class SDARTrainer:
             metrics = self.iteration(self.step)
             self.step += 1
             if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                metrics.update(self.evaluate())
+                metrics.update(self.evaluations())
+                log(f"step {self.step}: {_success_line(metrics)}")
             self.logger.log(self.step, metrics)
             bar.update(1)
             bar.set_postfix(success=f"{metrics.get('rollout/success_rate', 0):.2f}",
@@ -453,22 +434,16 @@ class SDARTrainer:
         self.engine.shutdown()
 
 
-class _RunLogger:
-    """metrics.jsonl through MetricsLogger; SFT progress goes to its own file."""
-
-    def __init__(self, logger) -> None:
-        self.logger = logger
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.logger.log(step, metrics)
-
-    def log_sft(self, sft_step: int, metrics: dict[str, float]) -> None:
-        if dist.get_rank() == 0:
-            with open(self.logger.output_dir / "sft_metrics.jsonl", "a") as f:
-                f.write(json.dumps({"sft_step": sft_step, **{k: float(v) for k, v in metrics.items()}}) + "\n")
-
-    def close(self) -> None:
-        self.logger.close()
+def _success_line(metrics: dict[str, float]) -> str:
+    """``eval success 0.410 [0.345, 0.478] on 200 tasks (greedy 0.43, with skills 0.78)``"""
+    if "eval/success_rate" not in metrics:
+        return "no evaluation (trainer.eval_tasks=0)"
+    line = (f"eval success {metrics['eval/success_rate']:.3f} [{metrics['eval/success_rate_ci_low']:.3f}, "
+            f"{metrics['eval/success_rate_ci_high']:.3f}] on {metrics['eval/num_tasks']:.0f} tasks")
+    extra = [f"{name} {metrics[key]:.3f}" for name, key in (("greedy", "eval/greedy/success_rate"),
+                                                            ("with skills", "eval/with_skills/success_rate"))
+             if key in metrics]
+    return line + (f" ({', '.join(extra)})" if extra else "")
 
 
 def _as_dict(obj) -> Any:

@@ -152,8 +152,9 @@ class MetricAccumulator:
     """Combines the objective's per-micro-batch metrics into step metrics.
 
     Loss-type metrics are contributions (summed over micro-batches and ranks); mean-type metrics
-    are token-weighted by the micro-batch's global token count; ``*_std`` metrics are combined
-    exactly from their means (population std).
+    are token-weighted by the micro-batch's global token count (its action-token count for the
+    ``*/action_*`` metrics, which average over action-choice tokens only); ``*_std`` metrics are
+    combined exactly from their means (population std).
     """
 
     SUMMED = ("actor/pg_loss", "actor/loss", "sdar/distill_loss")
@@ -161,14 +162,18 @@ class MetricAccumulator:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.weighted: dict[str, float] = {}
+        self.weights: dict[str, float] = {}
         self.second: dict[str, float] = {}
         self.weight = 0.0
         self.maxima: dict[str, float] = {}
 
-    def add(self, metrics: dict[str, float], tokens: float) -> None:
+    def add(self, metrics: dict[str, float], tokens: float, action_tokens: float = 0.0) -> None:
         self.weight += tokens
         for key, value in metrics.items():
-            if key in self.SUMMED:
+            if "/action_" in key:
+                self.weighted[key] = self.weighted.get(key, 0.0) + action_tokens * value
+                self.weights[key] = self.weights.get(key, 0.0) + action_tokens
+            elif key in self.SUMMED:
                 self.sums[key] = self.sums.get(key, 0.0) + value
             elif key.endswith("_max"):
                 self.maxima[key] = max(self.maxima.get(key, float("-inf")), value)
@@ -188,7 +193,7 @@ class MetricAccumulator:
             out.update(zip(keys, t.tolist()))
         w = max(self.weight, 1e-12)
         for key, value in self.weighted.items():
-            out[key] = value / w
+            out[key] = value / max(self.weights.get(key, w), 1e-12)
         for key, value in self.second.items():
             mean = out.get(key[:-4] + "_mean", 0.0)
             out[key] = max(value / w - mean * mean, 0.0) ** 0.5
@@ -215,12 +220,13 @@ def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayou
             advantages=mb.advantages.to(device), ref_logprobs=get("ref_logprobs"),
             rollout_logprobs=get("rollout_logprobs"), teacher_logprobs=get("teacher_logprobs"),
             teacher_topk_logprobs=get("teacher_topk_logprobs"), teacher_topk_ids=get("teacher_topk_ids"),
-            teacher_logits=get("teacher_logits"))
+            teacher_logits=get("teacher_logits"), action_mask=get("action_mask"))
         loss, metrics = objective(inputs, normalizers, step)
-        tokens = mb.loss_mask.sum().to(torch.float64)
+        action = mb.per_token["action_mask"] * mb.loss_mask if "action_mask" in mb.per_token else mb.loss_mask * 0
+        tokens = torch.stack([mb.loss_mask.sum(), action.sum()]).to(torch.float64)
         if ctx.dp_cp_group is not None and dist.get_world_size(ctx.dp_cp_group) > 1:
             dist.all_reduce(tokens, group=ctx.dp_cp_group)
-        acc.add(metrics, float(tokens))
+        acc.add(metrics, float(tokens[0]), float(tokens[1]))
         return loss * scale, {}
 
     _run_schedule(model, micro_batches, layout, loss_func, forward_only=False)
@@ -228,8 +234,11 @@ def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayou
 
 
 def sft_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
-             ctx: ParallelContext, normalizers: LossNormalizers) -> float:
-    """Cross-entropy on the response tokens (expert demonstrations), token-mean over the batch."""
+             ctx: ParallelContext, normalizers: LossNormalizers, prompt_weight: float = 0.0,
+             prompt_normalizers: LossNormalizers | None = None) -> float:
+    """Cross-entropy on the response tokens (expert demonstrations), token-mean over the batch, plus
+    ``prompt_weight`` x the token-mean cross-entropy of the prompt tokens (a language-model loss on
+    the world's text, for models that start from random weights). Returns the response part."""
     from megatron_sdar.algo.aggregation import aggregate
 
     scale = len(micro_batches) * ctx.dp_size
@@ -241,6 +250,9 @@ def sft_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, v
         logprobs, _ = vocab_parallel_logprobs_entropy(logits, mb.targets.to(logits.device), ctx.tp_group)
         loss = aggregate(-logprobs, mb.loss_mask.to(logits.device), "token-mean", normalizers, cp_group)
         total[0] += float(loss.detach())
+        if prompt_weight > 0:
+            loss = loss + prompt_weight * aggregate(-logprobs, mb.prompt_mask.to(logits.device), "token-mean",
+                                                    prompt_normalizers, cp_group)
         return loss * scale, {}
 
     _run_schedule(model, micro_batches, layout, loss_func, forward_only=False)

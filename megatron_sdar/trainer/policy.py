@@ -69,6 +69,12 @@ class Policy:
         self.optim_config = optim_config
         self.steps_taken = 0
 
+    def reset_optimizer(self) -> None:
+        """A fresh optimizer over the same model: Adam's moments and step counts start from zero
+        (the first step after it is a first Adam step). ``steps_taken`` keeps counting: it tracks
+        weight versions, not optimizer state."""
+        self.optimizer = _megatron_optimizer(self.model, self.optim_config, self.config.params_dtype)
+
     @property
     def config(self):
         return self.model[0].config
@@ -109,7 +115,6 @@ def build_policy(arch: QwenArchitecture, optim_config: OptimConfig, *, hf_dir: s
     weights if given, wrap it in Megatron DDP and create Megatron's optimizer."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from megatron_sdar.models.hf_loader import load_hf_weights
     from megatron_sdar.models.megatron_model import build_model, build_transformer_config
@@ -129,8 +134,13 @@ def build_policy(arch: QwenArchitecture, optim_config: OptimConfig, *, hf_dir: s
         use_distributed_optimizer=optim_config.use_distributed_optimizer,
     )
     model = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
-    dtype = config.params_dtype
-    optimizer = get_megatron_optimizer(
+    return Policy(arch, model, _megatron_optimizer(model, optim_config, config.params_dtype), optim_config)
+
+
+def _megatron_optimizer(model: list, optim_config: OptimConfig, dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    return get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=optim_config.lr, min_lr=optim_config.min_lr,
             weight_decay=optim_config.weight_decay, adam_beta1=optim_config.adam_beta1,
@@ -140,4 +150,3 @@ def build_policy(arch: QwenArchitecture, optim_config: OptimConfig, *, hf_dir: s
         ),
         model,
     )
-    return Policy(arch, model, optimizer, optim_config)

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdar.algo.objective import ObjectiveConfig
-from megatron_sdar.trainer.batch import TrainingSample, build_micro_batches, plan_pass, rollout_logprob_table
+from megatron_sdar.trainer.batch import (TrainingSample, action_mask_table, build_micro_batches, plan_pass,
+                                         rollout_logprob_table)
 from megatron_sdar.trainer.passes import ParallelContext, forward_token_values, sft_pass, student_pass
 from megatron_sdar.trainer.policy import Policy
 
@@ -91,6 +92,8 @@ class PolicyUpdate:
                 tables["teacher_logits"] = values["logits"]
         if objective.kl_coef > 0:
             tables["ref_logprobs"] = self._forward_values(self._reference_model(), samples, teacher=False)["logprobs"]
+        if (actions := action_mask_table(samples)) is not None:
+            tables["action_mask"] = actions
         if not self.ctx.last_stage:
             tables = {"rollout_logprobs": tables["rollout_logprobs"]}  # values are read on the last stage only
         layout = self._layout(samples, teacher=False)
@@ -126,13 +129,16 @@ class PolicyUpdate:
         return dict(next(p for p in parts if p is not None))
 
 
-    def sft_on(self, samples: list[TrainingSample], lr: float) -> dict[str, float]:
-        """One cross-entropy step on expert demonstrations (token-mean over the response tokens)."""
+    def sft_on(self, samples: list[TrainingSample], lr: float, prompt_weight: float = 0.0) -> dict[str, float]:
+        """One cross-entropy step on demonstrations: token-mean over the response tokens, plus
+        ``prompt_weight`` x the token-mean over the prompt tokens (``sft/loss`` is the response part)."""
         from megatron_sdar.algo.aggregation import LossNormalizers
 
         layout = self._layout(samples, teacher=False)
         micro = build_micro_batches(samples, layout, pad_id=self.pad_id)
         normalizers = LossNormalizers(float(sum(s.num_response_tokens for s in samples)), float(len(samples)))
+        prompt = LossNormalizers(float(sum(s.response_start - 1 for s in samples)), float(len(samples)))
         self.policy.zero_grad()
-        loss = sft_pass(self.policy.model, micro, layout, self.arch.vocab_size, self.ctx, normalizers)
+        loss = sft_pass(self.policy.model, micro, layout, self.arch.vocab_size, self.ctx, normalizers,
+                        prompt_weight, prompt)
         return self.optimizer_step({"sft/loss": loss}, lr)

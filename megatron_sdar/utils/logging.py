@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 METRICS_FILE = "metrics.jsonl"
+SFT_METRICS_FILE = "sft_metrics.jsonl"
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
@@ -159,6 +160,15 @@ class MetricsLogger:
             self._tb.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(numeric, step=int(step))
+
+    def log_sft(self, sft_step: int, metrics: Mapping[str, Any]) -> None:
+        """SFT warm-start progress: one JSON line ``{"sft_step": ..., ...}`` in ``sft_metrics.jsonl``
+        (kept apart from the RL steps of ``metrics.jsonl``)."""
+        if not self.active:
+            return
+        row = {"sft_step": int(sft_step), **{str(k): _encode(v) for k, v in metrics.items()}}
+        with open(self.output_dir / SFT_METRICS_FILE, "a") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
 
     def close(self) -> None:
         """Flush and close every sink (idempotent)."""

@@ -2,6 +2,7 @@
 
     plot_training("runs/sdar/metrics.jsonl", "runs/sdar/training.png")
     plot_comparison({"grpo": "runs/grpo/metrics.jsonl", "sdar": "runs/sdar/metrics.jsonl"}, "cmp.png")
+    plot_bands({"grpo": {"0": [(0, 0.3), (10, 0.5)], "1": [...]}, ...}, "bands.png")   # over seeds
 
 Metrics absent from a run are skipped (a panel with nothing to show says so) so the same call
 works for every preset: ``grpo`` logs no gate statistics, a run without evaluation has no
@@ -17,7 +18,8 @@ from megatron_sdar.utils.logging import read_metrics
 
 # (panel title, metric keys drawn in it, y-axis label)
 TRAINING_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("success rate", ("eval/success_rate", "rollout/success_rate"), "success rate"),
+    ("success rate", ("eval/success_rate", "eval/greedy/success_rate", "eval/with_skills/success_rate",
+                      "rollout/success_rate"), "success rate"),
     ("reward", ("rollout/reward_mean",), "mean episode reward"),
     ("gate statistics", ("sdar/gate_mean", "sdar/gate_active_ratio", "sdar/gap_mean"), "value"),
 )
@@ -45,14 +47,19 @@ def _series(rows: Iterable[Mapping], key: str) -> tuple[list[int], list[float]]:
 
 
 def _panel(ax, curves: Iterable[tuple[str, list[Mapping], str]], title: str, ylabel: str) -> None:
-    """Draw ``(label, rows, key)`` curves that have data; say "not logged" when none has."""
+    """Draw ``(label, rows, key)`` curves that have data; say "not logged" when none has. A key
+    logged with ``<key>_ci_low`` / ``<key>_ci_high`` gets its confidence band shaded."""
     drawn = 0
     for label, rows, key in curves:
         steps, values = _series(rows, key)
         if not steps or all(math.isnan(v) for v in values):
             continue
         # Sparse metrics (evaluation every N steps) would be near invisible as a bare line.
-        ax.plot(steps, values, label=label, marker="o" if len(steps) <= 30 else None, markersize=3)
+        line, = ax.plot(steps, values, label=label, marker="o" if len(steps) <= 30 else None, markersize=3)
+        low_steps, low = _series(rows, key + "_ci_low")
+        high_steps, high = _series(rows, key + "_ci_high")
+        if low_steps and low_steps == high_steps:
+            ax.fill_between(low_steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
         drawn += 1
     ax.set_title(title)
     ax.set_xlabel("step")
@@ -99,6 +106,37 @@ def plot_comparison(runs: Mapping[str, str | Path], out_png: str | Path,
     try:
         for ax, key in zip(axes[0], keys):
             _panel(ax, [(name, rows, key) for name, rows in data.items()], key, key.rsplit("/", 1)[-1])
+        return _save(fig, out_png)
+    finally:
+        plt.close(fig)
+
+
+def plot_bands(runs: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], out_png: str | Path,
+               title: str = "", ylabel: str = "held-out success") -> Path:
+    """One curve per name: the mean over its runs (seeds) at each step, with the 95% t-interval
+    over those runs shaded. ``runs[name][seed] = [(step, value), ...]``. Returns ``out_png``."""
+    from megatron_sdar.utils.stats import mean_ci
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        for name, seeds in runs.items():
+            by_step: dict[int, list[float]] = {}
+            for points in seeds.values():
+                for step, value in points:
+                    by_step.setdefault(step, []).append(value)
+            steps = sorted(by_step)
+            stats = [mean_ci(by_step[s]) for s in steps]
+            means = [m for m, _ in stats]
+            halves = [0.0 if h != h else h for _, h in stats]
+            line, = ax.plot(steps, means, marker="o", markersize=3, label=f"{name} (n={len(seeds)})")
+            ax.fill_between(steps, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
         return _save(fig, out_png)
     finally:
         plt.close(fig)

@@ -1,0 +1,37 @@
+"""Task seeds of a run. Evaluation, SFT demonstrations, training tasks and the tokenizer's corpus
+never share a task, whatever ``trainer.seed`` is, by construction:
+
+    task seed = kind * 2**40 + trainer_seed * 2**30 + index      (index < 2**30, trainer_seed < 2**10)
+
+so two kinds, or two trainer seeds of the same kind, can never give the same seed. Evaluation
+tasks do not depend on ``trainer.seed``: every run of a comparison is scored on the same held-out
+tasks.
+"""
+from __future__ import annotations
+
+EVAL, SFT, TRAIN, CORPUS = 0, 1, 2, 3
+_INDEX_BITS, _SEED_BITS = 30, 10
+
+
+def task_seed(kind: int, index: int, trainer_seed: int = 0) -> int:
+    if not 0 <= index < 2**_INDEX_BITS:
+        raise ValueError(f"task index {index} is outside [0, 2**{_INDEX_BITS})")
+    if not 0 <= trainer_seed < 2**_SEED_BITS:
+        raise ValueError(f"trainer.seed={trainer_seed} is outside [0, {2**_SEED_BITS})")
+    return (kind << (_INDEX_BITS + _SEED_BITS)) + (trainer_seed << _INDEX_BITS) + index
+
+
+def eval_seeds(num_tasks: int) -> list[int]:
+    return [task_seed(EVAL, i) for i in range(num_tasks)]
+
+
+def sft_seeds(trainer_seed: int, num_episodes: int) -> list[int]:
+    return [task_seed(SFT, i, trainer_seed) for i in range(num_episodes)]
+
+
+def train_seeds(trainer_seed: int, step: int, tasks_per_step: int) -> list[int]:
+    return [task_seed(TRAIN, step * tasks_per_step + i, trainer_seed) for i in range(tasks_per_step)]
+
+
+def corpus_seeds(num_episodes: int) -> list[int]:
+    return [task_seed(CORPUS, i) for i in range(num_episodes)]
