@@ -33,9 +33,9 @@ def test_compare_two_variants_over_two_seeds(tmp_path):
             assert "eval/with_skills/success_rate" in rows[0]  # the shared start's teacher edge
             assert rows[0] == summary["grpo"]["0"][0]  # every run starts from the same SFT model
     # the variant's override reached its runs, and each seed is its own run from the shared start
-    random_cfg = json.loads((out / "sdar__env.retrieval=random" / "seed1" / "config.json").read_text())
+    random_cfg = json.loads((out / "sdar__env.retrieval-random" / "seed1" / "config.json").read_text())
     assert random_cfg["env"]["retrieval"] == "random" and random_cfg["trainer"]["seed"] == 1
-    assert random_cfg["model"]["hf_path"] == str(out / "sft" / "hf_export") and random_cfg["algo"]["name"] == "sdar"
+    assert random_cfg["model"]["hf_path"] == str(out / "sft" / "sft_model") and random_cfg["algo"]["name"] == "sdar"
     table = (out / "summary.md").read_text()
     assert "| grpo | 2 |" in table and "| sdar:env.retrieval=random | 2 |" in table and "minus grpo at step 1" in table
     assert "±" in table

@@ -4,7 +4,7 @@
         --seeds 0 1 2 --out outputs/compare [hydra overrides for every run...]
 
 1. One SFT-only run (``trainer.max_steps=0``, ``trainer.seed=--sft-seed``) makes the shared
-   starting point ``<out>/sft/hf_export`` and its evaluation (step 0: held-out success without
+   starting point ``<out>/sft/sft_model`` (the policy after SFT) and its evaluation (step 0: held-out success without
    skills, and with skills in the prompt: the teacher's edge). ``--init <HF dir>`` skips it; the
    step-0 evaluation is then taken from the run that wrote that directory, when it is a run's
    ``sft_model/`` (the main job's ``metrics.jsonl`` beside it), else step 0 is not reported.
@@ -48,7 +48,8 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def variant_dir_name(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "_", spec.replace(":", "__").replace(",", "__"))
+    """A directory name for a variant that Hydra accepts in ``trainer.output_dir=`` (no ``=``)."""
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", spec.replace(":", "__").replace(",", "__").replace("=", "-"))
 
 
 def eval_rows(metrics_jsonl: Path) -> list[dict]:
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if init is None:
         train(out / "sft", "trainer.max_steps=0", "trainer.plot=false", f"trainer.seed={args.sft_seed}",
               *args.overrides)
-        init = str(out / "sft" / "hf_export")
+        init = str(out / "sft" / "sft_model")
         start_rows = [r for r in eval_rows(out / "sft" / "metrics.jsonl") if r["step"] == 0]
     elif (Path(init).parent / "metrics.jsonl").is_file() and Path(init).name == "sft_model":
         start_rows = [r for r in eval_rows(Path(init).parent / "metrics.jsonl") if r["step"] == 0]
