@@ -233,9 +233,10 @@ class SDARTrainer:
 
     # ------------------------------------------------------------------ SFT warm start
     def sft(self) -> None:
-        """Demonstrations (:mod:`megatron_sdar.trainer.sft`), cross-entropy, then a fresh optimizer:
-        Adam's moments of SFT (another objective, another learning rate) are discarded so the first
-        RL steps are not steered by them. The policy after SFT is the frozen KL reference."""
+        """Demonstrations (:mod:`megatron_sdar.trainer.sft`) and cross-entropy. Adam's moments of SFT
+        (another objective, another learning rate) are discarded before the first RL step (in
+        :meth:`train`) so that RL is not steered by them. The policy after SFT is the frozen KL
+        reference."""
         from megatron_sdar.models.hf_export import export_hf
         from megatron_sdar.trainer.sft import build_sft_data, run_sft
 
@@ -249,7 +250,6 @@ class SDARTrainer:
             raise ConfigError("trainer.sft_steps > 0 but the demonstrations gave no training turns")
         run_sft(self.updater, data, t.sft_steps, t.sft_batch_size, t.sft_lr, t.seed, self.logger.log_sft,
                 t.sft_prompt_weight)
-        self.policy.reset_optimizer()
         export_hf(self.policy.unwrapped(), self.arch, self.output_dir / "sft_model", assets_dir=self.model_dir)
         self.sft_done = True
 
@@ -388,6 +388,10 @@ class SDARTrainer:
                 self.logger.log(0, evaluation)
                 log(f"step 0 (after SFT): {_success_line(evaluation)}")
             self.save()
+        if self.step == 0 and self.sft_done:
+            # RL starts from a fresh Adam state. Reset here, not at the end of SFT, so that the step-0
+            # checkpoint holds a complete optimizer state and a resume from it resets the same way.
+            self.policy.reset_optimizer()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=t.max_steps, initial=self.step, desc="sdar", disable=dist.get_rank() != 0,
