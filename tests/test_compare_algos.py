@@ -43,3 +43,17 @@ def test_compare_two_variants_over_two_seeds(tmp_path):
 
     again = subprocess.run(command, capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
     assert again.returncode == 0 and again.stdout.count("is complete, kept") == 5, again.stdout[-2000:]
+
+
+def test_init_from_a_runs_sft_model_reuses_its_step0_evaluation(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    from compare_algos import init_start_rows
+
+    run = tmp_path / "run"
+    (run / "sft_model").mkdir(parents=True)
+    rows = [{"step": 0, "eval/success_rate": 0.065, "eval/num_tasks": 200.0, "eval/with_skills/success_rate": 0.87},
+            {"step": 6, "eval/success_rate": 0.105, "eval/num_tasks": 200.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert init_start_rows(run / "sft_model") == [rows[0]]
+    assert init_start_rows(run / "hf_export") == []  # not an SFT start: no step 0
+    assert init_start_rows(tmp_path / "elsewhere" / "sft_model") == []

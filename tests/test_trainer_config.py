@@ -43,6 +43,8 @@ def test_overrides_reach_the_objective():
     (["parallel.sequence_parallel=true"], "sequence_parallel needs parallel.tp > 1"),
     (["env.skills_dir=/nonexistent/skills"], "does not exist"),
     (["env.retrieval=telepathy"], "env.retrieval"),
+    (["rollout.action_format=emoji"], "rollout: action_format must be"),
+    (["rollout.context_position=middle"], "rollout: context_position must be"),
     (["model.hf_path=/nonexistent/model"], "no config.json"),
     (["model.dtype=float16"], "model.dtype"),
     (["model.fp8=delayed"], "bfloat16"),

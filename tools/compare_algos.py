@@ -60,6 +60,14 @@ def eval_rows(metrics_jsonl: Path) -> list[dict]:
             for r in read_metrics(metrics_jsonl) if "eval/success_rate" in r]
 
 
+def init_start_rows(init: Path) -> list[dict]:
+    """The step-0 evaluation rows of the run that wrote ``init`` when it is a run's ``sft_model/``."""
+    metrics = init.parent / "metrics.jsonl"
+    if init.name != "sft_model" or not metrics.is_file():
+        return []
+    return [r for r in eval_rows(metrics) if r["step"] == 0]
+
+
 def summarize(summary: dict[str, dict[str, list[dict]]], baseline: str) -> str:
     """The markdown table of ``summary`` (module docstring)."""
     from megatron_sdar.utils.stats import mean_ci
@@ -138,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
               *args.overrides)
         init = str(out / "sft" / "sft_model")
         start_rows = [r for r in eval_rows(out / "sft" / "metrics.jsonl") if r["step"] == 0]
-    elif (Path(init).parent / "metrics.jsonl").is_file() and Path(init).name == "sft_model":
-        start_rows = [r for r in eval_rows(Path(init).parent / "metrics.jsonl") if r["step"] == 0]
-        print(f"[compare] step 0: the evaluation of {Path(init).parent} (the run that wrote {init})", flush=True)
+    else:
+        start_rows = init_start_rows(Path(init))
+        if start_rows:
+            print(f"[compare] step 0: the evaluation of {Path(init).parent} (the run that wrote {init})", flush=True)
     summary: dict[str, dict[str, list[dict]]] = {}
     for spec, (preset, variant_overrides) in variants.items():
         summary[spec] = {}

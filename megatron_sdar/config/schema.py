@@ -321,6 +321,14 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
         raise ConfigError(f"rollout.history_window must be >= 0, got {r.history_window}")
     if r.temperature <= 0 or r.eval_temperature < 0:
         raise ConfigError("rollout.temperature must be > 0 and rollout.eval_temperature >= 0")
+    from megatron_sdar.rollout.agent_loop import AgentLoopConfig
+
+    try:  # the agent loop's own checks (formats, patterns, penalty), before anything is built
+        AgentLoopConfig(action_pattern=r.action_pattern, invalid_action_penalty=r.invalid_action_penalty,
+                        show_admissible_actions=r.show_admissible_actions, action_format=r.action_format,
+                        context_position=r.context_position)
+    except ValueError as exc:
+        raise ConfigError(f"rollout: {exc}") from None
     _positive("trainer", t, "save_interval", "keep_last", "micro_batch_size", "eval_interval", "sft_batch_size")
     if t.max_steps < 0:
         raise ConfigError(f"trainer.max_steps must be >= 0 (0: SFT warm start only), got {t.max_steps}")
