@@ -22,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
+        from megatron_sdar.algo.objective import PRESETS
+
         print(__doc__)
+        print("Presets (algo=<name>):")
+        for name, spec in PRESETS.items():
+            print(f"  {name:<11} {spec.summary}")
         return 0
     try:
         check_experiment(args)

@@ -109,13 +109,23 @@ def test_gates_and_gated_distillation():
 
 
 def test_presets_exist_and_validate():
-    assert set(PRESETS) >= {"grpo", "opsd", "grpo_opsd", "sdar", "skill_grpo", "rlsd", "skill_sd"}
-    assert preset("grpo").distill_coef == 0.0
+    assert set(PRESETS) == {"grpo", "opsd", "grpo_opsd", "sdar", "sdar_full", "skill_grpo", "rlsd", "skill_sd",
+                            "hdpo"}
+    assert all(p.summary and p.source for p in PRESETS.values())
+    assert preset("grpo").distill_coef == 0.0 and not preset("grpo").needs_teacher
     sdar = preset("sdar")
-    assert (sdar.distill_coef, sdar.gate, sdar.gate_beta) == (0.01, "gap", 5.0)
-    assert preset("grpo_opsd").gate == "none" and preset("skill_grpo").student_sees_skills
-    sd = preset("skill_sd")
-    assert sd.distill_coef_at(0) == sd.distill_coef and sd.distill_coef_at(10**6) == 0.0
+    assert (sdar.distill_coef, sdar.gate, sdar.gate_beta, sdar.estimator) == (0.01, "gap", 5.0, "sampled")
+    assert preset("sdar_full").estimator == "full" and preset("skill_grpo").student_sees_skills
+    opsd = preset("grpo_opsd")  # the release: the SDAR loss with beta = 0
+    assert (opsd.gate, opsd.gate_beta, opsd.distill_coef) == ("gap", 0.0, 0.01)
+    assert compute_gate(torch.tensor([[-3.0, 0.0, 2.0]]), opsd.gate, opsd.gate_beta).tolist() == [[0.5, 0.5, 0.5]]
+    rlsd = preset("rlsd")
+    assert (rlsd.rlsd_coef, rlsd.rlsd_clip, rlsd.distill_coef) == (0.5, 0.2, 0.0) and rlsd.needs_teacher
+    assert rlsd.rlsd_coef_at(0) == 0.5 and rlsd.rlsd_coef_at(50) == 0.25 and rlsd.rlsd_coef_at(10**6) == 0.0
+    sd = preset("skill_sd")  # a fixed weight: the release logs a schedule but does not apply it
+    assert (sd.distill_term, sd.distill_coef, sd.distill_coef_at(10**6)) == ("skill_sd", 0.001, 0.001)
+    hdpo = preset("hdpo")
+    assert (hdpo.cliff_rescue, hdpo.estimator, hdpo.topk, hdpo.divergence, hdpo.gate) == (True, "topk", 64, "jsd", "none")
     with pytest.raises(ValueError, match="unknown preset"):
         preset("ppo")
     with pytest.raises(ValueError, match="unknown objective option"):
@@ -124,6 +134,38 @@ def test_presets_exist_and_validate():
         preset("sdar", gate="max")
     with pytest.raises(ValueError, match="divergence applies to estimator"):
         preset("sdar", divergence="jsd")
+    with pytest.raises(ValueError, match="cannot be combined with rlsd_coef"):
+        preset("hdpo", rlsd_coef=0.5)
+    with pytest.raises(ValueError, match="sampled-token term"):
+        preset("skill_sd", estimator="full")
+
+
+def test_hdpo_distills_only_on_its_distillation_tokens():
+    """With ``distill_mask`` the RL terms see ``mask`` and the distillation term ``distill_mask``
+    (its own normalizer); without teacher values (no rescue) the loss is GRPO's exactly."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, 8, generator=gen)
+    targets = torch.randint(0, 8, (2, 4), generator=gen)
+    rl = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    distill = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    base = dict(targets=targets, mask=rl, advantages=torch.tensor([1.0, 0.0]))
+    topk_lp, topk_ids = vocab_parallel_topk(logits + torch.randn(2, 4, 8, generator=gen), 3)
+    hdpo = SDARObjective(preset("hdpo", topk=3, kl_coef=0.0))
+    grpo = SDARObjective(preset("grpo", kl_coef=0.0))
+    z1, z2 = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    loss_h, metrics = hdpo(ObjectiveInputs(student_logits=z1, **base), LossNormalizers.from_mask(rl))
+    loss_g, _ = grpo(ObjectiveInputs(student_logits=z2, **base), LossNormalizers.from_mask(rl))
+    (loss_h + 0 * z1.sum()).backward()
+    loss_g.backward()
+    assert loss_h.item() == loss_g.item() and torch.equal(z1.grad, z2.grad) and "sdar/distill_loss" not in metrics
+    z = logits.clone().requires_grad_(True)
+    loss, metrics = hdpo(ObjectiveInputs(student_logits=z, teacher_logprobs=torch.zeros(2, 4),
+                                         teacher_topk_logprobs=topk_lp, teacher_topk_ids=topk_ids,
+                                         distill_mask=distill, **base),
+                         LossNormalizers.from_mask(rl), 0, LossNormalizers.from_mask(distill))
+    loss.backward()
+    assert z.grad[1, :2].abs().sum() > 0 and z.grad[1, 2:].abs().sum() == 0  # only distillation tokens
+    assert metrics["sdar/distill_loss"] > 0 and metrics["sdar/gate_mean"] == 1.0
 
 
 # -------------------------------------------------------- objective under TP / CP / DP
@@ -135,6 +177,10 @@ CONFIGS = {
     "rlsd_tis": dict(name="rlsd", tis_cap=2.0, entropy_coef=0.01, gate="entropy", distill_coef=0.02,
                      loss_agg="seq-mean-token-mean"),
     "opsd_fkl": dict(name="opsd", estimator="full", divergence="forward_kl"),
+    "rlsd": dict(name="rlsd"),
+    "skill_sd": dict(name="skill_sd", distill_coef=0.5),
+    "grpo_opsd": dict(name="grpo_opsd"),
+    "hdpo": dict(name="hdpo", topk=4),
 }
 
 
@@ -145,6 +191,9 @@ def _objective_batch():
     targets = torch.randint(0, V, (B, T), generator=gen)
     mask = (torch.rand(B, T, generator=gen) > 0.3).float()
     mask[2] = 0.0  # a sequence with no trained token
+    distill_mask = torch.zeros(B, T)
+    distill_mask[2, 1:] = 1.0  # HDPO: a rescue turn
+    distill_mask[0, :3] = 1.0
     lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
     t_lp = torch.log_softmax(teacher_logits, -1).gather(-1, targets[..., None]).squeeze(-1)
     topk_lp, topk_ids = vocab_parallel_topk(teacher_logits, 4)
@@ -154,7 +203,7 @@ def _objective_batch():
         old_logprobs=lp + 0.1 * torch.randn(B, T, generator=gen),
         ref_logprobs=lp + 0.2 * torch.randn(B, T, generator=gen),
         rollout_logprobs=lp + 0.3 * torch.randn(B, T, generator=gen),
-        teacher_logprobs=t_lp, teacher_topk_logprobs=topk_lp, teacher_topk_ids=topk_ids,
+        teacher_logprobs=t_lp, teacher_topk_logprobs=topk_lp, teacher_topk_ids=topk_ids, distill_mask=distill_mask,
     )
 
 
@@ -177,11 +226,16 @@ def _run_objective(groups, seqs_per_microbatch, positions, vocab):
         objective = SDARObjective(preset(cfg.pop("name"), **cfg), groups)
         all_seqs = torch.cat(seqs_per_microbatch)
         normalizers = LossNormalizers.from_mask(batch["mask"][all_seqs][:, positions], groups.dp_cp, groups.cp)
+        hdpo = objective.config.cliff_rescue
+        distill = LossNormalizers.from_mask(batch["distill_mask"][all_seqs][:, positions], groups.dp_cp, groups.cp)
         total, grads, metrics = 0.0, [], None
         for seqs in seqs_per_microbatch:  # micro-batches share the step's normalizers
             mb = _slice(batch, seqs, positions, vocab)
+            if not hdpo:
+                mb.pop("distill_mask")
             mb["student_logits"].requires_grad_(True)
-            loss, metrics = objective(ObjectiveInputs(**mb), normalizers, step=3)
+            loss, metrics = objective(ObjectiveInputs(**mb), normalizers, step=3,
+                                      distill_normalizers=distill if hdpo else None)
             loss.backward()
             total += loss.item()
             grads.append(mb["student_logits"].grad.detach())
@@ -213,7 +267,8 @@ def _distributed_objective_worker():
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("world,tp,cp", [(2, 1, 2), (2, 1, 1), (4, 2, 2)], ids=["cp2", "dp2", "tp2xcp2"])
+@pytest.mark.parametrize("world,tp,cp", [(2, 2, 1), (2, 1, 2), (2, 1, 1), (4, 2, 2)],
+                         ids=["tp2", "cp2", "dp2", "tp2xcp2"])
 def test_objective_matches_single_process_under_parallelism(world, tp, cp):
     reference = _run_objective(ParallelGroups(), [torch.arange(B)], torch.arange(T), torch.arange(V))
     ranks = run_distributed(_distributed_objective_worker, world_size=world, tp=tp, cp=cp)
@@ -222,8 +277,8 @@ def test_objective_matches_single_process_under_parallelism(world, tp, cp):
         loss = sum(r["out"][key]["loss"] for r in ranks if r["tp_rank"] == 0)
         assert loss == pytest.approx(ref["loss"], rel=1e-5, abs=1e-6), key
         for r in ranks:
-            for name in ("sdar/gate_mean", "sdar/gap_mean", "sdar/gap_std", "actor/kl_ref",
-                         "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl"):
+            for name in ("sdar/gate_mean", "sdar/gap_mean", "sdar/gap_std", "actor/kl_ref", "rlsd/coef",
+                         "actor/entropy", "actor/pg_clipfrac", "actor/ppo_kl", "skill_sd/rho_mean"):
                 if name in ref["metrics"]:
                     assert r["metrics"][key][name] == pytest.approx(ref["metrics"][name], rel=1e-5,
                                                                           abs=1e-6), (key, name)

@@ -22,13 +22,33 @@ def test_default_is_the_tiny_cpu_run():
     assert (run.parallel.tp, run.parallel.pp, run.parallel.cp) == (1, 1, 1)
 
 
-@pytest.mark.parametrize("name", ["grpo", "opsd", "grpo_opsd", "sdar", "skill_grpo", "rlsd", "skill_sd"])
+@pytest.mark.parametrize("name", ["grpo", "opsd", "grpo_opsd", "sdar", "sdar_full", "skill_grpo", "rlsd", "skill_sd",
+                                  "hdpo"])
 def test_every_preset_composes(name):
-    from megatron_sdar.algo.objective import PRESETS
+    """``algo=<name>`` holds every field of the preset (one source: PRESETS), and a config that names
+    only the preset (a plain dict, an older config.json with nulls) gets the same values."""
+    import dataclasses
+
+    from megatron_sdar.algo.objective import preset
+    from megatron_sdar.config.schema import load_config
 
     objective = _compose(f"algo={name}").objective()
-    for key, value in PRESETS[name].items():
-        assert getattr(objective, key) == value
+    assert objective == preset(name)
+    assert load_config({"algo": {"name": name}}).objective() == preset(name)
+    nulls = {f.name: None for f in dataclasses.fields(objective)}
+    assert load_config({"algo": {"name": name, **nulls}}).objective() == preset(name)
+
+
+def test_algo_group_is_made_from_the_presets():
+    from pathlib import Path
+
+    import megatron_sdar.config as config_package
+    from megatron_sdar.algo.objective import PRESETS
+
+    assert not (Path(config_package.__file__).parent / "algo").exists()  # no second copy in YAML
+    from hydra.core.config_store import ConfigStore
+
+    assert {n.removesuffix(".yaml") for n in ConfigStore.instance().list("algo")} == set(PRESETS)
 
 
 def test_overrides_reach_the_objective():
@@ -49,6 +69,8 @@ def test_overrides_reach_the_objective():
     (["model.dtype=float16"], "model.dtype"),
     (["model.fp8=delayed"], "bfloat16"),
     (["algo.gate=sometimes"], "gate"),
+    (["algo.name=ppo"], "is not a preset"),
+    (["algo=hdpo", "algo.rlsd_coef=0.5"], "cannot be combined with rlsd_coef"),
     (["rollout.group_size=0"], "rollout.group_size"),
     (["trainer.resume=/nonexistent/ckpt"], "no such checkpoint"),
 ])
@@ -159,3 +181,14 @@ def test_recipes_compose_and_validate(tmp_path):
         run = _compose(f"experiment={recipe}", f"model.hf_path={recipe_model_dir(recipe, tmp_path)}",
                        f"env.skills_dir={skills[env]}")
         assert run.rollout.action_format == "text" and run.model.dtype == "bfloat16", recipe
+
+
+def test_preset_sweep_lists_every_preset():
+    from pathlib import Path
+
+    from megatron_sdar.algo.objective import PRESETS
+
+    sweep = Path(__file__).parents[1] / "slurm" / "sweeps" / "presets.txt"
+    lines = [line for line in sweep.read_text().splitlines() if line and not line.startswith("#")]
+    assert sorted(line.removeprefix("algo=") for line in lines) == sorted(PRESETS)
+    assert f"--array=0-{len(lines) - 1}" in sweep.read_text()

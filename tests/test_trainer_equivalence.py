@@ -16,8 +16,10 @@ COMPARED = ["actor/loss", "actor/pg_loss", "sdar/distill_loss", "actor/kl_ref", 
             "rollout/train_infer_logprob_diff_mean", "rollout/train_infer_logprob_diff_max"]
 
 
-def _samples(vocab: int, count: int = 8):
-    """Turn-like samples: a prompt, a response, and a teacher prompt = a context + the same prompt."""
+def _samples(vocab: int, count: int = 8, rescues: int = 0):
+    """Turn-like samples: a prompt, a response, and a teacher prompt = a context + the same prompt.
+    ``rescues``: that many more samples as HDPO's rescue turns (distillation only), and the others
+    RL only."""
     import torch
 
     from megatron_sdar.trainer.batch import TrainingSample
@@ -32,10 +34,16 @@ def _samples(vocab: int, count: int = 8):
         samples.append(TrainingSample(prompt + response, len(prompt), context + prompt + response,
                                       len(context) + len(prompt), rollout_lp,
                                       advantage=float(torch.randn(1, generator=gen)), episode=i // 2))
+    if rescues:
+        for sample in samples:
+            sample.distill = False
+        for sample in _samples(vocab, count + rescues)[count:]:
+            sample.advantage, sample.rl = 0.0, False
+            samples.append(sample)
     return samples
 
 
-def _one_step(model_dir: str, algo: str):
+def _one_step(model_dir: str, algo: str, rescues: int = 0):
     import torch
     import torch.distributed as dist
 
@@ -52,7 +60,9 @@ def _one_step(model_dir: str, algo: str):
     objective = preset(algo, kl_coef=0.01)
     updater = PolicyUpdate(policy, objective, micro_batch_size=2, pad_id=0,
                            reference_dir=lambda: model_dir, params_dtype=torch.float32, transformer_overrides={})
-    metrics = updater.train_on(_samples(arch.vocab_size), step=0)
+    samples = _samples(arch.vocab_size, rescues=rescues)
+    metrics = updater.train_on(samples, step=0)
+    metrics["teacher_scored"] = len(updater.teacher_samples(samples))
     # numpy: pickled by value (tensors would travel as shared-memory handles of an exiting process)
     weights = {name: t.numpy().copy() for name, t in iter_hf_weights(policy.model, arch, target="first")}
     return {"metrics": metrics, "weights": weights if dist.get_rank() == 0 else None}
@@ -65,22 +75,21 @@ def tiny_model(tmp_path_factory):
     return str(build_tiny_qwen(tmp_path_factory.mktemp("equiv") / "qwen2", "qwen2", num_hidden_layers=4))
 
 
-@pytest.mark.multiproc
-def test_sdar_step_equal_on_every_layout(tiny_model):
-    reference = run_distributed(_one_step, world_size=1, args=(tiny_model, "sdar"), timeout=300)[0]
+def _compare_layouts(tiny_model, algo, layouts, rescues=0):
+    reference = run_distributed(_one_step, world_size=1, args=(tiny_model, algo, rescues), timeout=300)[0]
     ref_metrics = reference["metrics"]
     assert all(k in ref_metrics for k in COMPARED), sorted(ref_metrics)
-    assert 0 < ref_metrics["sdar/gate_mean"] < 1 and ref_metrics["actor/grad_norm"] > 0
+    assert 0 < ref_metrics["sdar/gate_mean"] <= 1 and ref_metrics["actor/grad_norm"] > 0
     assert ref_metrics["rollout/train_infer_logprob_diff_max"] > 0  # the samples' rollout log-probs are made up
     from safetensors.torch import load_file
 
     initial = load_file(f"{tiny_model}/model.safetensors")
     moved = max(float(abs(reference["weights"][n] - initial[n].numpy()).max()) for n in initial)
     assert moved > 1e-4, moved  # the step changed the weights
-    for world, tp, pp, cp in LAYOUTS:
-        results = run_distributed(_one_step, world_size=world, tp=tp, pp=pp, cp=cp, args=(tiny_model, "sdar"),
+    for world, tp, pp, cp in layouts:
+        results = run_distributed(_one_step, world_size=world, tp=tp, pp=pp, cp=cp, args=(tiny_model, algo, rescues),
                                   timeout=300, env={"OMP_NUM_THREADS": "1"})
-        layout = f"world={world} tp={tp} pp={pp} cp={cp}"
+        layout = f"{algo} world={world} tp={tp} pp={pp} cp={cp}"
         for rank, result in enumerate(results):
             for key in COMPARED:
                 assert key in result["metrics"], f"{layout} rank {rank}: {sorted(result['metrics'])}"
@@ -91,6 +100,49 @@ def test_sdar_step_equal_on_every_layout(tiny_model):
         for name, want in reference["weights"].items():
             diff = float(abs(weights[name] - want).max())
             assert diff <= 1e-6, f"{layout}: {name} differs by {diff}"
+    return reference
+
+
+@pytest.mark.multiproc
+def test_sdar_step_equal_on_every_layout(tiny_model):
+    _compare_layouts(tiny_model, "sdar", LAYOUTS)
+
+
+@pytest.mark.multiproc
+def test_hdpo_step_equal_at_tp2_and_pp2(tiny_model):
+    """RL-only ordinary samples + distillation-only rescue samples (top-64 JSD, its own normalizer)."""
+    reference = _compare_layouts(tiny_model, "hdpo", [(2, 2, 1, 1), (2, 1, 2, 1)], rescues=3)
+    assert reference["metrics"]["teacher_scored"] == 3  # the teacher scores only the rescue turns
+    assert reference["metrics"]["sdar/gate_mean"] == 1.0 and reference["metrics"]["sdar/distill_loss"] > 0
+
+
+def _hdpo_and_grpo_updates(model_dir: str):
+    import torch
+
+    from megatron_sdar.algo.objective import preset
+    from megatron_sdar.models.architecture import QwenArchitecture
+    from megatron_sdar.trainer.policy import OptimConfig, build_policy
+    from megatron_sdar.trainer.update import PolicyUpdate
+
+    arch = QwenArchitecture.from_hf_config(model_dir)
+    out = {}
+    for algo in ("hdpo", "grpo"):
+        policy = build_policy(arch, OptimConfig(lr=1e-3, clip_grad=0.0), hf_dir=model_dir)
+        updater = PolicyUpdate(policy, preset(algo, kl_coef=0.01), micro_batch_size=2, pad_id=0,
+                               reference_dir=lambda: model_dir, params_dtype=torch.float32, transformer_overrides={})
+        samples = _samples(arch.vocab_size)
+        for sample in samples:  # HDPO's ordinary samples when no group was a cliff: RL only
+            sample.distill = algo != "hdpo"
+        metrics = updater.train_on(samples, step=0)
+        out[algo] = {"loss": metrics["actor/loss"], "weights": [p.detach().clone() for p in policy.model[0].parameters()]}
+    return {"loss_equal": out["hdpo"]["loss"] == out["grpo"]["loss"],
+            "weights_equal": all(torch.equal(a, b) for a, b in zip(out["hdpo"]["weights"], out["grpo"]["weights"]))}
+
+
+@pytest.mark.multiproc
+def test_hdpo_without_a_cliff_group_is_exactly_grpo(tiny_model):
+    result = run_distributed(_hdpo_and_grpo_updates, world_size=1, args=(tiny_model,), timeout=300)[0]
+    assert result["loss_equal"] and result["weights_equal"]
 
 
 def _non_finite_step(model_dir: str):

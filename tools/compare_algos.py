@@ -10,7 +10,8 @@
    ``sft_model/`` (the main job's ``metrics.jsonl`` beside it), else step 0 is not reported.
 2. Every variant x seed is one ``python -m megatron_sdar.train`` run from that start
    (``trainer.seed=S``: other training tasks and sampling seeds, the same held-out tasks), with a
-   fresh optimizer and the same budget. A variant is a preset, optionally with overrides:
+   fresh optimizer and the same budget. A variant is a preset (``python -m megatron_sdar.train
+   --help`` lists them), optionally with overrides:
    ``name:key=value,key=value`` (``sdar:algo.estimator=full``, ``sdar:env.retrieval=random``).
 3. ``<out>/summary.json``: variant -> seed (a string) -> the run's evaluation rows (``step``,
    ``eval/success_rate``, ``eval/num_tasks``; the step-0 row of the shared start also

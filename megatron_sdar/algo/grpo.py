@@ -98,13 +98,25 @@ def truncated_is_weights(old_logprobs: torch.Tensor, rollout_logprobs: torch.Ten
     return torch.exp((old_logprobs - rollout_logprobs).detach().clamp(max=20.0)).clamp(max=cap)
 
 
-def self_divergence_advantages(advantages: torch.Tensor, gap: torch.Tensor, alpha: float) -> torch.Tensor:
-    """RLSD token advantages: ``A_t = A * (1 + alpha * sign(A) * tanh(gap_t))`` (detached).
+def rlsd_weights(advantages: torch.Tensor, gap: torch.Tensor, clip: float) -> torch.Tensor:
+    """RLSD's token weights ``w_t = clip(exp(sign(A) * gap_t), 1 - clip, 1 + clip)`` (detached).
 
-    The teacher's endorsement (``gap_t = lpT_t - lpS_t > 0``) gives a token of a successful
-    episode more credit and a token of a failed episode less blame; rejection does the opposite.
-    ``alpha`` in [0, 1) keeps the sign of every advantage.
+    Source: RLSD as released with the SDAR paper's code (arXiv 2605.15155), ``eps_w = clip = 0.2``.
+    ``gap_t = lpT_t - lpS_t``: where the teacher endorses a token of a successful episode (or rejects
+    one of a failed episode) the token gets more of the episode's advantage, at most ``1 + clip``.
     """
-    if not 0.0 <= alpha < 1.0:
-        raise ValueError(f"rlsd alpha must be in [0, 1), got {alpha}")
-    return (advantages * (1.0 + alpha * torch.sign(advantages) * torch.tanh(gap.detach()))).detach()
+    if not 0.0 <= clip < 1.0:
+        raise ValueError(f"rlsd clip must be in [0, 1), got {clip}")
+    log_w = (torch.sign(advantages) * gap.detach()).clamp(-20.0, 20.0)
+    return torch.exp(log_w).clamp(1.0 - clip, 1.0 + clip).detach()
+
+
+def rlsd_token_advantages(advantages: torch.Tensor, gap: torch.Tensor, lam: float, clip: float = 0.2) -> torch.Tensor:
+    """RLSD token advantages ``A_t = A * ((1 - lam) + lam * w_t)`` with :func:`rlsd_weights` (detached).
+
+    Source: RLSD as released with SDAR; ``lam`` decays linearly from 0.5 to 0 over 100 steps there
+    (:meth:`ObjectiveConfig.rlsd_coef_at`). ``advantages``, ``gap``: ``[B, T]``.
+    """
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"rlsd lam must be in [0, 1], got {lam}")
+    return (advantages * ((1.0 - lam) + lam * rlsd_weights(advantages, gap, clip))).detach()

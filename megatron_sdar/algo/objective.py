@@ -1,17 +1,25 @@
-"""The SDAR objective: one config-driven loss for every preset of the paper and its baselines.
+"""The SDAR objective: one config-driven loss for SDAR and every baseline the paper compares.
 
-``L = pg_coef * agg(w_t * pg_t) + kl_coef * agg(kl_t) + lambda(step) * agg(g_t * d_t)
-      - entropy_coef * agg(H_t)``
+``L = pg_coef * agg(w_t * pg_t) + kl_coef * agg(kl_t) - entropy_coef * agg(H_t)
+      + lambda(step) * agg_D(d_t)``
 
-* ``pg_t``: PPO clipped surrogate with token advantages (the episode's group-normalized
-  advantage, re-weighted by the self-divergence for ``rlsd``), ``w_t`` the truncated importance
+* ``pg_t``: PPO clipped surrogate with token advantages: the episode's group-normalized advantage,
+  re-weighted per token by RLSD's clipped self-divergence weight when ``rlsd_coef > 0``
+  (:func:`~megatron_sdar.algo.grpo.rlsd_token_advantages`); ``w_t`` the truncated importance
   weights when ``tis_cap`` is set (else 1);
-* ``kl_t``: KL-to-reference estimator (k1/k2/k3);
-* ``g_t * d_t``: the gated distillation term (:mod:`megatron_sdar.algo.gates`), ``d_t`` the
-  sampled-token term ``lpT - lpS`` (estimator ``sampled``, the paper's) or an exact
-  full-vocabulary (``full``) or top-k + tail (``topk``) divergence;
+* ``kl_t``: KL-to-reference estimator (k1/k2/k3); ``H_t`` the student's entropy;
+* ``d_t``: the distillation term, ``distill_term="gated"`` (SDAR and the OPSD family,
+  :func:`~megatron_sdar.algo.gates.gated_distillation`: ``g_t * (lpT_t - lpS_t)`` for the
+  sampled-token estimator, ``g_t * D_t`` with an exact full-vocabulary or top-k + tail divergence)
+  or ``"skill_sd"`` (Skill-SD's ``rho_t * k3_t``, :func:`~megatron_sdar.algo.gates.skill_sd_distillation`);
 * ``agg``: ``token-mean`` / ``seq-mean-token-sum`` / ``seq-mean-token-mean`` with global
-  normalizers (:mod:`megatron_sdar.algo.aggregation`), exact under CP and DP.
+  normalizers (:mod:`megatron_sdar.algo.aggregation`), exact under CP and DP. The RL terms
+  aggregate over the RL tokens (``mask``); ``agg_D`` over the distillation tokens
+  (``distill_mask``, the same tokens except for HDPO, whose distillation covers only the tokens of
+  successful rescue episodes and whose RL terms cover only the ordinary rollout).
+
+The presets (:data:`PRESETS`) are the one place where a preset's values live; Hydra's ``algo``
+group, the README's list and ``tools/compare_algos.py`` are built from it.
 """
 from __future__ import annotations
 
@@ -24,14 +32,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdar.algo.aggregation import LOSS_AGG_MODES, LossNormalizers, aggregate, check_mask, masked_moments
-from megatron_sdar.algo.gates import GATES, compute_gate, gated_distillation
-from megatron_sdar.algo.grpo import (
-    KL_ESTIMATORS,
-    kl_penalty,
-    ppo_clip_loss,
-    self_divergence_advantages,
-    truncated_is_weights,
-)
+from megatron_sdar.algo.gates import GATES, compute_gate, gated_distillation, skill_sd_distillation
+from megatron_sdar.algo.grpo import KL_ESTIMATORS, kl_penalty, ppo_clip_loss, rlsd_token_advantages, truncated_is_weights
 from megatron_sdar.algo.vocab_parallel import (
     DEFAULT_CHUNK_SIZE,
     DIVERGENCES,
@@ -42,11 +44,23 @@ from megatron_sdar.algo.vocab_parallel import (
 
 ESTIMATORS = ("sampled", "full", "topk")
 SCHEDULES = ("constant", "linear_decay", "cosine_decay")
+DISTILL_TERMS = ("gated", "skill_sd")
+
+
+def scheduled(value: float, schedule: str, steps: int, step: int) -> float:
+    """``value`` at ``step``: constant, or decaying linearly / by a half cosine to 0 at ``steps``."""
+    if schedule == "constant":
+        return value
+    frac = min(max(step, 0) / steps, 1.0)
+    if schedule == "linear_decay":
+        return value * (1.0 - frac)
+    return value * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
 @dataclass
 class ObjectiveConfig:
-    """Knobs of the objective; presets in :data:`PRESETS` set a few of them."""
+    """Every knob of the objective (the Hydra ``algo`` group holds exactly these fields plus
+    ``name``); the presets of :data:`PRESETS` set some of them."""
 
     pg_coef: float = 1.0
     clip_low: float = 0.2
@@ -58,18 +72,28 @@ class ObjectiveConfig:
     loss_agg: str = "token-mean"
     norm_adv_by_std: bool = True
     tis_cap: Optional[float] = None
-    # distillation
+    # distillation: lambda(step) * agg(d_t)
     distill_coef: float = 0.01  # lambda
     distill_schedule: str = "constant"  # lambda(step): constant, or decays to 0 over schedule_steps
     distill_schedule_steps: int = 0
+    distill_term: str = "gated"  # "gated" (SDAR, OPSD, HDPO) or "skill_sd" (rho * k3)
     gate: str = "gap"
-    gate_beta: float = 5.0
+    gate_beta: float = 5.0  # 0: the gate is the constant sigmoid(0) = 0.5 (grpo_opsd)
     entropy_gate_beta: float = 5.0
     entropy_gate_threshold: float = 1.0
     estimator: str = "sampled"
     divergence: str = "reverse_kl"  # for estimator full / topk
     topk: int = 32
-    rlsd_alpha: float = 0.0  # > 0: token advantages re-weighted by the self-divergence
+    skill_sd_rho_cap: float = 10.0  # rho_t = exp(min(lpS - lp_old, cap))
+    skill_sd_gap_cap: float = 20.0  # k3_t = exp(min(lpT - lpS, cap)) - 1 + (lpS - lpT)
+    # RLSD: token advantages A * ((1 - lam) + lam * clip(exp(sign(A) * gap), 1 - clip, 1 + clip))
+    rlsd_coef: float = 0.0  # lam at step 0; > 0 turns the re-weighting on
+    rlsd_clip: float = 0.2  # eps_w
+    rlsd_schedule: str = "linear_decay"
+    rlsd_schedule_steps: int = 100
+    # HDPO: cliff groups (every episode failed) are played again with the skills in the prompt;
+    # the distillation term covers only the successful replays, the RL terms the ordinary rollout
+    cliff_rescue: bool = False
     # where the knobs reach beyond the loss (read by rollout and trainer)
     student_sees_skills: bool = False
     teacher_weights: str = "rollout"  # or "current"
@@ -86,57 +110,106 @@ class ObjectiveConfig:
         choice("estimator", ESTIMATORS)
         choice("divergence", DIVERGENCES)
         choice("distill_schedule", SCHEDULES)
+        choice("rlsd_schedule", SCHEDULES)
+        choice("distill_term", DISTILL_TERMS)
         choice("teacher_weights", ("rollout", "current"))
         if self.estimator == "sampled" and self.divergence != "reverse_kl":
             raise ValueError(
                 "objective.divergence applies to estimator 'full' or 'topk'; the sampled-token "
                 f"estimator is the reverse-KL term only (got divergence={self.divergence!r})"
             )
+        if self.distill_term == "skill_sd" and self.estimator != "sampled":
+            raise ValueError("objective.distill_term='skill_sd' is a sampled-token term (estimator must be 'sampled')")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(f"clip range invalid: clip_low={self.clip_low}, clip_high={self.clip_high}")
-        if self.distill_schedule != "constant" and self.distill_schedule_steps <= 0:
-            raise ValueError("objective.distill_schedule_steps must be > 0 for a decaying schedule")
+        for name in ("distill", "rlsd"):
+            if getattr(self, f"{name}_schedule") != "constant" and getattr(self, f"{name}_schedule_steps") <= 0:
+                raise ValueError(f"objective.{name}_schedule_steps must be > 0 for a decaying schedule")
         if self.topk < 1:
             raise ValueError(f"objective.topk must be >= 1, got {self.topk}")
-        for name in ("pg_coef", "kl_coef", "distill_coef", "entropy_coef", "chunk_size"):
+        if not 0.0 <= self.rlsd_coef <= 1.0 or not 0.0 <= self.rlsd_clip < 1.0:
+            raise ValueError(f"objective.rlsd_coef must be in [0, 1] and rlsd_clip in [0, 1), got "
+                             f"{self.rlsd_coef} and {self.rlsd_clip}")
+        if self.cliff_rescue and self.rlsd_coef > 0:
+            raise ValueError("objective.cliff_rescue (HDPO) scores only rescue episodes with the teacher; "
+                             "it cannot be combined with rlsd_coef > 0")
+        if self.cliff_rescue and self.student_sees_skills:
+            raise ValueError("objective.cliff_rescue (HDPO) distils skills into a student that does not see them; "
+                             "student_sees_skills must be false")
+        for name in ("pg_coef", "kl_coef", "distill_coef", "entropy_coef", "chunk_size", "gate_beta"):
             if getattr(self, name) < 0:
                 raise ValueError(f"objective.{name} must be >= 0, got {getattr(self, name)}")
         return self
 
     def distill_coef_at(self, step: int) -> float:
         """``lambda(step)``: constant, or linear / cosine decay to 0 over ``distill_schedule_steps``."""
-        if self.distill_schedule == "constant":
-            return self.distill_coef
-        frac = min(max(step, 0) / self.distill_schedule_steps, 1.0)
-        if self.distill_schedule == "linear_decay":
-            return self.distill_coef * (1.0 - frac)
-        return self.distill_coef * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return scheduled(self.distill_coef, self.distill_schedule, self.distill_schedule_steps, step)
+
+    def rlsd_coef_at(self, step: int) -> float:
+        """RLSD's mixing weight ``lam(step)`` (the release: 0.5 decaying linearly to 0 over 100 steps)."""
+        return scheduled(self.rlsd_coef, self.rlsd_schedule, self.rlsd_schedule_steps, step)
 
     @property
     def needs_teacher(self) -> bool:
-        return self.distill_coef > 0 or self.rlsd_alpha > 0
+        return self.distill_coef > 0 or self.rlsd_coef > 0
 
 
-PRESETS: dict[str, dict] = {
-    "grpo": dict(distill_coef=0.0),
-    "opsd": dict(pg_coef=0.0, kl_coef=0.0, distill_coef=1.0, gate="none"),
-    "grpo_opsd": dict(distill_coef=0.01, gate="none"),
-    "sdar": dict(distill_coef=0.01, gate="gap", gate_beta=5.0),
-    "skill_grpo": dict(distill_coef=0.0, student_sees_skills=True),
-    "rlsd": dict(distill_coef=0.0, rlsd_alpha=0.5),
-    "skill_sd": dict(distill_coef=0.05, gate="none", distill_schedule="linear_decay", distill_schedule_steps=100),
+@dataclass(frozen=True)
+class Preset:
+    """A named objective: what it does differently (one line, for the README and ``--help``),
+    where it comes from, and the :class:`ObjectiveConfig` fields it sets."""
+
+    summary: str
+    source: str
+    values: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    "grpo": Preset("GRPO alone: lambda = 0, no teacher pass.",
+                   "Shao et al. 2024 (DeepSeekMath), as run by the SDAR release", dict(distill_coef=0.0)),
+    "opsd": Preset("distillation only (ungated, lambda = 1), no policy-gradient or KL term.",
+                   "on-policy self-distillation baseline of the SDAR paper",
+                   dict(pg_coef=0.0, kl_coef=0.0, distill_coef=1.0, gate="none")),
+    "grpo_opsd": Preset("GRPO + the SDAR term with beta = 0: the gate is the constant 0.5.",
+                        "SDAR release (its GRPO+OPSD run is the SDAR loss with beta = 0)",
+                        dict(distill_coef=0.01, gate="gap", gate_beta=0.0)),
+    "sdar": Preset("GRPO + lambda * sigmoid(beta * gap)-gated sampled-token distillation (lambda 0.01, beta 5).",
+                   "SDAR, arXiv 2605.15155, and its release", dict(distill_coef=0.01, gate="gap", gate_beta=5.0)),
+    "sdar_full": Preset("SDAR with the exact full-vocabulary reverse KL per token instead of the sampled token.",
+                        "our variant of SDAR (the paper's estimator ablation)",
+                        dict(distill_coef=0.01, gate="gap", gate_beta=5.0, estimator="full")),
+    "skill_grpo": Preset("GRPO with the skills in the student's own prompt, at training and at evaluation.",
+                         "skill-augmented GRPO baseline of the SDAR paper",
+                         dict(distill_coef=0.0, student_sees_skills=True)),
+    "rlsd": Preset("GRPO with token advantages A * ((1 - lam) + lam * clip(exp(sign(A) * gap), 0.8, 1.2)), "
+                   "lam 0.5 -> 0 over 100 steps; no distillation term.",
+                   "RLSD as released with SDAR",
+                   dict(distill_coef=0.0, rlsd_coef=0.5, rlsd_clip=0.2, rlsd_schedule="linear_decay",
+                        rlsd_schedule_steps=100)),
+    "skill_sd": Preset("GRPO + 0.001 * agg(rho * k3), rho = exp(min(lpS - lp_old, 10)), k3 the teacher KL.",
+                       "Skill-SD as released with SDAR (its lambda schedule is logged, not applied)",
+                       dict(distill_coef=0.001, distill_term="skill_sd", gate="none")),
+    "hdpo": Preset("GRPO + lambda * top-64 JSD to the teacher on successful skill-prompted replays of all-fail groups.",
+                   "HDPO, arXiv 2603.23871 (lambda 0.1 is our choice; the paper sweeps it)",
+                   dict(distill_coef=0.1, gate="none", estimator="topk", topk=64, divergence="jsd",
+                        cliff_rescue=True)),
 }
+
+
+def preset_fields(name: str) -> dict:
+    """Every :class:`ObjectiveConfig` field of preset ``name`` (the preset's values over the defaults)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return {**dataclasses.asdict(ObjectiveConfig()), **PRESETS[name].values}
 
 
 def preset(name: str, **overrides) -> ObjectiveConfig:
     """``ObjectiveConfig`` of a named preset with ``overrides`` applied, validated."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(ObjectiveConfig)}
-    unknown = set(overrides) - fields
+    fields = preset_fields(name)
+    unknown = set(overrides) - set(fields)
     if unknown:
         raise ValueError(f"unknown objective option(s) {sorted(unknown)}")
-    return ObjectiveConfig(**{**PRESETS[name], **overrides}).validate()
+    return ObjectiveConfig(**{**fields, **overrides}).validate()
 
 
 @dataclass
@@ -145,7 +218,7 @@ class ObjectiveInputs:
 
     student_logits: torch.Tensor  # [B, T, V_local], carries the gradient
     targets: torch.Tensor  # [B, T] global token ids of the response tokens
-    mask: torch.Tensor  # [B, T] 1 for model-generated tokens
+    mask: torch.Tensor  # [B, T] 1 for the model-generated tokens of the RL terms
     advantages: torch.Tensor  # [B] episode advantages or [B, T] token advantages
     old_logprobs: Optional[torch.Tensor] = None  # [B, T] trainer log-probs, rollout-time weights
     ref_logprobs: Optional[torch.Tensor] = None  # [B, T] frozen reference
@@ -155,6 +228,7 @@ class ObjectiveInputs:
     teacher_topk_logprobs: Optional[torch.Tensor] = None  # [B, T, k] for estimator "topk"
     teacher_topk_ids: Optional[torch.Tensor] = None  # [B, T, k]
     action_mask: Optional[torch.Tensor] = None  # [B, T] 1 on action-choice tokens (metrics only)
+    distill_mask: Optional[torch.Tensor] = None  # [B, T] tokens of the distillation term (None: mask)
 
 
 @dataclass
@@ -187,12 +261,21 @@ class SDARObjective:
         self.groups = groups or ParallelGroups()
 
     def __call__(
-        self, inputs: ObjectiveInputs, normalizers: Optional[LossNormalizers] = None, step: int = 0
+        self, inputs: ObjectiveInputs, normalizers: Optional[LossNormalizers] = None, step: int = 0,
+        distill_normalizers: Optional[LossNormalizers] = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        """``normalizers``: global counts of the step's RL tokens (``mask``); ``distill_normalizers``:
+        of its distillation tokens (``distill_mask``; default: the same as ``normalizers``)."""
         cfg, g = self.config, self.groups
         mask = check_mask(inputs.mask, inputs.targets)
         if normalizers is None:
             normalizers = LossNormalizers.from_mask(mask, g.dp_cp, g.cp)
+        if inputs.distill_mask is None:
+            distill_mask, distill_normalizers = mask, distill_normalizers or normalizers
+        else:
+            distill_mask = check_mask(inputs.distill_mask, inputs.targets, "distill_mask")
+            if distill_normalizers is None:
+                distill_normalizers = LossNormalizers.from_mask(distill_mask, g.dp_cp, g.cp)
         logprobs, entropy = vocab_parallel_logprobs_entropy(
             inputs.student_logits, inputs.targets, g.tp, cfg.chunk_size
         )
@@ -205,13 +288,17 @@ class SDARObjective:
         adv = adv.float()
 
         teacher = inputs.teacher_logprobs
-        if cfg.needs_teacher and teacher is None:
-            raise ValueError("this objective needs teacher_logprobs (distill_coef > 0 or rlsd_alpha > 0)")
-        if cfg.rlsd_alpha > 0:
-            adv = self_divergence_advantages(adv, teacher.float() - logprobs.detach(), cfg.rlsd_alpha)
+        if cfg.needs_teacher and teacher is None and not cfg.cliff_rescue:  # HDPO: no rescue, no teacher
+            raise ValueError("this objective needs teacher_logprobs (distill_coef > 0 or rlsd_coef > 0)")
+        metrics: dict[str, float] = {}
+        rlsd_lam = cfg.rlsd_coef_at(step)
+        if cfg.rlsd_coef > 0:
+            gap = teacher.detach().float() - logprobs.detach().float()
+            adv = rlsd_token_advantages(adv, gap, rlsd_lam, cfg.rlsd_clip)
+            gap_mean, gap_std, _ = masked_moments(gap, mask, g.dp_cp)
+            metrics.update({"rlsd/coef": rlsd_lam, "sdar/gap_mean": gap_mean, "sdar/gap_std": gap_std})
 
         total = torch.zeros((), dtype=torch.float32, device=logprobs.device)
-        metrics: dict[str, float] = {}
         agg = lambda values: aggregate(values, mask, cfg.loss_agg, normalizers, g.cp)  # noqa: E731
 
         pg, clipped, approx_kl = ppo_clip_loss(logprobs, old, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
@@ -236,34 +323,41 @@ class SDARObjective:
             raise ValueError("kl_coef > 0 but ref_logprobs were not given")
 
         metrics["actor/entropy"] = masked_moments(entropy.detach(), mask, g.dp_cp)[0]
-        action = inputs.action_mask.float() * mask if inputs.action_mask is not None else None
+        action = inputs.action_mask.float() if inputs.action_mask is not None else None
         if action is not None:  # the action-choice tokens alone (format tokens are near-deterministic)
-            metrics["actor/action_entropy"] = masked_moments(entropy.detach(), action, g.dp_cp)[0]
+            metrics["actor/action_entropy"] = masked_moments(entropy.detach(), action * mask, g.dp_cp)[0]
         if inputs.rollout_logprobs is not None:
             metrics.update(_train_infer_diff(logprobs.detach(), inputs.rollout_logprobs, mask, g.dp_cp))
         if cfg.entropy_coef:
             total = total - cfg.entropy_coef * agg(entropy)
 
         lam = cfg.distill_coef_at(step)
-        if teacher is not None and (lam > 0 or cfg.rlsd_alpha > 0):
-            divergence = self._divergence(inputs) if cfg.estimator != "sampled" else None
-            distill_loss, gate_metrics = gated_distillation(
-                logprobs, teacher, mask, beta=cfg.gate_beta, gate=cfg.gate, loss_agg=cfg.loss_agg,
-                entropy=entropy, per_token_divergence=divergence, normalizers=normalizers,
-                cp_group=g.cp, metrics_group=g.dp_cp, entropy_beta=cfg.entropy_gate_beta,
-                entropy_threshold=cfg.entropy_gate_threshold,
-            )
-            if lam > 0:
-                total = total + lam * distill_loss
-            metrics.update(gate_metrics)
-            if action is not None:
-                gap = teacher.detach().float() - logprobs.detach().float()
-                gate = compute_gate(gap, cfg.gate, cfg.gate_beta, entropy, cfg.entropy_gate_beta,
-                                    cfg.entropy_gate_threshold)
-                metrics["sdar/action_gap_mean"] = masked_moments(gap, action, g.dp_cp)[0]
-                metrics["sdar/action_gate_mean"] = masked_moments(gate, action, g.dp_cp)[0]
+        if teacher is not None and lam > 0:
+            if cfg.distill_term == "skill_sd":
+                distill_loss, distill_metrics = skill_sd_distillation(
+                    logprobs, old, teacher, distill_mask, loss_agg=cfg.loss_agg, normalizers=distill_normalizers,
+                    rho_cap=cfg.skill_sd_rho_cap, gap_cap=cfg.skill_sd_gap_cap, cp_group=g.cp,
+                    metrics_group=g.dp_cp)
+            else:
+                divergence = self._divergence(inputs) if cfg.estimator != "sampled" else None
+                distill_loss, distill_metrics = gated_distillation(
+                    logprobs, teacher, distill_mask, beta=cfg.gate_beta, gate=cfg.gate, loss_agg=cfg.loss_agg,
+                    entropy=entropy, per_token_divergence=divergence, normalizers=distill_normalizers,
+                    cp_group=g.cp, metrics_group=g.dp_cp, entropy_beta=cfg.entropy_gate_beta,
+                    entropy_threshold=cfg.entropy_gate_threshold,
+                )
+            total = total + lam * distill_loss
+            metrics.update(distill_metrics)
             metrics["sdar/distill_loss"] = float(distill_loss.detach())
             metrics["sdar/distill_coef"] = lam
+        if teacher is not None and action is not None and (lam > 0 or cfg.rlsd_coef > 0):
+            gap = teacher.detach().float() - logprobs.detach().float()
+            on = action * (distill_mask if lam > 0 else mask)
+            metrics["sdar/action_gap_mean"] = masked_moments(gap, on, g.dp_cp)[0]
+            if cfg.distill_term == "gated" and lam > 0:
+                gate = compute_gate(gap, cfg.gate, cfg.gate_beta, entropy, cfg.entropy_gate_beta,
+                                    cfg.entropy_gate_threshold)
+                metrics["sdar/action_gate_mean"] = masked_moments(gate, on, g.dp_cp)[0]
         metrics["actor/loss"] = float(total.detach())
         return total, metrics
 

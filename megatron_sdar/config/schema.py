@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from megatron_sdar.algo.objective import PRESETS, ObjectiveConfig
+from megatron_sdar.algo.objective import PRESETS, ObjectiveConfig, preset_fields
 
 
 class ConfigError(ValueError):
@@ -47,45 +47,47 @@ class ModelConfig:
 
 
 @dataclass
-class AlgoConfig:
-    """A preset of :data:`megatron_sdar.algo.objective.PRESETS` plus overrides of any
-    :class:`ObjectiveConfig` field (None = the preset's value)."""
+class AlgoConfig(ObjectiveConfig):
+    """The ``algo`` group: every :class:`ObjectiveConfig` field plus the preset's ``name``. Hydra's
+    ``algo=<preset>`` options are made from :data:`~megatron_sdar.algo.objective.PRESETS`
+    (:func:`register_algo_presets`), so any field can be overridden: ``algo.gate=entropy``."""
 
     name: str = "sdar"
-    pg_coef: Optional[float] = None
-    clip_low: Optional[float] = None
-    clip_high: Optional[float] = None
-    dual_clip: Optional[float] = None
-    kl_coef: Optional[float] = None
-    kl_estimator: Optional[str] = None
-    entropy_coef: Optional[float] = None
-    loss_agg: Optional[str] = None
-    norm_adv_by_std: Optional[bool] = None
-    tis_cap: Optional[float] = None
-    distill_coef: Optional[float] = None
-    distill_schedule: Optional[str] = None
-    distill_schedule_steps: Optional[int] = None
-    gate: Optional[str] = None
-    gate_beta: Optional[float] = None
-    entropy_gate_beta: Optional[float] = None
-    entropy_gate_threshold: Optional[float] = None
-    estimator: Optional[str] = None
-    divergence: Optional[str] = None
-    topk: Optional[int] = None
-    rlsd_alpha: Optional[float] = None
-    student_sees_skills: Optional[bool] = None
-    teacher_weights: Optional[str] = None
-    chunk_size: Optional[int] = None
 
     def objective(self) -> ObjectiveConfig:
         if self.name not in PRESETS:
-            raise ConfigError(f"algo={self.name!r} is not a preset; choose one of {sorted(PRESETS)}")
-        overrides = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                     if f.name != "name" and getattr(self, f.name) is not None}
+            raise ConfigError(f"algo.name={self.name!r} is not a preset; choose one of {sorted(PRESETS)}")
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(ObjectiveConfig)}
         try:
-            return ObjectiveConfig(**{**PRESETS[self.name], **overrides}).validate()
+            return ObjectiveConfig(**values).validate()
         except ValueError as exc:
             raise ConfigError(f"algo: {exc}") from None
+
+    @classmethod
+    def of_preset(cls, name: str) -> "AlgoConfig":
+        return cls(name=name, **preset_fields(name))
+
+
+def register_algo_presets() -> None:
+    """One Hydra option ``algo=<name>`` per preset, holding all of its fields (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name in PRESETS:
+        store.store(group="algo", name=name, node=AlgoConfig.of_preset(name))
+
+
+def _complete_algo(algo: Any) -> Any:
+    """A plain ``algo`` mapping given with only some fields (a dict, an older ``config.json`` whose
+    unset fields are null) gets the rest from its preset."""
+    if not isinstance(algo, dict):
+        return algo
+    name = algo.get("name", AlgoConfig.name)
+    if name not in PRESETS:
+        raise ConfigError(f"algo={name!r} is not a preset; choose one of {sorted(PRESETS)}")
+    optional = {f.name for f in dataclasses.fields(ObjectiveConfig) if f.default is None}
+    given = {k: v for k, v in algo.items() if v is not None or k in optional}
+    return {**preset_fields(name), "name": name, **given}
 
 
 def _embedded_world() -> dict:
@@ -223,6 +225,8 @@ def load_config(cfg: Any) -> RunConfig:
         schema = OmegaConf.structured(RunConfig)
         plain = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
         plain = {k: v for k, v in (plain or {}).items() if k not in ("hydra", "experiment")}
+        if "algo" in plain:
+            plain["algo"] = _complete_algo(plain["algo"])
         merged = OmegaConf.merge(schema, plain)
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:

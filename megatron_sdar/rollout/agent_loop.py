@@ -76,6 +76,7 @@ class AgentLoopConfig:
     show_admissible_actions: bool = True
     action_format: str = "text"
     skills_in_student_prompt: bool = False
+    acts_with_privileged_context: bool = False
     context_position: str = "start"
     restate_task: bool = False
     step_timeout_s: float = 60.0
@@ -97,6 +98,9 @@ class AgentLoopConfig:
             raise ValueError(f"context_position must be 'start' or 'end', got {self.context_position!r}")
         if self.overlong not in ("truncate_history", "end"):
             raise ValueError(f"overlong must be 'truncate_history' or 'end', got {self.overlong!r}")
+        if self.acts_with_privileged_context and self.skills_in_student_prompt:
+            raise ValueError("acts_with_privileged_context records the student's prompt without the skills; "
+                             "it cannot be combined with skills_in_student_prompt")
         if self.invalid_action_penalty < 0:
             raise ValueError(f"invalid_action_penalty must be >= 0, got {self.invalid_action_penalty}")
         if self.action_pattern is not None:
@@ -339,22 +343,30 @@ class AgentLoop:
             out[group] = (retrieval.context, tuple(retrieval.skill_names))
         return out
 
-    def _prompt(self, state: EpisodeState, episode: Episode) -> tuple[list[dict[str, str]], list[int]] | None:
-        """Messages and ids of the next prompt, within ``max_prompt_tokens`` (None: cannot fit)."""
+    def _prompt(self, state: EpisodeState, episode: Episode) -> tuple[list[dict[str, str]], list[int], list[int]] | None:
+        """Messages and ids of the next prompt and the ids the engine generates from (the same, or
+        the teacher's prompt with ``acts_with_privileged_context``), within ``max_prompt_tokens``
+        (None: cannot fit)."""
         config = self.config
         student_context = episode.privileged_context if config.skills_in_student_prompt else ""
         window = config.history_window
         while True:
             messages = self.formatter.messages(self.formatter.user_content(state, window), student_context)
             ids = self.formatter.encode(messages)
-            if len(ids) <= config.max_prompt_tokens:
-                return messages, ids
+            engine_ids = ids
+            if config.acts_with_privileged_context:
+                engine_ids = self.formatter.encode(self.formatter.teacher_messages(messages, episode.privileged_context))
+            if len(engine_ids) <= config.max_prompt_tokens:
+                return messages, ids, engine_ids
             if config.overlong != "truncate_history" or window == 0:
                 return None
             window = min(window, len(state.history)) - 1
 
-    def run(self, specs: Sequence[EpisodeSpec], step_callback: Callable[[dict], None] | None = None) -> TrajectoryBatch:
-        """Run every episode of ``specs`` to its end; return this rank's trajectories."""
+    def run(self, specs: Sequence[EpisodeSpec], step_callback: Callable[[dict], None] | None = None,
+            contexts: dict[int, tuple[str, tuple[str, ...]]] | None = None) -> TrajectoryBatch:
+        """Run every episode of ``specs`` to its end; return this rank's trajectories. ``contexts``:
+        the privileged context and skill names of every group (of all ranks) instead of retrieving
+        them (HDPO's rescue replays the skills its group was given)."""
         config = self.config
         batch = EnvBatch([s.env for s in specs], step_timeout_s=config.step_timeout_s) if specs else None
         episodes: list[Episode] = []
@@ -372,7 +384,8 @@ class AgentLoop:
                 states.append(EpisodeState(result.observation, result.observation, info.get("admissible_actions"),
                                            task=str(info.get("task", ""))))
                 live.append(result.error is None)
-        contexts = self._retrieve({e.group: (e.task, e.task_type) for e in episodes})
+        if contexts is None:
+            contexts = self._retrieve({e.group: (e.task, e.task_type) for e in episodes})
         for episode in episodes:
             episode.privileged_context, episode.skill_names = contexts[episode.group]
 
@@ -382,7 +395,7 @@ class AgentLoop:
         started, tokens, env_steps = time.perf_counter(), 0, 0
         turn = 0
         while _all_ranks_any(any(live)) and turn < config.max_turns:
-            prompts: list[tuple[int, list[dict[str, str]], list[int]]] = []
+            prompts: list[tuple[int, list[dict[str, str]], list[int], list[int]]] = []
             for i, episode in enumerate(episodes):
                 if not live[i]:
                     continue
@@ -391,16 +404,20 @@ class AgentLoop:
                     episode.overlong, live[i] = True, False
                     continue
                 prompts.append((i, *built))
-            seeds = [self._sampling_seed(specs[i].episode_id, turn) for i, _, _ in prompts]
-            generations = self.engine.generate([ids for _, _, ids in prompts], sampling, seeds=seeds)
+            seeds = [self._sampling_seed(specs[i].episode_id, turn) for i, _, _, _ in prompts]
+            generations = self.engine.generate([engine_ids for _, _, _, engine_ids in prompts], sampling, seeds=seeds)
             actions: list[str | None] = [None] * len(episodes)
-            for (i, messages, ids), gen in zip(prompts, generations):
+            for (i, messages, ids, engine_ids), gen in zip(prompts, generations):
                 episode = episodes[i]
                 text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
                 action = self.formatter.resolve(parse_action(text, config.action_pattern), states[i])
-                teacher_ids = self.formatter.encode(
-                    self.formatter.teacher_messages(messages, episode.privileged_context))
-                episode.turns.append(Turn(prompt_ids=gen.prompt_ids, response_ids=gen.token_ids,
+                if config.acts_with_privileged_context:
+                    student_ids, teacher_ids = ids, list(gen.prompt_ids)
+                else:
+                    student_ids = list(gen.prompt_ids)
+                    teacher_ids = self.formatter.encode(
+                        self.formatter.teacher_messages(messages, episode.privileged_context))
+                episode.turns.append(Turn(prompt_ids=student_ids, response_ids=gen.token_ids,
                                           rollout_logprobs=gen.logprobs, teacher_prompt_ids=teacher_ids,
                                           messages=messages, response_text=text, action=action,
                                           finish_reason=gen.finish_reason,

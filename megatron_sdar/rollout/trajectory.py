@@ -5,7 +5,9 @@ turns, the current observation) and produced ``response_ids``; the teacher score
 ``response_ids`` after ``teacher_prompt_ids`` (the privileged context in front of the same
 prompt). Every trained token of an episode shares the episode's reward / advantage.
 
-Token ids are never re-derived from decoded text: ``prompt_ids`` are exactly what vLLM saw, and
+Token ids are never re-derived from decoded text: ``prompt_ids`` are exactly what vLLM saw (for
+HDPO's rescue episodes, which the engine generates from the teacher's prompt, ``teacher_prompt_ids``
+are), and
 :class:`~megatron_sdar.rollout.agent_loop.ChatFormatter` rebuilds them bit-identically from the
 stored ``messages`` (tested).
 """
@@ -19,7 +21,8 @@ from typing import Any, Iterator
 class Turn:
     """One model call of an episode.
 
-    ``prompt_ids``: [P] ids vLLM saw; ``response_ids``: [R] sampled ids (including the stop
+    ``prompt_ids``: [P] the student's prompt (the ids vLLM saw, except in a rescue episode, where
+    vLLM saw ``teacher_prompt_ids``); ``response_ids``: [R] sampled ids (including the stop
     token when generation stopped on it); ``rollout_logprobs``: [R] vLLM's log-probs of
     ``response_ids``; ``teacher_prompt_ids``: [P'] privileged context + the same prompt;
     ``messages``: the chat messages ``prompt_ids`` was rendered from; ``action_mask``: [R] 1 on the
@@ -107,6 +110,13 @@ class TrajectoryBatch:
         episodes = [e for batch in batches for e in batch.episodes]
         episodes.sort(key=lambda e: (e.group, e.episode_id))
         return TrajectoryBatch(episodes)
+
+    def cliff_groups(self) -> list[int]:
+        """The groups in which every episode failed (HDPO's "cliff" groups), in group order."""
+        won: dict[int, bool] = {}
+        for e in self.episodes:
+            won[e.group] = won.get(e.group, False) or e.won
+        return sorted(g for g, any_won in won.items() if not any_won)
 
     def summary(self) -> dict[str, Any]:
         """Rollout metrics: success per task type, reward, turns, invalid-action rate."""

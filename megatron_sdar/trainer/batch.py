@@ -28,7 +28,10 @@ from megatron_sdar.utils.distributed import cp_token_indices
 @dataclass
 class TrainingSample:
     """One turn. ``advantage``: the episode's group-normalized advantage (0 for SFT);
-    ``action_mask``: [R] 1 on the response tokens that spell the action (empty: unknown)."""
+    ``action_mask``: [R] 1 on the response tokens that spell the action (empty: unknown).
+    ``rl``: its tokens enter the RL terms (policy gradient, KL, entropy); ``distill``: they enter
+    the distillation term (and the teacher pass scores it). Both for SDAR's samples; HDPO's
+    ordinary samples are RL only, its successful rescue turns distillation only."""
 
     input_ids: list[int]
     response_start: int
@@ -38,30 +41,41 @@ class TrainingSample:
     advantage: float = 0.0
     episode: int = 0
     action_mask: list[int] = field(default_factory=list)
+    rl: bool = True
+    distill: bool = True
 
     @property
     def num_response_tokens(self) -> int:
         return len(self.input_ids) - self.response_start
 
 
-def samples_from_trajectories(batch: TrajectoryBatch, norm_by_std: bool = True) -> list[TrainingSample]:
-    """Every turn of every episode, with the GRPO advantage of its episode."""
+def samples_from_trajectories(batch: TrajectoryBatch, norm_by_std: bool = True,
+                              distill: bool = True) -> list[TrainingSample]:
+    """Every turn of every episode, with the GRPO advantage of its episode (RL samples; also
+    distillation samples when ``distill``)."""
     if not batch.episodes:
         return []
     rewards = torch.tensor([e.reward for e in batch.episodes], dtype=torch.float64)
     groups = torch.tensor([e.group for e in batch.episodes])
     advantages = group_advantages(rewards, groups, norm_by_std=norm_by_std).tolist()
-    samples = []
-    for index, turn in batch.turns():
-        if not turn.response_ids:
-            continue
-        samples.append(TrainingSample(
-            input_ids=turn.prompt_ids + turn.response_ids, response_start=len(turn.prompt_ids),
-            teacher_input_ids=turn.teacher_prompt_ids + turn.response_ids,
-            teacher_response_start=len(turn.teacher_prompt_ids),
-            rollout_logprobs=list(turn.rollout_logprobs), advantage=float(advantages[index]), episode=index,
-            action_mask=list(turn.action_mask)))
-    return samples
+    return [_sample(turn, index, float(advantages[index]), rl=True, distill=distill)
+            for index, turn in batch.turns() if turn.response_ids]
+
+
+def rescue_samples(rescue: TrajectoryBatch) -> list[TrainingSample]:
+    """HDPO: the turns of the successful rescue episodes, as distillation-only samples. Their student
+    sequence is the prompt without the skills + the response generated with them; the teacher's, the
+    prompt the engine saw (skills included) + the same response."""
+    return [_sample(turn, index, 0.0, rl=False, distill=True)
+            for index, turn in rescue.turns() if rescue.episodes[index].won and turn.response_ids]
+
+
+def _sample(turn, episode: int, advantage: float, *, rl: bool, distill: bool) -> TrainingSample:
+    return TrainingSample(
+        input_ids=turn.prompt_ids + turn.response_ids, response_start=len(turn.prompt_ids),
+        teacher_input_ids=turn.teacher_prompt_ids + turn.response_ids,
+        teacher_response_start=len(turn.teacher_prompt_ids), rollout_logprobs=list(turn.rollout_logprobs),
+        advantage=advantage, episode=episode, action_mask=list(turn.action_mask), rl=rl, distill=distill)
 
 
 @dataclass
@@ -102,12 +116,13 @@ class MicroBatch:
     tokens: torch.Tensor  # [B, S_local] input ids
     position_ids: torch.Tensor  # [B, S_local] global positions
     targets: torch.Tensor  # [B, S_local] next-token ids
-    loss_mask: torch.Tensor  # [B, S_local] 1 where the target is model-generated
+    loss_mask: torch.Tensor  # [B, S_local] 1 where the target is model-generated (RL samples)
     sample_index: list[Optional[int]]  # [B] row -> sample (None: padding row)
     advantages: torch.Tensor  # [B]
     response_pos: torch.Tensor  # [B, S_local] index k of the response token predicted here (-1: none)
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, S_local] or [B, S_local, k]
     prompt_mask: torch.Tensor | None = None  # [B, S_local] 1 where the target is a prompt token
+    distill_mask: torch.Tensor | None = None  # [B, S_local] 1 where the target is model-generated (distillation)
 
 
 def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, teacher: bool = False,
@@ -127,6 +142,7 @@ def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, te
         tokens = torch.full((B, S + 1), pad_id, dtype=torch.long)
         response_pos = torch.full((B, S), -1, dtype=torch.long)
         prompt_mask = torch.zeros((B, S))
+        rl_rows, distill_rows = torch.zeros(B, 1), torch.zeros(B, 1)
         advantages = torch.zeros(B)
         values = {name: None for name in per_token}
         for b, index in enumerate(chunk):
@@ -142,8 +158,11 @@ def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, te
             response_pos[b, start - 1:start - 1 + n_resp] = torch.arange(n_resp)
             prompt_mask[b, :start - 1] = 1.0
             advantages[b] = sample.advantage
+            rl_rows[b], distill_rows[b] = float(sample.rl), float(sample.distill)
             for name, by_sample in per_token.items():
-                v = by_sample[index]
+                v = by_sample.get(index)
+                if v is None:  # not scored by that pass (HDPO's teacher scores only rescue turns)
+                    continue
                 if values[name] is None:
                     values[name] = torch.zeros((B, S, *v.shape[1:]), dtype=v.dtype)
                 values[name][b, start - 1:start - 1 + n_resp] = v
@@ -151,9 +170,11 @@ def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, te
             if values[name] is None:  # only padding rows
                 any_value = next(iter(per_token[name].values()))
                 values[name] = torch.zeros((B, S, *any_value.shape[1:]), dtype=any_value.dtype)
+        generated = (response_pos >= 0).float()
         out.append(MicroBatch(
             tokens=tokens[:, :S][:, local], position_ids=local.expand(B, -1).clone(),
-            targets=tokens[:, 1:][:, local], loss_mask=(response_pos >= 0).float()[:, local],
+            targets=tokens[:, 1:][:, local], loss_mask=(generated * rl_rows)[:, local],
+            distill_mask=(generated * distill_rows)[:, local],
             sample_index=list(chunk), advantages=advantages, response_pos=response_pos[:, local],
             per_token={name: v[:, local] for name, v in values.items()}, prompt_mask=prompt_mask[:, local]))
     return out

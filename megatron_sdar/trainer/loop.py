@@ -4,7 +4,8 @@ One iteration (every rank runs every line; collectives keep them in lockstep):
 
     weights -> vLLM (in place)                     rollout/weight_sync_*
     rollout: tasks_per_step x group_size episodes  rollout/*   (this rank's share, then gathered)
-    samples: one per turn, GRPO advantage of its episode
+    HDPO only: cliff groups replayed with the skills in the prompt; successful replays kept
+    samples: one per turn, GRPO advantage of its episode (+ HDPO's distillation-only rescue turns)
     teacher pass: skills + same prompt + same response, forward only      (needs_teacher)
     reference pass: frozen initial policy, forward only                   (kl_coef > 0)
     student pass: forward/backward of the SDAR objective (Megatron schedule)
@@ -36,11 +37,12 @@ from megatron_sdar.config.schema import ConfigError, RunConfig, validate
 from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource, RolloutEngine,
                                    RolloutEngineConfig, TrajectoryBatch)
 from megatron_sdar.trainer import seeds as task_seeds
-from megatron_sdar.trainer.batch import samples_from_trajectories
+from megatron_sdar.trainer.batch import rescue_samples, samples_from_trajectories
 from megatron_sdar.trainer.policy import OptimConfig, Policy, build_policy
 from megatron_sdar.trainer.update import PolicyUpdate, log
 
 EVAL_EPISODE_ID = 10_000_000  # sampling seeds of evaluation episodes, apart from training's
+RESCUE_EPISODE_ID = 20_000_000  # and of HDPO's rescue episodes
 
 
 class Preemption:
@@ -178,9 +180,11 @@ class SDARTrainer:
         env = self.run_config.env
         return make(env.name, seed=seed, max_turns=env.max_turns, **dict(env.kwargs))
 
-    def _loop(self, temperature: float, with_skills: bool, student_sees_skills: bool | None = None) -> AgentLoop:
+    def _loop(self, temperature: float, with_skills: bool, student_sees_skills: bool | None = None,
+              acts_with_context: bool = False) -> AgentLoop:
         """``with_skills``: retrieve skills (the teacher's context); ``student_sees_skills``: put
-        them in the student's own prompt too (default: the objective's choice)."""
+        them in the student's own prompt too (default: the objective's choice); ``acts_with_context``:
+        generate from the teacher's prompt (HDPO's rescue)."""
         r = self.run_config.rollout
         student = self.objective.student_sees_skills if student_sees_skills is None else student_sees_skills
         config = AgentLoopConfig(
@@ -189,7 +193,8 @@ class SDARTrainer:
             action_pattern=r.action_pattern, invalid_action_penalty=r.invalid_action_penalty,
             show_admissible_actions=r.show_admissible_actions, action_format=r.action_format,
             context_position=r.context_position, restate_task=r.restate_task,
-            skills_in_student_prompt=student, step_timeout_s=self.run_config.env.step_timeout_s,
+            skills_in_student_prompt=student and not acts_with_context,
+            acts_with_privileged_context=acts_with_context, step_timeout_s=self.run_config.env.step_timeout_s,
             seed=self.run_config.trainer.seed)
         return AgentLoop(self.engine, self.tokenizer, config, self.retriever if with_skills else None)
 
@@ -216,10 +221,11 @@ class SDARTrainer:
         return merged
 
     def rollout(self, seeds: list[int], *, temperature: float, with_skills: bool, group_size: int,
-                first_episode_id: int, student_sees_skills: bool | None = None) -> TrajectoryBatch:
-        loop = self._loop(temperature, with_skills, student_sees_skills)
+                first_episode_id: int, student_sees_skills: bool | None = None, acts_with_context: bool = False,
+                contexts: dict | None = None) -> TrajectoryBatch:
+        loop = self._loop(temperature, with_skills, student_sees_skills, acts_with_context)
         self.engine.wake_up()
-        batch = loop.run(self._specs(seeds, group_size, first_episode_id))
+        batch = loop.run(self._specs(seeds, group_size, first_episode_id), contexts=contexts)
         self.engine.sleep()  # GPU: vLLM's weights and KV cache make room for the passes
         return self._gather_episodes(batch)
 
@@ -297,28 +303,56 @@ class SDARTrainer:
         seeds = task_seeds.train_seeds(self.run_config.trainer.seed, step, r.tasks_per_step)
         batch = self.rollout(seeds, temperature=r.temperature, with_skills=True, group_size=r.group_size,
                              first_episode_id=step * r.tasks_per_step * r.group_size)
-        rollout_seconds = time.perf_counter() - started
         metrics.update(batch.summary())
         metrics["perf/rollout_tokens_per_s"] = batch.metrics.get("rollout/tokens_per_s", 0.0)
         if self.retriever is not None:
             for episode in batch.episodes:
                 if episode.skill_names:
                     self.retriever.update(list(episode.skill_names), episode.reward, episode.task_type)
-        samples = samples_from_trajectories(batch, self.objective.norm_adv_by_std)
+        samples = samples_from_trajectories(batch, self.objective.norm_adv_by_std,
+                                            distill=not self.objective.cliff_rescue)
+        if self.objective.cliff_rescue:
+            rescue = self.rescue(batch, seeds, step)
+            samples += rescue_samples(rescue)
+            # the rescue episodes count in the rollout's work (episodes, tokens, time), not in its success rate
+            metrics["rollout/episodes"] += len(rescue.episodes)
+            metrics["rollout/response_tokens"] += rescue.num_response_tokens
+            metrics.update({"hdpo/cliff_groups": float(len(batch.cliff_groups())),
+                            "hdpo/rescue_episodes": float(len(rescue.episodes)),
+                            "hdpo/rescued": float(sum(e.won for e in rescue.episodes))})
+        rollout_seconds = time.perf_counter() - started
         if not samples:
             raise RuntimeError("the rollout produced no trainable tokens (every episode failed before a turn)")
         train_started = time.perf_counter()
         metrics.update(self.updater.train_on(samples, step))
         train_seconds = time.perf_counter() - train_started
+        if self.objective.cliff_rescue:
+            metrics["hdpo/distill_loss"] = metrics.get("sdar/distill_loss", 0.0)
         tokens = sum(len(s.input_ids) for s in samples)
         metrics.update({"perf/rollout_seconds": rollout_seconds, "perf/train_seconds": train_seconds,
                         "perf/train_tokens_per_s": tokens / max(train_seconds, 1e-9),
                         "perf/step_seconds": time.perf_counter() - started, "train/samples": float(len(samples)),
                         "train/tokens": float(tokens), "perf/student_tokens": float(tokens)})
         if self.objective.needs_teacher:
-            teacher = sum(len(s.teacher_input_ids) for s in samples)
+            teacher = sum(len(samples[i].teacher_input_ids) for i in self.updater.teacher_samples(samples))
             metrics.update({"perf/teacher_tokens": float(teacher), "perf/teacher_token_ratio": teacher / tokens})
         return metrics
+
+    def rescue(self, batch: TrajectoryBatch, seeds: list[int], step: int) -> TrajectoryBatch:
+        """HDPO (arXiv 2603.23871): every cliff group's task (every episode failed) is played again,
+        ``group_size`` times, by the same weights with the group's retrieved skills in the prompt
+        (generation only: the engine has no autograd). Each turn records the prompt without the
+        skills as the student's and the one the engine saw as the teacher's; the caller keeps the
+        episodes that succeed (:func:`~megatron_sdar.trainer.batch.rescue_samples`)."""
+        r = self.run_config.rollout
+        cliffs = batch.cliff_groups()
+        if not cliffs:
+            return TrajectoryBatch([])
+        given = {e.group: (e.privileged_context, e.skill_names) for e in batch.episodes}
+        return self.rollout([seeds[g] for g in cliffs], temperature=r.temperature, with_skills=True,
+                            group_size=r.group_size, acts_with_context=True,
+                            contexts={i: given[g] for i, g in enumerate(cliffs)},
+                            first_episode_id=RESCUE_EPISODE_ID + step * r.tasks_per_step * r.group_size)
 
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:

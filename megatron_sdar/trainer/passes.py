@@ -152,9 +152,10 @@ class MetricAccumulator:
     """Combines the objective's per-micro-batch metrics into step metrics.
 
     Loss-type metrics are contributions (summed over micro-batches and ranks); mean-type metrics
-    are token-weighted by the micro-batch's global token count (its action-token count for the
-    ``*/action_*`` metrics, which average over action-choice tokens only); ``*_std`` metrics are
-    combined exactly from their means (population std).
+    are weighted by the micro-batch's global count of the tokens they average over: RL tokens,
+    action-choice tokens (``actor/action_*``), distillation tokens (``sdar/*``) or action tokens
+    of the distillation (``sdar/action_*``); ``*_std`` metrics are combined exactly from their
+    means (population std).
     """
 
     SUMMED = ("actor/pg_loss", "actor/loss", "sdar/distill_loss")
@@ -164,24 +165,32 @@ class MetricAccumulator:
         self.weighted: dict[str, float] = {}
         self.weights: dict[str, float] = {}
         self.second: dict[str, float] = {}
-        self.weight = 0.0
         self.maxima: dict[str, float] = {}
 
-    def add(self, metrics: dict[str, float], tokens: float, action_tokens: float = 0.0) -> None:
-        self.weight += tokens
+    @staticmethod
+    def kind(key: str) -> str:
+        """Which token count weights ``key``: ``tokens``, ``action``, ``distill`` or ``distill_action``."""
+        if key.startswith("sdar/action_"):
+            return "distill_action"
+        if "/action_" in key:
+            return "action"
+        return "distill" if key.startswith("sdar/") else "tokens"
+
+    def add(self, metrics: dict[str, float], counts: dict[str, float]) -> None:
+        """``counts``: this micro-batch's global token counts by :meth:`kind`."""
         for key, value in metrics.items():
-            if "/action_" in key:
-                self.weighted[key] = self.weighted.get(key, 0.0) + action_tokens * value
-                self.weights[key] = self.weights.get(key, 0.0) + action_tokens
-            elif key in self.SUMMED:
+            weight = counts.get(self.kind(key), 0.0)
+            if key in self.SUMMED:
                 self.sums[key] = self.sums.get(key, 0.0) + value
             elif key.endswith("_max"):
                 self.maxima[key] = max(self.maxima.get(key, float("-inf")), value)
             elif key.endswith("_std"):
                 mean = metrics.get(key[:-4] + "_mean", 0.0)
-                self.second[key] = self.second.get(key, 0.0) + tokens * (value * value + mean * mean)
+                self.second[key] = self.second.get(key, 0.0) + weight * (value * value + mean * mean)
+                self.weights[key] = self.weights.get(key, 0.0) + weight
             else:
-                self.weighted[key] = self.weighted.get(key, 0.0) + tokens * value
+                self.weighted[key] = self.weighted.get(key, 0.0) + weight * value
+                self.weights[key] = self.weights.get(key, 0.0) + weight
 
     def result(self, sum_group=None) -> dict[str, float]:
         out: dict[str, float] = {}
@@ -191,21 +200,22 @@ class MetricAccumulator:
             if sum_group is not None and dist.get_world_size(sum_group) > 1:
                 dist.all_reduce(t, group=sum_group)
             out.update(zip(keys, t.tolist()))
-        w = max(self.weight, 1e-12)
         for key, value in self.weighted.items():
-            out[key] = value / max(self.weights.get(key, w), 1e-12)
+            out[key] = value / max(self.weights[key], 1e-12)
         for key, value in self.second.items():
             mean = out.get(key[:-4] + "_mean", 0.0)
-            out[key] = max(value / w - mean * mean, 0.0) ** 0.5
+            out[key] = max(value / max(self.weights[key], 1e-12) - mean * mean, 0.0) ** 0.5
         out.update(self.maxima)
         return out
 
 
 def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
                  ctx: ParallelContext, objective_config: ObjectiveConfig, normalizers: LossNormalizers,
-                 step: int) -> dict[str, float]:
+                 step: int, distill_normalizers: LossNormalizers | None = None) -> dict[str, float]:
     """Forward + backward of the SDAR objective over this rank's micro-batches (gradients land in
-    the DDP buffers). Returns the step's objective metrics (meaningful on the last stage)."""
+    the DDP buffers). ``normalizers`` count the step's RL tokens, ``distill_normalizers`` its
+    distillation tokens (default: the same). Returns the step's objective metrics (meaningful on
+    the last stage)."""
     objective = SDARObjective(objective_config, ctx.objective_groups())
     scale = len(micro_batches) * ctx.dp_size
     acc = MetricAccumulator()
@@ -220,13 +230,15 @@ def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayou
             advantages=mb.advantages.to(device), ref_logprobs=get("ref_logprobs"),
             rollout_logprobs=get("rollout_logprobs"), teacher_logprobs=get("teacher_logprobs"),
             teacher_topk_logprobs=get("teacher_topk_logprobs"), teacher_topk_ids=get("teacher_topk_ids"),
-            teacher_logits=get("teacher_logits"), action_mask=get("action_mask"))
-        loss, metrics = objective(inputs, normalizers, step)
-        action = mb.per_token["action_mask"] * mb.loss_mask if "action_mask" in mb.per_token else mb.loss_mask * 0
-        tokens = torch.stack([mb.loss_mask.sum(), action.sum()]).to(torch.float64)
+            teacher_logits=get("teacher_logits"), action_mask=get("action_mask"),
+            distill_mask=mb.distill_mask.to(device))
+        loss, metrics = objective(inputs, normalizers, step, distill_normalizers)
+        action = mb.per_token["action_mask"] if "action_mask" in mb.per_token else mb.loss_mask * 0
+        tokens = torch.stack([mb.loss_mask.sum(), (action * mb.loss_mask).sum(), mb.distill_mask.sum(),
+                              (action * mb.distill_mask).sum()]).to(torch.float64)
         if ctx.dp_cp_group is not None and dist.get_world_size(ctx.dp_cp_group) > 1:
             dist.all_reduce(tokens, group=ctx.dp_cp_group)
-        acc.add(metrics, float(tokens[0]), float(tokens[1]))
+        acc.add(metrics, dict(zip(("tokens", "action", "distill", "distill_action"), tokens.tolist())))
         return loss * scale, {}
 
     _run_schedule(model, micro_batches, layout, loss_func, forward_only=False)

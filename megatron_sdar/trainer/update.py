@@ -72,6 +72,15 @@ class PolicyUpdate:
             self.reference = chunks
         return self.reference
 
+    def teacher_samples(self, samples: list[TrainingSample]) -> list[int]:
+        """Indices of the samples the teacher pass scores: the distillation samples, and with RLSD's
+        token weighting every RL sample (none when the objective has no teacher)."""
+        objective = self.objective
+        if not objective.needs_teacher:
+            return []
+        return [i for i, s in enumerate(samples)
+                if (s.distill and objective.distill_coef > 0) or (s.rl and objective.rlsd_coef > 0)]
+
     def train_on(self, samples: list[TrainingSample], step: int, lr: float | None = None) -> dict[str, float]:
         """Teacher pass, reference pass, student pass and optimizer step on ``samples``
         (identical on every rank). Returns the step's metrics (all ranks)."""
@@ -79,17 +88,15 @@ class PolicyUpdate:
 
         objective = self.objective
         tables: dict[str, dict[int, torch.Tensor]] = {"rollout_logprobs": rollout_logprob_table(samples)}
-        if objective.needs_teacher:
+        if scored := self.teacher_samples(samples):
             estimator = objective.estimator
-            values = self._forward_values(self.policy.model, samples, teacher=True,
+            values = self._forward_values(self.policy.model, [samples[i] for i in scored], teacher=True,
                                           topk=objective.topk if estimator == "topk" else 0,
                                           keep_logits=estimator == "full")
-            tables["teacher_logprobs"] = values["logprobs"]
-            if estimator == "topk":
-                tables["teacher_topk_logprobs"] = values["topk_logprobs"]
-                tables["teacher_topk_ids"] = values["topk_ids"]
-            if estimator == "full":
-                tables["teacher_logits"] = values["logits"]
+            names = {"logprobs": "teacher_logprobs", "topk_logprobs": "teacher_topk_logprobs",
+                     "topk_ids": "teacher_topk_ids", "logits": "teacher_logits"}
+            for name, by_position in values.items():  # positions in the scored subset -> sample indices
+                tables[names[name]] = {scored[j]: v for j, v in by_position.items()}
         if objective.kl_coef > 0:
             tables["ref_logprobs"] = self._forward_values(self._reference_model(), samples, teacher=False)["logprobs"]
         if (actions := action_mask_table(samples)) is not None:
@@ -99,11 +106,15 @@ class PolicyUpdate:
         layout = self._layout(samples, teacher=False)
         micro = build_micro_batches(samples, layout, per_token=tables if self.ctx.last_stage else None,
                                     pad_id=self.pad_id)
-        normalizers = LossNormalizers(num_tokens=float(sum(s.num_response_tokens for s in samples)),
-                                      num_sequences=float(len(samples)))
+        rl = [s for s in samples if s.rl]
+        normalizers = LossNormalizers(num_tokens=float(sum(s.num_response_tokens for s in rl)),
+                                      num_sequences=float(len(rl)))
+        distilled = [s for s in samples if s.distill]
+        distill_normalizers = LossNormalizers(num_tokens=float(sum(s.num_response_tokens for s in distilled)),
+                                              num_sequences=float(len(distilled)))
         self.policy.zero_grad()
         metrics = student_pass(self.policy.model, micro, layout, self.arch.vocab_size, self.ctx, objective,
-                               normalizers, step)
+                               normalizers, step, distill_normalizers)
         return self.optimizer_step(metrics, self.policy.optim_config.lr_at(step) if lr is None else lr)
 
     def optimizer_step(self, metrics: dict[str, float], lr: float) -> dict[str, float]:
