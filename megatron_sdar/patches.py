@@ -35,3 +35,37 @@ def quiet_vllm_reload_warnings() -> None:
     logger = logging.getLogger(_LAYERWISE_RELOAD_LOGGER)
     if not any(isinstance(f, _DerivedRotaryCacheFilter) for f in logger.filters):
         logger.addFilter(_DerivedRotaryCacheFilter())
+
+
+# ------------------------------------------------------------------------------------------------
+# megatron-core 0.19
+# ------------------------------------------------------------------------------------------------
+def allow_sequence_parallel_torch_norm() -> None:
+    """Let the local spec's norms (``WrappedTorchNorm``) run with sequence parallelism (idempotent).
+
+    Why (megatron-core 0.19, ``transformer/torch_norm.py``): ``WrappedTorchNorm`` asserts
+    ``not config.sequence_parallel``, so the local (non-Transformer-Engine) spec cannot be built
+    with SP at all. A norm is per token, so on sequence-sharded activations it is exact; the only
+    thing SP needs is that the replicated norm weights' gradients (each TP rank saw other tokens)
+    are summed over TP, which ``finalize_model_grads`` does for parameters flagged
+    ``sequence_parallel`` (Transformer Engine's norms carry the same flag). This builds the norm
+    as without SP and flags its parameters.
+    """
+    import dataclasses
+
+    from megatron.core.transformer import torch_norm
+
+    original = torch_norm.WrappedTorchNorm.__new__
+    if getattr(original, "_sdar_sequence_parallel", False):
+        return
+
+    def __new__(cls, config, hidden_size, eps=1e-5, **kwargs):  # noqa: N807 - the patched constructor
+        if not config.sequence_parallel:
+            return original(cls, config, hidden_size, eps, **kwargs)
+        norm = original(cls, dataclasses.replace(config, sequence_parallel=False), hidden_size, eps, **kwargs)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    __new__._sdar_sequence_parallel = True
+    torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)

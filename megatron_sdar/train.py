@@ -3,6 +3,12 @@
     python -m megatron_sdar.train                                  # the embedded default (tiny, CPU)
     python -m megatron_sdar.train algo=grpo trainer.max_steps=20   # Hydra overrides
     torchrun --nproc-per-node 8 -m megatron_sdar.train experiment=alfworld_qwen2_5_7b
+    python -m megatron_sdar.train experiment=alfworld_qwen2_5_7b --dry-run   # on a login node
+
+``--dry-run`` validates everything that needs no GPU, prints the layout, the per-GPU memory plan and
+the exact TransformerConfig / DDP / optimizer / vLLM arguments (last line: one JSON object), and
+builds nothing. It plans for ``WORLD_SIZE`` ranks, else the recipe's ``slurm.nodes x
+slurm.gpus_per_node``; the model directory needs only its ``config.json``.
 
 Config groups (``megatron_sdar/config``): model, algo (the SDAR presets), env, parallel, rollout,
 trainer, and ``experiment=<recipe>``. The configuration is validated before anything is built.
@@ -29,11 +35,18 @@ def main(argv: list[str] | None = None) -> int:
         for name, spec in PRESETS.items():
             print(f"  {name:<11} {spec.summary}")
         return 0
+    dry = "--dry-run" in args
+    args = [a for a in args if a != "--dry-run"]
     try:
         check_experiment(args)
         with initialize_config_module("megatron_sdar.config", version_base=None):
             cfg = compose("sdar", overrides=args)
         run = load_config(cfg)
+        if dry:
+            from megatron_sdar.trainer.launch import dry_run
+
+            dry_run(run)
+            return 0
     except YAMLError as exc:
         print(f"megatron-sdar: configuration error: {yaml_error_line(exc)}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--skip-slow", action="store_true", help="deselect tests marked slow")
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (each takes minutes; .ci/run runs them after the suite)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,9 +17,9 @@ def pytest_collection_modifyitems(config, items):
 
     has_gpu = torch.cuda.is_available()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (Transformer Engine / FP8 / NCCL path)")
-    skip_slow = pytest.mark.skip(reason="slow test deselected with --skip-slow")
+    skip_slow = pytest.mark.skip(reason="slow: runs with --run-slow (.ci/run runs it after the suite)")
     for item in items:
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
-        if "slow" in item.keywords and config.getoption("--skip-slow"):
+        if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)

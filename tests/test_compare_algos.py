@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_compare_two_variants_over_two_seeds(tmp_path):
     out = tmp_path / "cmp"
     overrides = [o for o in TINY_RUN_OVERRIDES if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=1"]

@@ -158,6 +158,7 @@ def _reshard_and_errors(root: str, model_dir: str, bad: dict) -> dict:
 
     from megatron_sdar.models.architecture import QwenArchitecture
     from megatron_sdar.models.checkpoint import CheckpointFormatError, load_model_checkpoint
+    from megatron_sdar.models.precision import PrecisionSettings
     from megatron_sdar.trainer.checkpointing import IncompatibleCheckpointError, load_checkpoint, save_checkpoint
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
 
@@ -176,7 +177,8 @@ def _reshard_and_errors(root: str, model_dir: str, bad: dict) -> dict:
     out["model_only"] = _after_resume(policy, [0])
 
     errors = {}
-    mixed = build_policy(QwenArchitecture.from_hf_config(model_dir), OptimConfig(), params_dtype=torch.bfloat16)
+    mixed = build_policy(QwenArchitecture.from_hf_config(model_dir), OptimConfig(),
+                         precision=PrecisionSettings(dtype="bfloat16"))
     try:  # bf16 on the local spec keeps fp32 norm weights: refused up front, nothing written
         save_checkpoint(Path(root) / "mixed", 1, mixed, {})
         errors["mixed_dtypes"] = None

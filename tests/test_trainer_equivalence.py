@@ -43,7 +43,9 @@ def _samples(vocab: int, count: int = 8, rescues: int = 0):
     return samples
 
 
-def _one_step(model_dir: str, algo: str, rescues: int = 0):
+def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None = None):
+    """One full step; ``parallel``: ``parallel`` group fields (sequence parallelism, recomputation,
+    the distributed optimizer), turned into model and optimizer settings as the main job does."""
     import torch
     import torch.distributed as dist
 
@@ -53,13 +55,19 @@ def _one_step(model_dir: str, algo: str, rescues: int = 0):
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
     from megatron_sdar.trainer.update import PolicyUpdate
 
+    from megatron_sdar.config.schema import ParallelConfig, RunConfig
+    from megatron_sdar.trainer.launch import transformer_overrides
+
+    run = RunConfig(parallel=ParallelConfig(**(parallel or {})))
     arch = QwenArchitecture.from_hf_config(model_dir)
     # adam_eps 1e-3: the first Adam update lr * g / (|g| + eps) is then a smooth function of the
     # gradient, so weights compare at the precision of the gradients
-    policy = build_policy(arch, OptimConfig(lr=1e-3, adam_eps=1e-3, clip_grad=0.0), hf_dir=model_dir)
+    policy = build_policy(arch, OptimConfig(lr=1e-3, adam_eps=1e-3, clip_grad=0.0,
+                                            use_distributed_optimizer=run.parallel.distributed_optimizer),
+                          hf_dir=model_dir, **transformer_overrides(run))
     objective = preset(algo, kl_coef=0.01)
     updater = PolicyUpdate(policy, objective, micro_batch_size=2, pad_id=0,
-                           reference_dir=lambda: model_dir, params_dtype=torch.float32, transformer_overrides={})
+                           reference_dir=lambda: model_dir)
     samples = _samples(arch.vocab_size, rescues=rescues)
     metrics = updater.train_on(samples, step=0)
     metrics["teacher_scored"] = len(updater.teacher_samples(samples))
@@ -76,6 +84,7 @@ def tiny_model(tmp_path_factory):
 
 
 def _compare_layouts(tiny_model, algo, layouts, rescues=0):
+    """``layouts``: (world, tp, pp, cp) or (world, tp, pp, cp, vpp, parallel fields), each against one process."""
     reference = run_distributed(_one_step, world_size=1, args=(tiny_model, algo, rescues), timeout=300)[0]
     ref_metrics = reference["metrics"]
     assert all(k in ref_metrics for k in COMPARED), sorted(ref_metrics)
@@ -86,10 +95,12 @@ def _compare_layouts(tiny_model, algo, layouts, rescues=0):
     initial = load_file(f"{tiny_model}/model.safetensors")
     moved = max(float(abs(reference["weights"][n] - initial[n].numpy()).max()) for n in initial)
     assert moved > 1e-4, moved  # the step changed the weights
-    for world, tp, pp, cp in layouts:
-        results = run_distributed(_one_step, world_size=world, tp=tp, pp=pp, cp=cp, args=(tiny_model, algo, rescues),
+    for world, tp, pp, cp, *more in layouts:
+        vpp, parallel = more if more else (None, {})
+        results = run_distributed(_one_step, world_size=world, tp=tp, pp=pp, cp=cp, vpp=vpp, ep=parallel.get("ep", 1),
+                                  args=(tiny_model, algo, rescues, {"tp": tp, "pp": pp, "cp": cp, "vpp": vpp, **parallel}),
                                   timeout=300, env={"OMP_NUM_THREADS": "1"})
-        layout = f"{algo} world={world} tp={tp} pp={pp} cp={cp}"
+        layout = f"{algo} world={world} tp={tp} pp={pp} cp={cp} vpp={vpp} {parallel}"
         for rank, result in enumerate(results):
             for key in COMPARED:
                 assert key in result["metrics"], f"{layout} rank {rank}: {sorted(result['metrics'])}"
@@ -106,6 +117,39 @@ def _compare_layouts(tiny_model, algo, layouts, rescues=0):
 @pytest.mark.multiproc
 def test_sdar_step_equal_on_every_layout(tiny_model):
     _compare_layouts(tiny_model, "sdar", LAYOUTS)
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("layout", [
+    (2, 2, 1, 1, None, {"sequence_parallel": True}),
+    (2, 1, 2, 1, 2, {}),
+    (1, 1, 1, 1, None, {"recompute": "selective"}),
+    (1, 1, 1, 1, None, {"recompute": "full"}),
+    (4, 2, 1, 1, None, {"distributed_optimizer": True}),
+], ids=["tp2_sp", "pp2_vpp2", "recompute_selective", "recompute_full", "tp2xdp2_distopt"])
+def test_scale_paths_equal_one_process(tiny_model, layout):
+    """The recipes' layouts: sequence parallelism, virtual pipeline stages, recomputation and the
+    distributed optimizer, through the main job's PolicyUpdate and its TransformerConfig knobs."""
+    _compare_layouts(tiny_model, "sdar", [layout])
+
+
+@pytest.fixture(scope="module")
+def tiny_moe(tmp_path_factory):
+    from megatron_sdar.models.tiny import build_tiny_qwen
+
+    return str(build_tiny_qwen(tmp_path_factory.mktemp("equiv_moe") / "qwen3_moe", "qwen3_moe", num_hidden_layers=2))
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    (4, 1, 2, 1, None, {"ep": 2}),
+    (4, 2, 1, 1, None, {"ep": 2, "sequence_parallel": True}),
+], ids=["ep2xpp2", "ep2xtp2_sp"])
+def test_moe_expert_parallel_step_equal_one_process(tiny_moe, layout):
+    """Qwen3-MoE (the 30B-A3B recipe's layout family): experts split over EP=2, with PP=2 or with
+    TP=2 and sequence parallelism, against one process."""
+    _compare_layouts(tiny_moe, "sdar", [layout])
 
 
 @pytest.mark.multiproc
@@ -129,7 +173,7 @@ def _hdpo_and_grpo_updates(model_dir: str):
     for algo in ("hdpo", "grpo"):
         policy = build_policy(arch, OptimConfig(lr=1e-3, clip_grad=0.0), hf_dir=model_dir)
         updater = PolicyUpdate(policy, preset(algo, kl_coef=0.01), micro_batch_size=2, pad_id=0,
-                               reference_dir=lambda: model_dir, params_dtype=torch.float32, transformer_overrides={})
+                               reference_dir=lambda: model_dir)
         samples = _samples(arch.vocab_size)
         for sample in samples:  # HDPO's ordinary samples when no group was a cliff: RL only
             sample.distill = algo != "hdpo"
@@ -156,7 +200,7 @@ def _non_finite_step(model_dir: str):
     arch = QwenArchitecture.from_hf_config(model_dir)
     policy = build_policy(arch, OptimConfig(lr=1e-3), hf_dir=model_dir)
     updater = PolicyUpdate(policy, preset("grpo", kl_coef=0.0), micro_batch_size=2, pad_id=0,
-                           reference_dir=lambda: model_dir, params_dtype=torch.float32, transformer_overrides={})
+                           reference_dir=lambda: model_dir)
     samples = _samples(arch.vocab_size, count=4)
     samples[1].advantage = float("nan")  # a poisoned advantage makes the loss NaN
     before = [p.detach().clone() for p in policy.model[0].parameters()]

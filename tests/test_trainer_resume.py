@@ -60,6 +60,7 @@ def _assert_same(got: dict[int, dict], want: dict[int, dict]) -> None:
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow
 def test_sigkill_and_sigterm_resume_equal_uninterrupted_run(tmp_path):
     straight = tmp_path / "straight"
     assert _finish(_start(straight), straight) == 0

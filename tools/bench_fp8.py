@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from megatron_sdar.models.fp8 import FP8ConfigError, resolve_fp8
+    from megatron_sdar.models.precision import FP8ConfigError, resolve_precision
     from megatron_sdar.utils.distributed import destroy, init_process_group, initialize_megatron_parallel
 
     if not torch.cuda.is_available():
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     recipe = args.recipe or ("mxfp8" if torch.cuda.get_device_capability() >= (10, 0) else "tensorwise")
     try:
-        settings = resolve_fp8(recipe)
+        settings = resolve_precision("bfloat16", recipe)
     except FP8ConfigError as exc:
         print(f"bench_fp8.py: {exc}", file=sys.stderr)
         return 2

@@ -352,7 +352,7 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
     if m.fp8 is not None:
-        from megatron_sdar.models.fp8 import FP8_RECIPES
+        from megatron_sdar.models.precision import FP8_RECIPES
 
         if m.fp8 not in FP8_RECIPES:
             raise ConfigError(f"model.fp8 must be null or one of {sorted(FP8_RECIPES)}, got {m.fp8!r}")

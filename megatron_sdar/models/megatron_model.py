@@ -59,7 +59,13 @@ def _yarn_config_class():
     return YarnTransformerConfig
 
 
-def build_transformer_config(
+def build_transformer_config(arch: QwenArchitecture, **kwargs: Any):
+    """The Megatron ``TransformerConfig`` equivalent to ``arch`` (arguments: :func:`transformer_config_kwargs`)."""
+    config_class, fields = transformer_config_kwargs(arch, **kwargs)
+    return config_class(**fields)
+
+
+def transformer_config_kwargs(
     arch: QwenArchitecture,
     *,
     tp: int | None = None,
@@ -69,14 +75,16 @@ def build_transformer_config(
     etp: int | None = None,
     params_dtype: torch.dtype | None = None,
     initialize_weights: bool = True,
+    on_cpu: bool | None = None,
     **overrides: Any,
-):
-    """The Megatron ``TransformerConfig`` equivalent to ``arch``.
+) -> tuple[type, dict[str, Any]]:
+    """The ``TransformerConfig`` class and fields equivalent to ``arch`` (what a dry run prints).
 
     ``tp``/``pp``/``cp``/``ep`` (expert parallel)/``etp`` (expert tensor parallel) default to
     Megatron's current parallel state (``ep=1``, ``etp=tp`` without one); ``params_dtype`` to the
     checkpoint's dtype (keeps HF -> Megatron -> HF bit-exact). ``initialize_weights=False`` skips
-    the random init (weights are about to be loaded). ``overrides`` go to the config verbatim
+    the random init (weights are about to be loaded). ``on_cpu`` (default: whether the CPU shims
+    are active) turns off the CUDA-only fusions. ``overrides`` go to the config verbatim
     (sequence_parallel, recompute, fp8, an aux loss for MoE training, ...).
     """
     import torch.nn.functional as F
@@ -99,7 +107,7 @@ def build_transformer_config(
     if arch.num_layers % pp and "pipeline_model_parallel_layout" not in overrides:
         raise ValueError(f"num_hidden_layers={arch.num_layers} is not divisible by pipeline size {pp}")
     dtype = params_dtype or arch.torch_dtype_object()
-    on_cpu = cpu_shims_active()
+    on_cpu = cpu_shims_active() if on_cpu is None else on_cpu
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -133,6 +141,9 @@ def build_transformer_config(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
+        # gloo (CPU): the interleaved (virtual pipeline) schedule's batched isend/irecv delivers the
+        # wrong activations in training (forward-only passes are unaffected); single p2p calls are exact
+        batch_p2p_comm=not on_cpu,
     )
     if arch.moe is not None:
         kwargs.update(_moe_config_fields(arch, ep, etp, on_cpu))
@@ -146,7 +157,7 @@ def build_transformer_config(
             yarn_beta_slow=arch.rope.beta_slow,
         )
     kwargs.update(overrides)
-    return config_class(**kwargs)
+    return config_class, kwargs
 
 
 def _moe_config_fields(arch: QwenArchitecture, ep: int, etp: int, on_cpu: bool) -> dict[str, Any]:
@@ -213,7 +224,9 @@ def build_layer_spec(arch: QwenArchitecture, use_transformer_engine: bool | None
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=num_experts, moe_grouped_gemm=num_experts is not None, qk_layernorm=arch.qk_norm)
     from megatron_sdar.models.cp_attention import ContextParallelDotProductAttention
+    from megatron_sdar.patches import allow_sequence_parallel_torch_norm
 
+    allow_sequence_parallel_torch_norm()
     # MoE: SequentialMLP (a loop over local experts, params local_experts.{i}.linear_fc1.weight)
     spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False,
                                     normalization="RMSNorm", qk_layernorm=arch.qk_norm)

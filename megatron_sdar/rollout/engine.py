@@ -97,6 +97,24 @@ def _resolve_dtype(model_dir: str | Path, dtype: str) -> str:
     return str(config.get("torch_dtype") or config.get("dtype") or "auto").replace("torch.", "")
 
 
+def engine_args(model_dir: str | Path, config: RolloutEngineConfig, dp_size: int, on_gpu: bool) -> dict:
+    """The ``vllm.LLM(...)`` arguments of the engine (what the dry run prints): ``dp_size`` rollout
+    replicas of ``config.tp`` ranks each, inside the trainer's processes (``external_launcher``)."""
+    kwargs = dict(
+        model=str(model_dir), tokenizer=str(model_dir), dtype=_resolve_dtype(model_dir, config.dtype),
+        max_model_len=config.max_model_len, enforce_eager=config.enforce_eager, seed=config.seed,
+        distributed_executor_backend="external_launcher", tensor_parallel_size=config.tp,
+        data_parallel_size=dp_size, max_num_seqs=config.max_num_seqs, quantization=config.quantization,
+    )
+    if on_gpu:
+        kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.enable_sleep_mode)
+    else:
+        # vLLM 0.32's CPU runner crashes when a prompt with a per-request seed is prefilled in
+        # chunks ("CPU Generator does not use offset"): prefill whole prompts
+        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 8192))
+    return kwargs
+
+
 class RolloutEngine:
     """A colocated vLLM engine over the HF checkpoint in ``model_dir`` (its config and
     tokenizer; the weights are replaced by :meth:`sync_weights` before the first rollout).
@@ -139,21 +157,7 @@ class RolloutEngine:
         try:
             from vllm import LLM
 
-            kwargs = dict(
-                model=str(model_dir), tokenizer=str(model_dir), dtype=_resolve_dtype(model_dir, config.dtype),
-                max_model_len=config.max_model_len, enforce_eager=config.enforce_eager, seed=config.seed,
-                distributed_executor_backend="external_launcher", tensor_parallel_size=config.tp,
-                data_parallel_size=self.dp_size, max_num_seqs=config.max_num_seqs,
-                quantization=config.quantization,
-            )
-            if self.on_gpu:
-                kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization,
-                              enable_sleep_mode=config.enable_sleep_mode)
-            else:
-                # vLLM 0.32's CPU runner crashes when a prompt with a per-request seed is
-                # prefilled in chunks ("CPU Generator does not use offset"): prefill whole prompts
-                kwargs.update(enable_chunked_prefill=False,
-                              max_num_batched_tokens=max(config.max_model_len, 8192))
+            kwargs = engine_args(model_dir, config, self.dp_size, self.on_gpu)
             self.llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised with what was being attempted
             raise RolloutEngineError(f"could not start vLLM on {model_dir} (rollout tp={config.tp}, "

@@ -43,6 +43,7 @@ class ParallelLayout:
     pp: int = 1
     cp: int = 1
     ep: int = 1
+    vpp: int | None = None
 
     @property
     def dp(self) -> int:
@@ -85,7 +86,7 @@ def _worker(rank, layout, port, fn, args, kwargs, result_queue, init, env):
             dist_utils.init_process_group(timeout_s=120)  # gloo on CPU, NCCL on GPU
         if init == "megatron":
             dist_utils.initialize_megatron_parallel(
-                tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, seed=1234
+                tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, vpp=layout.vpp, seed=1234
             )
         result = fn(*args, **kwargs)
         # Pickle here: a failure inside the queue's feeder thread would never reach the parent.
@@ -111,6 +112,7 @@ def run_distributed(
     pp: int = 1,
     cp: int = 1,
     ep: int = 1,
+    vpp: int | None = None,
     args: Sequence[Any] = (),
     kwargs: dict | None = None,
     timeout: float = 300.0,
@@ -121,7 +123,7 @@ def run_distributed(
 
     ``env`` adds environment variables in the workers (e.g. ``MEGATRON_SDAR_FORCE_CPU=1``).
     """
-    layout = ParallelLayout(world_size, tp, pp, cp, ep)
+    layout = ParallelLayout(world_size, tp, pp, cp, ep, vpp)
     layout.validate()
     if init not in ("megatron", "process_group", "none"):
         raise ValueError(f"init must be 'megatron', 'process_group' or 'none', got {init!r}")

@@ -98,14 +98,18 @@ class PassLayout:
 
 
 def plan_pass(lengths: list[int], micro_batch_size: int, dp_size: int, dp_rank: int, cp_size: int = 1,
-              cp_rank: int = 0, multiple: int = 1) -> PassLayout:
-    """The layout for sequences of ``lengths`` (every rank passes the same list)."""
+              cp_rank: int = 0, multiple: int = 1, micro_batch_multiple: int = 1) -> PassLayout:
+    """The layout for sequences of ``lengths`` (every rank passes the same list). ``multiple``: the
+    sequence length's (TP with sequence parallelism); ``micro_batch_multiple``: the number of
+    micro-batches' (the interleaved pipeline schedule runs groups of ``pp`` micro-batches per
+    virtual stage; the extra micro-batches are padding rows with an all-zero mask)."""
     if not lengths:
         raise ValueError("no samples to train on")
     align = math.lcm(8, 2 * cp_size if cp_size > 1 else 1, multiple)  # 8: fewer distinct shapes
     seq_len = -(-max(lengths) // align) * align
     per_rank = -(-len(lengths) // dp_size)
     num_micro = -(-per_rank // micro_batch_size)
+    num_micro = -(-num_micro // micro_batch_multiple) * micro_batch_multiple
     return PassLayout(seq_len, micro_batch_size, num_micro, dp_size, dp_rank, cp_size, cp_rank)
 
 

@@ -35,10 +35,10 @@ import torch.distributed as dist
 
 from megatron_sdar.config.schema import ConfigError, RunConfig, validate
 from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource, RolloutEngine,
-                                   RolloutEngineConfig, TrajectoryBatch)
+                                   TrajectoryBatch)
 from megatron_sdar.trainer import seeds as task_seeds
 from megatron_sdar.trainer.batch import rescue_samples, samples_from_trajectories
-from megatron_sdar.trainer.policy import OptimConfig, Policy, build_policy
+from megatron_sdar.trainer.policy import Policy, build_policy
 from megatron_sdar.trainer.update import PolicyUpdate, log
 
 EVAL_EPISODE_ID = 10_000_000  # sampling seeds of evaluation episodes, apart from training's
@@ -102,7 +102,7 @@ class SDARTrainer:
         from megatron.core import parallel_state as ps
         from transformers import AutoTokenizer
 
-        from megatron_sdar.models.architecture import QwenArchitecture
+        from megatron_sdar.trainer.launch import launch_plan
         from megatron_sdar.utils.distributed import initialize_megatron_parallel
 
         self.run_config = run
@@ -113,29 +113,19 @@ class SDARTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.objective = run.objective()
         self.model_dir = prepare_model_dir(run)
-        self.arch = QwenArchitecture.from_hf_config(self.model_dir)
-        validate(run, world_size=world, num_heads=self.arch.num_attention_heads,
-                 num_kv_heads=self.arch.num_key_value_heads, num_layers=self.arch.num_layers)
+        # precision, optimizer, layout knobs and engine config: the objects a dry run prints
+        self.plan = launch_plan(run, world, self.model_dir)
+        self.arch = self.plan.arch
         initialize_megatron_parallel(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, vpp=p.vpp, seed=t.seed)
-        self.params_dtype = getattr(torch, run.model.dtype)
-        overrides = self._transformer_overrides()
-        self.optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
-                                 decay_steps=t.max_steps if t.min_lr < t.lr and t.min_lr > 0 else None,
-                                 weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
-                                 clip_grad=t.clip_grad, use_distributed_optimizer=p.distributed_optimizer)
-        self.policy: Policy = build_policy(self.arch, self.optim, hf_dir=self.model_dir,
-                                           params_dtype=self.params_dtype, **overrides)
+        self.optim = self.plan.optim
+        self.policy: Policy = build_policy(self.arch, self.optim, hf_dir=self.model_dir, precision=self.plan.precision,
+                                           **self.plan.transformer_overrides)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.updater = PolicyUpdate(self.policy, self.objective, t.micro_batch_size,
-                                   int(self.tokenizer.pad_token_id or 0), self.reference_dir, self.params_dtype,
-                                   overrides)
+                                   int(self.tokenizer.pad_token_id or 0), self.reference_dir)
         self.retriever = self._build_retriever()
         r = run.rollout
-        self.engine = RolloutEngine(self.model_dir, RolloutEngineConfig(
-            tp=r.tp, max_model_len=min(r.max_prompt_tokens + r.max_response_tokens, self.arch.max_position_embeddings),
-            gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
-            dtype=run.model.dtype, seed=t.seed, bucket_mb=r.bucket_mb,
-            quantization="fp8" if run.model.fp8_rollout else None))
+        self.engine = RolloutEngine(self.model_dir, self.plan.engine)
         self.weight_source = MegatronWeightSource(self.policy.model, self.arch, bucket_mb=r.bucket_mb)
         self.preemption = Preemption()
         self._synced_updates = -1  # policy.steps_taken when vLLM last received the weights
@@ -146,23 +136,6 @@ class SDARTrainer:
         self._pp_last_rank = ps.is_pipeline_last_stage()
 
     # ------------------------------------------------------------------ setup helpers
-    def _transformer_overrides(self) -> dict[str, Any]:
-        p, m = self.run_config.parallel, self.run_config.model
-        overrides: dict[str, Any] = {"sequence_parallel": p.sequence_parallel}
-        if p.recompute != "none":
-            overrides.update(recompute_granularity=p.recompute)
-            if p.recompute == "full":
-                overrides.update(recompute_method="uniform", recompute_num_layers=1)
-        if p.ep > 1:
-            overrides["expert_model_parallel_size"] = p.ep
-        if m.fp8 is not None:
-            from megatron_sdar.models.fp8 import resolve_fp8
-
-            overrides.update(resolve_fp8(m.fp8, m.dtype).transformer_config)
-        if p.vpp:
-            overrides["virtual_pipeline_model_parallel_size"] = p.vpp
-        return overrides
-
     def _build_retriever(self):
         from megatron_sdar.config.schema import skills_dir_of
         from megatron_sdar.skills import SkillBank, SkillRetriever

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from megatron_sdar.models.architecture import QwenArchitecture
+from megatron_sdar.models.precision import PrecisionSettings
 
 
 @dataclass
@@ -62,18 +61,20 @@ class StepResult:
 class Policy:
     """Model chunks (Megatron DDP) + optimizer for this rank."""
 
-    def __init__(self, arch: QwenArchitecture, model: list, optimizer, optim_config: OptimConfig) -> None:
+    def __init__(self, arch: QwenArchitecture, model: list, optimizer, optim_config: OptimConfig,
+                 precision: PrecisionSettings) -> None:
         self.arch = arch
         self.model = model
         self.optimizer = optimizer
         self.optim_config = optim_config
+        self.precision = precision
         self.steps_taken = 0
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer over the same model: Adam's moments and step counts start from zero
         (the first step after it is a first Adam step). ``steps_taken`` keeps counting: it tracks
         weight versions, not optimizer state."""
-        self.optimizer = _megatron_optimizer(self.model, self.optim_config, self.config.params_dtype)
+        self.optimizer = _megatron_optimizer(self.model, self.optim_config, self.precision)
 
     @property
     def config(self):
@@ -85,8 +86,12 @@ class Policy:
         self.optimizer.zero_grad()
 
     def finish_grad_sync(self) -> None:
-        for chunk in self.model:
-            chunk.finish_grad_sync()
+        """Megatron's gradient finalization: the DP all-reduce / reduce-scatter, and the TP all-reduce
+        of replicated weights that saw different tokens or heads (norms under sequence parallelism,
+        Qwen3's q/k norms), the embedding all-reduce between the first and last pipeline stage."""
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        finalize_model_grads(self.model)
 
     def step(self, lr: float | None = None) -> StepResult:
         """Data-parallel grad sync, clipping and one optimizer step at ``lr`` (default: the
@@ -109,44 +114,49 @@ class Policy:
         return [chunk.module for chunk in self.model]
 
 
+def ddp_config_kwargs(optim_config: OptimConfig, precision: PrecisionSettings) -> dict[str, Any]:
+    """The ``DistributedDataParallelConfig`` fields of the policy (printed by the dry run)."""
+    return dict(overlap_grad_reduce=False, use_distributed_optimizer=optim_config.use_distributed_optimizer,
+                **precision.ddp_config_kwargs())
+
+
+def optimizer_config_kwargs(optim_config: OptimConfig, precision: PrecisionSettings) -> dict[str, Any]:
+    """The megatron-core ``OptimizerConfig`` fields of the policy (printed by the dry run)."""
+    return dict(optimizer="adam", lr=optim_config.lr, min_lr=optim_config.min_lr,
+                weight_decay=optim_config.weight_decay, adam_beta1=optim_config.adam_beta1,
+                adam_beta2=optim_config.adam_beta2, adam_eps=optim_config.adam_eps, clip_grad=optim_config.clip_grad,
+                use_distributed_optimizer=optim_config.use_distributed_optimizer,
+                **precision.optimizer_config_kwargs())
+
+
 def build_policy(arch: QwenArchitecture, optim_config: OptimConfig, *, hf_dir: str | Path | None = None,
-                 params_dtype: torch.dtype | None = None, **config_overrides: Any) -> Policy:
+                 precision: PrecisionSettings | None = None, **config_overrides: Any) -> Policy:
     """Build this rank's model (virtual-pipeline chunks when vpp is set), load ``hf_dir``'s
-    weights if given, wrap it in Megatron DDP and create Megatron's optimizer."""
+    weights if given, wrap it in Megatron DDP and create Megatron's optimizer. ``precision``
+    (default: the checkpoint's dtype, no FP8) reaches the TransformerConfig, the DDP config and the
+    optimizer config; ``config_overrides`` go to the TransformerConfig (layout knobs)."""
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_sdar.models.hf_loader import load_hf_weights
     from megatron_sdar.models.megatron_model import build_model, build_transformer_config
 
+    precision = precision or PrecisionSettings(dtype=str(arch.torch_dtype_object()).removeprefix("torch."))
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
-    config = build_transformer_config(arch, params_dtype=params_dtype,
-                                      initialize_weights=hf_dir is None, **config_overrides)
+    config = build_transformer_config(arch, params_dtype=precision.params_dtype, initialize_weights=hf_dir is None,
+                                      **precision.transformer_config_kwargs(), **config_overrides)
     if vpp > 1:
         chunks = [build_model(arch, config, vp_stage=i) for i in range(vpp)]
     else:
         chunks = [build_model(arch, config)]
     if hf_dir is not None:
         load_hf_weights(chunks, arch, hf_dir)
-    ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=optim_config.use_distributed_optimizer,
-    )
+    ddp_config = DistributedDataParallelConfig(**ddp_config_kwargs(optim_config, precision))
     model = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
-    return Policy(arch, model, _megatron_optimizer(model, optim_config, config.params_dtype), optim_config)
+    return Policy(arch, model, _megatron_optimizer(model, optim_config, precision), optim_config, precision)
 
 
-def _megatron_optimizer(model: list, optim_config: OptimConfig, dtype: torch.dtype):
+def _megatron_optimizer(model: list, optim_config: OptimConfig, precision: PrecisionSettings):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    return get_megatron_optimizer(
-        OptimizerConfig(
-            optimizer="adam", lr=optim_config.lr, min_lr=optim_config.min_lr,
-            weight_decay=optim_config.weight_decay, adam_beta1=optim_config.adam_beta1,
-            adam_beta2=optim_config.adam_beta2, adam_eps=optim_config.adam_eps,
-            clip_grad=optim_config.clip_grad, bf16=dtype == torch.bfloat16, fp16=False,
-            params_dtype=dtype, use_distributed_optimizer=optim_config.use_distributed_optimizer,
-        ),
-        model,
-    )
+    return get_megatron_optimizer(OptimizerConfig(**optimizer_config_kwargs(optim_config, precision)), model)

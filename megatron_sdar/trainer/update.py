@@ -6,7 +6,7 @@ same code is checked for layout equivalence (TP/PP/CP/DP) without a rollout engi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,24 +28,23 @@ class PolicyUpdate:
     directory of the frozen KL reference (read once, when the first KL term is needed)."""
 
     def __init__(self, policy: Policy, objective: ObjectiveConfig, micro_batch_size: int,
-                 pad_id: int, reference_dir: Callable[[], Path], params_dtype: torch.dtype,
-                 transformer_overrides: dict[str, Any]) -> None:
+                 pad_id: int, reference_dir: Callable[[], Path]) -> None:
         self.policy = policy
         self.arch = policy.arch
         self.objective = objective
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
         self.reference_dir = reference_dir
-        self.params_dtype = params_dtype
-        self._overrides = transformer_overrides
         self.ctx = ParallelContext.current()
         self.reference = None
 
     def _layout(self, samples: list[TrainingSample], teacher: bool):
         lengths = [len(s.teacher_input_ids if teacher else s.input_ids) for s in samples]
-        multiple = self.policy.config.tensor_model_parallel_size if self.policy.config.sequence_parallel else 1
-        return plan_pass(lengths, self.micro_batch_size, self.ctx.dp_size, self.ctx.dp_rank,
-                         self.ctx.cp_size, self.ctx.cp_rank, multiple)
+        config = self.policy.config
+        multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
+        interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
+        return plan_pass(lengths, self.micro_batch_size, self.ctx.dp_size, self.ctx.dp_rank, self.ctx.cp_size,
+                         self.ctx.cp_rank, multiple, config.pipeline_model_parallel_size if interleaved else 1)
 
     def _forward_values(self, model: list, samples: list[TrainingSample], teacher: bool, **kwargs):
         layout = self._layout(samples, teacher)
@@ -53,14 +52,16 @@ class PolicyUpdate:
         return forward_token_values(model, micro, layout, self.arch.vocab_size, self.ctx, **kwargs)
 
     def _reference_model(self) -> list:
-        """The frozen reference: the policy at the start of RL (after SFT), built once."""
+        """The frozen reference: the policy at the start of RL (after SFT), built once with the
+        policy's own TransformerConfig (layout, precision) and no DDP wrapper or optimizer."""
         if self.reference is None:
+            import dataclasses
+
             from megatron_sdar.models.hf_loader import load_hf_weights
-            from megatron_sdar.models.megatron_model import build_model, build_transformer_config
+            from megatron_sdar.models.megatron_model import build_model
 
             source = self.reference_dir()
-            config = build_transformer_config(self.arch, params_dtype=self.params_dtype, initialize_weights=False,
-                                              **self._overrides)
+            config = dataclasses.replace(self.policy.config, perform_initialization=False)
             vpp = len(self.policy.model)
             chunks = ([build_model(self.arch, config, vp_stage=i) for i in range(vpp)] if vpp > 1
                       else [build_model(self.arch, config)])

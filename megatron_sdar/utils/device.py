@@ -15,7 +15,10 @@ Megatron-Core assumes CUDA in a handful of ways; on CPU we:
 3. create the RNG tracker with ``inference_rng_tracker=True`` (the training tracker forks CUDA
    RNG states), see :func:`megatron_sdar.utils.distributed.initialize_megatron_parallel`;
 4. require explicit causal masks (the fused causal softmax is CUDA-only): see
-   :func:`causal_attention_mask`.
+   :func:`causal_attention_mask`;
+5. let activation recomputation save and restore "the CUDA RNG state" as the CPU generator's
+   (megatron-core's ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``
+   call the CUDA driver): on CPU every random op draws from that one generator.
 """
 from __future__ import annotations
 
@@ -116,6 +119,10 @@ def enable_cpu_shims() -> None:
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # pushed for the life of the process
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
     _SHIMS_ACTIVE = True
 
 

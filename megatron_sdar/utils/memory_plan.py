@@ -540,6 +540,14 @@ def _experiment_model(data: Mapping[str, Any], name: str) -> str:
     raise PlanError(f"experiment {name!r} does not select a model in its defaults list")
 
 
+def workload_for(seq_len: int, micro_batch_size: int, episodes: int, dp: int, precision: str) -> Workload:
+    """The workload of one step of ``episodes`` (tasks x group): one sample per turn, the number of
+    turns unknown, so one step's episodes rounded up to a multiple of ``micro_batch_size * dp``."""
+    step = micro_batch_size * dp
+    return Workload(seq_len=seq_len, micro_batch_size=micro_batch_size,
+                    global_batch_size=max(step, -(-episodes // step) * step), precision=precision)
+
+
 def load_recipe(source: str | Path) -> Recipe:
     """Read an experiment yaml (a name under ``config/experiment`` or a path) into planner inputs."""
     path = Path(source)
@@ -563,13 +571,8 @@ def load_recipe(source: str | Path) -> Recipe:
                     recompute=str(par.get("recompute", "none")))
     precision = "fp8" if model_data.get("fp8") else ("fp32" if model_data.get("dtype") == "float32" else "bf16")
     seq = int(ro.get("max_prompt_tokens", 2048)) + int(ro.get("max_response_tokens", 512))
-    mbs = int(tr.get("micro_batch_size", 1))
-    # one sample per turn: tasks x group episodes, averaged turns unknown -> plan with one step's
-    # episodes rounded up to a multiple of mbs * dp (the trainer packs turns into micro-batches)
-    gbs_raw = int(ro.get("tasks_per_step", 16)) * int(ro.get("group_size", 8))
-    step = mbs * layout.dp
-    workload = Workload(seq_len=seq, micro_batch_size=mbs, global_batch_size=max(step, -(-gbs_raw // step) * step),
-                        precision=precision)
+    workload = workload_for(seq, int(tr.get("micro_batch_size", 1)),
+                            int(ro.get("tasks_per_step", 16)) * int(ro.get("group_size", 8)), layout.dp, precision)
     rollout = Rollout(gpu_memory_utilization=float(ro.get("gpu_memory_utilization", 0.0)),
                       tp=int(ro.get("tp", 1)), fp8=bool(model_data.get("fp8_rollout", False)))
     return Recipe(name=name, model=_experiment_model(data, name), layout=layout, workload=workload,

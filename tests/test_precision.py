@@ -1,17 +1,18 @@
-"""FP8 settings: recipe -> megatron-core config fields, every validation error (CPU, with the
-hardware probes injected), and on a GPU with Transformer Engine one FP8 step against BF16."""
+"""Precision settings: dtype and FP8 recipe -> megatron-core config fields, DDP / optimizer / vLLM
+arguments, every validation error (CPU, with the hardware probes injected), and on a GPU with
+Transformer Engine one FP8 step against BF16."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from megatron_sdar.models.fp8 import FP8_RECIPES, FP8ConfigError, FP8Settings, resolve_fp8
+from megatron_sdar.models.precision import FP8_RECIPES, FP8ConfigError, PrecisionSettings, resolve_precision
 
 H100 = (9, 0)
 
 
-def _resolve(fp8, capability=H100, te=True, **kwargs):
-    return resolve_fp8(fp8, te_available=lambda: te, capability=lambda: capability, **kwargs)
+def _resolve(fp8, capability=H100, te=True, dtype="bfloat16", **kwargs):
+    return resolve_precision(dtype, fp8, te_available=lambda: te, capability=lambda: capability, **kwargs)
 
 
 @pytest.mark.parametrize("recipe", FP8_RECIPES)
@@ -24,8 +25,9 @@ def test_recipe_maps_to_megatron_fields(recipe):
         assert (kw["fp8_amax_history_len"], kw["fp8_amax_compute_algo"]) == (1024, "max")
     else:
         assert (kw["fp8_amax_history_len"], kw["fp8_amax_compute_algo"]) == (1, "most_recent")
-    assert settings.ddp_config_kwargs() == {"fp8_param_gather": False}
-    assert settings.vllm_kwargs() == {}
+    assert settings.ddp_config_kwargs() == {"grad_reduce_in_fp32": True, "fp8_param_gather": False}
+    assert settings.optimizer_config_kwargs() == {"bf16": True, "fp16": False, "params_dtype": torch.bfloat16}
+    assert settings.vllm_kwargs() == {"dtype": "bfloat16", "quantization": None}
 
 
 def test_fields_exist_in_installed_megatron_core():
@@ -45,15 +47,19 @@ def test_fields_exist_in_installed_megatron_core():
 
 
 def test_off_and_rollout_only():
-    off = _resolve(None, te=False, capability=None)
-    assert not off.enabled and off.transformer_config_kwargs() == {} and off.ddp_config_kwargs() == {}
+    off = _resolve(None, te=False, capability=None, dtype="float32")
+    assert not off.enabled and off.transformer_config_kwargs() == {}
+    assert off.ddp_config_kwargs() == {"grad_reduce_in_fp32": True} and off.optimizer_config_kwargs()["bf16"] is False
+    assert off.vllm_kwargs() == {"dtype": "float32", "quantization": None} and off.params_dtype == torch.float32
     assert _resolve("null").recipe is None
     rollout = _resolve(None, fp8_rollout=True)
-    assert rollout.vllm_kwargs() == {"quantization": "fp8"} and not rollout.enabled
-    assert FP8Settings(recipe="delayed", amax_history_len=16).transformer_config_kwargs()["fp8_amax_history_len"] == 16
+    assert rollout.vllm_kwargs() == {"dtype": "bfloat16", "quantization": "fp8"} and not rollout.enabled
+    settings = PrecisionSettings(dtype="bfloat16", recipe="delayed", amax_history_len=16)
+    assert settings.transformer_config_kwargs()["fp8_amax_history_len"] == 16
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(fp8=None, dtype="float16"), "model.dtype must be one of float32, bfloat16"),
     (dict(fp8="e4m3"), "is not a recipe; use one of delayed, tensorwise, blockwise, mxfp8"),
     (dict(fp8="tensorwise", dtype="float32"), "needs model.dtype=bfloat16"),
     (dict(fp8="delayed", te=False), "needs Transformer Engine"),
@@ -72,7 +78,7 @@ def test_hardware_checks_can_be_skipped_and_real_probe_on_cpu():
     assert _resolve("mxfp8", te=False, capability=None, check_hardware=False).recipe == "mxfp8"
     if not torch.cuda.is_available():
         with pytest.raises(FP8ConfigError, match="Transformer Engine|CUDA GPU"):
-            resolve_fp8("tensorwise")  # the real probes: no TE / no GPU in the CPU environment
+            resolve_precision("bfloat16", "tensorwise")  # the real probes: no TE / no GPU in the CPU environment
 
 
 @pytest.mark.gpu
@@ -93,7 +99,7 @@ def _bf16_vs_fp8_losses() -> dict:
     from megatron_sdar.models.tiny import tiny_qwen_config
     from megatron_sdar.utils.device import causal_attention_mask
 
-    settings = resolve_fp8("tensorwise" if torch.cuda.get_device_capability() < (10, 0) else "mxfp8")
+    settings = resolve_precision("bfloat16", "tensorwise" if torch.cuda.get_device_capability() < (10, 0) else "mxfp8")
     cfg = tiny_qwen_config("qwen3", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2)
     arch = QwenArchitecture.from_hf_config({**cfg.to_dict(), "torch_dtype": "bfloat16"})
     gen = torch.Generator().manual_seed(0)

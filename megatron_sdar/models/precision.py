@@ -1,4 +1,9 @@
-"""FP8 training through Transformer Engine: ``model.fp8`` -> Megatron-Core config fields.
+"""The run's precision: ``model.dtype``, ``model.fp8`` and ``model.fp8_rollout`` -> one
+:class:`PrecisionSettings`, built once (:func:`resolve_precision`) and read by the three places that
+need it: megatron-core's ``TransformerConfig`` (:meth:`~PrecisionSettings.transformer_config_kwargs`),
+its ``DistributedDataParallelConfig`` and ``OptimizerConfig`` (:meth:`~PrecisionSettings.ddp_config_kwargs`,
+:meth:`~PrecisionSettings.optimizer_config_kwargs`) and the vLLM engine
+(:meth:`~PrecisionSettings.vllm_kwargs`). Nothing else derives precision fields.
 
 ``model.fp8`` names a scaling recipe (megatron-core 0.19 ``TransformerConfig.fp8_recipe``):
 
@@ -23,21 +28,32 @@ MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), 
 
 
 class FP8ConfigError(ValueError):
-    """An FP8 setting that cannot run here (with what to change)."""
+    """A precision / FP8 setting that cannot run here (with what to change)."""
+
+
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
-class FP8Settings:
-    """The validated FP8 choice of one run."""
+class PrecisionSettings:
+    """The validated precision of one run: parameter / activation dtype and the FP8 choices."""
 
-    recipe: str | None = None  # None: BF16 GEMMs
+    dtype: str = "float32"  # parameters and activations (the optimizer keeps fp32 master weights)
+    recipe: str | None = None  # FP8 GEMM recipe; None: no FP8 GEMMs
     rollout_fp8: bool = False
     amax_history_len: int = 1024
     margin: int = 0
 
     @property
     def enabled(self) -> bool:
+        """FP8 GEMMs in training."""
         return self.recipe is not None
+
+    @property
+    def params_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
 
     def transformer_config_kwargs(self) -> dict[str, Any]:
         """Fields for megatron-core's ``TransformerConfig`` (empty when FP8 is off)."""
@@ -52,12 +68,18 @@ class FP8Settings:
         return kwargs
 
     def ddp_config_kwargs(self) -> dict[str, Any]:
-        """Fields for ``DistributedDataParallelConfig``: BF16 params are gathered, not FP8 ones."""
-        return {"fp8_param_gather": False} if self.enabled else {}
+        """Fields for ``DistributedDataParallelConfig``: gradients reduced in fp32; with FP8, BF16
+        params are gathered, not FP8 ones."""
+        return {"grad_reduce_in_fp32": True, **({"fp8_param_gather": False} if self.enabled else {})}
+
+    def optimizer_config_kwargs(self) -> dict[str, Any]:
+        """Fields for megatron-core's ``OptimizerConfig`` (fp32 master weights for bf16 params)."""
+        return {"bf16": self.dtype == "bfloat16", "fp16": False, "params_dtype": self.params_dtype}
 
     def vllm_kwargs(self) -> dict[str, Any]:
-        """Arguments for ``vllm.LLM(...)`` of the rollout engine."""
-        return {"quantization": "fp8"} if self.rollout_fp8 else {}
+        """Arguments for ``vllm.LLM(...)`` of the rollout engine: the training dtype (so train and
+        inference log-probs agree) and FP8 weights when ``model.fp8_rollout``."""
+        return {"dtype": self.dtype, "quantization": "fp8" if self.rollout_fp8 else None}
 
 
 def _gpu_capability() -> tuple[int, int] | None:
@@ -74,20 +96,22 @@ def _te_available() -> bool:
     return transformer_engine_available()
 
 
-def resolve_fp8(
-    fp8: str | None,
-    *,
+def resolve_precision(
     dtype: str = "bfloat16",
+    fp8: str | None = None,
+    *,
     fp8_rollout: bool = False,
     check_hardware: bool = True,
     te_available: Callable[[], bool] = _te_available,
     capability: Callable[[], tuple[int, int] | None] = _gpu_capability,
-) -> FP8Settings:
-    """Validate ``model.fp8`` / ``model.dtype`` / ``model.fp8_rollout`` and return the settings.
+) -> PrecisionSettings:
+    """Validate ``model.dtype`` / ``model.fp8`` / ``model.fp8_rollout`` and return the settings.
 
     ``check_hardware=False`` skips the Transformer Engine and GPU checks (config tooling, the
     planner). Raises :class:`FP8ConfigError` with the reason and the fix.
     """
+    if dtype not in DTYPES:
+        raise FP8ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if fp8 in (None, "", "null", "none", False):
         fp8 = None
     if fp8 is not None and fp8 not in FP8_RECIPES:
@@ -113,4 +137,4 @@ def resolve_fp8(
         if cap is not None and cap < (8, 9):
             raise FP8ConfigError(f"model.fp8_rollout=true: vLLM's FP8 kernels need compute capability >= 8.9, "
                                  f"this GPU has {cap[0]}.{cap[1]}")
-    return FP8Settings(recipe=fp8, rollout_fp8=bool(fp8_rollout))
+    return PrecisionSettings(dtype=dtype, recipe=fp8, rollout_fp8=bool(fp8_rollout))

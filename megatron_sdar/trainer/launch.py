@@ -1,0 +1,185 @@
+"""What a run will use, computed from its configuration without building a model or an engine.
+
+:func:`launch_plan` turns a validated :class:`RunConfig` (plus the world size and the model
+directory's ``config.json``) into the precision settings, the optimizer settings, the
+TransformerConfig layout knobs and the rollout engine's config. The trainer builds from exactly
+these objects, and ``python -m megatron_sdar.train <overrides> --dry-run`` prints them
+(:func:`dry_run_report`): the layout, the per-GPU memory plan and the exact TransformerConfig /
+DDP / optimizer / vLLM arguments, for a login node before a job is submitted.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_sdar.config.schema import ConfigError, RunConfig, validate
+from megatron_sdar.models.architecture import QwenArchitecture
+from megatron_sdar.models.precision import FP8ConfigError, PrecisionSettings, resolve_precision
+from megatron_sdar.rollout.engine import RolloutEngineConfig
+from megatron_sdar.trainer.policy import OptimConfig
+
+
+@dataclass
+class LaunchPlan:
+    """Everything the trainer derives from the config before it builds anything."""
+
+    run: RunConfig
+    world_size: int
+    model_dir: Path
+    arch: QwenArchitecture
+    precision: PrecisionSettings
+    optim: OptimConfig
+    transformer_overrides: dict[str, Any]  # layout knobs of the TransformerConfig
+    engine: RolloutEngineConfig
+    skipped_checks: list[str] = field(default_factory=list)
+
+    @property
+    def dp(self) -> int:
+        p = self.run.parallel
+        return self.world_size // (p.tp * p.pp * p.cp)
+
+    @property
+    def rollout_replicas(self) -> int:
+        return self.world_size // self.run.rollout.tp
+
+
+def transformer_overrides(run: RunConfig) -> dict[str, Any]:
+    """The ``parallel`` group's TransformerConfig fields (sequence parallelism, recomputation,
+    expert parallelism, virtual pipeline stages)."""
+    p = run.parallel
+    overrides: dict[str, Any] = {"sequence_parallel": p.sequence_parallel}
+    if p.recompute != "none":
+        overrides["recompute_granularity"] = p.recompute
+        if p.recompute == "full":
+            overrides.update(recompute_method="uniform", recompute_num_layers=1)
+    if p.ep > 1:
+        overrides["expert_model_parallel_size"] = p.ep
+    if p.vpp:
+        overrides["virtual_pipeline_model_parallel_size"] = p.vpp
+    return overrides
+
+
+def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check_hardware: bool = True,
+                **hardware_probes: Any) -> LaunchPlan:
+    """The plan of ``run`` on ``world_size`` ranks with the model of ``model_dir`` (only its
+    ``config.json`` is read). ``check_hardware=False`` skips the Transformer Engine and GPU checks
+    of FP8 (listed in ``skipped_checks``); ``hardware_probes`` (``te_available``, ``capability``)
+    replace those probes, for tests. Raises :class:`ConfigError` naming what to change."""
+    model_dir = Path(model_dir)
+    arch = QwenArchitecture.from_hf_config(model_dir)
+    validate(run, world_size=world_size, num_heads=arch.num_attention_heads,
+             num_kv_heads=arch.num_key_value_heads, num_layers=arch.num_layers)
+    m, t, p, r = run.model, run.trainer, run.parallel, run.rollout
+    try:
+        precision = resolve_precision(m.dtype, m.fp8, fp8_rollout=m.fp8_rollout, check_hardware=check_hardware,
+                                      **hardware_probes)
+    except FP8ConfigError as exc:
+        raise ConfigError(str(exc)) from None
+    skipped = [] if check_hardware else ["Transformer Engine importable", "GPU compute capability for FP8"]
+    optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
+                        decay_steps=t.max_steps if 0 < t.min_lr < t.lr else None,
+                        weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
+                        clip_grad=t.clip_grad, use_distributed_optimizer=p.distributed_optimizer)
+    vllm = precision.vllm_kwargs()
+    engine = RolloutEngineConfig(
+        tp=r.tp, max_model_len=min(r.max_prompt_tokens + r.max_response_tokens, arch.max_position_embeddings),
+        gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
+        dtype=vllm["dtype"], seed=t.seed, bucket_mb=r.bucket_mb, quantization=vllm["quantization"])
+    return LaunchPlan(run=run, world_size=world_size, model_dir=model_dir, arch=arch, precision=precision,
+                      optim=optim, transformer_overrides=transformer_overrides(run), engine=engine,
+                      skipped_checks=skipped)
+
+
+def _jsonable(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if callable(value):
+        return getattr(value, "__name__", repr(value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+def memory_plan(plan: LaunchPlan) -> dict[str, Any]:
+    """Per-GPU memory estimate (GiB) of the plan's worst pipeline stage on an 80 GB H100."""
+    from megatron_sdar.utils.memory_plan import Layout, Rollout, estimate, shape_from_hf_config, workload_for
+
+    run, p, r = plan.run, plan.run.parallel, plan.run.rollout
+    shape = shape_from_hf_config(json.loads((plan.model_dir / "config.json").read_text()), name=plan.model_dir.name)
+    layout = Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=plan.dp, ep=p.ep, vpp=p.vpp, sequence_parallel=p.sequence_parallel,
+                    distributed_optimizer=p.distributed_optimizer, recompute=p.recompute)
+    precision = "fp8" if plan.precision.enabled else ("bf16" if plan.precision.dtype == "bfloat16" else "fp32")
+    work = workload_for(r.max_prompt_tokens + r.max_response_tokens, run.trainer.micro_batch_size,
+                        r.tasks_per_step * r.group_size, layout.dp, precision)
+    est = estimate(shape, layout, work, Rollout(gpu_memory_utilization=r.gpu_memory_utilization, tp=r.tp,
+                                                fp8=plan.precision.rollout_fp8))
+    keys = ("weights", "gradients", "optimizer", "reference", "activations", "logits", "teacher", "training",
+            "vllm_pool", "overhead", "total", "capacity")
+    return {**{k: round(getattr(est, k), 3) for k in keys}, "fits": est.fits, "problems": list(est.problems)}
+
+
+def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
+    """The dry run's JSON: ``layout``, ``transformer_config``, ``ddp_config``, ``optimizer_config``,
+    ``vllm_engine_args``, ``memory_plan_gib`` (plus ``skipped_checks``), for the GPU the job will
+    run on (CUDA fusions on, vLLM's GPU arguments)."""
+    from megatron_sdar.models.megatron_model import transformer_config_kwargs
+    from megatron_sdar.rollout.engine import engine_args
+    from megatron_sdar.trainer.policy import ddp_config_kwargs, optimizer_config_kwargs
+
+    p = plan.run.parallel
+    config_class, fields = transformer_config_kwargs(
+        plan.arch, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep,
+        params_dtype=plan.precision.params_dtype, initialize_weights=False, on_cpu=False,
+        **plan.precision.transformer_config_kwargs(), **plan.transformer_overrides)
+    layout = {"world_size": plan.world_size, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "cp": p.cp, "ep": p.ep,
+              "dp": plan.dp, "sp": p.sequence_parallel, "distributed_optimizer": p.distributed_optimizer,
+              "recompute": p.recompute, "rollout_tp": plan.run.rollout.tp, "rollout_replicas": plan.rollout_replicas}
+    return _jsonable({
+        "layout": layout,
+        "transformer_config": {"class": config_class.__name__, **fields},
+        "ddp_config": ddp_config_kwargs(plan.optim, plan.precision),
+        "optimizer_config": optimizer_config_kwargs(plan.optim, plan.precision),
+        "vllm_engine_args": engine_args(plan.model_dir, plan.engine, plan.rollout_replicas, on_gpu=True),
+        "memory_plan_gib": memory_plan(plan),
+        "skipped_checks": plan.skipped_checks,
+    })
+
+
+def dry_run_world_size(run: RunConfig) -> int:
+    """The world size a dry run plans for: ``WORLD_SIZE`` when set (torchrun, srun), else the
+    recipe's ``slurm.nodes x slurm.gpus_per_node``, else 1."""
+    if os.environ.get("WORLD_SIZE"):
+        return int(os.environ["WORLD_SIZE"])
+    slurm = run.slurm or {}
+    return int(slurm.get("nodes", 1)) * int(slurm.get("gpus_per_node", 1)) if slurm else 1
+
+
+def dry_run(run: RunConfig) -> dict[str, Any]:
+    """Validate ``run`` for its cluster without the hardware, print the plan readably and, as the
+    last line, one JSON object (:func:`dry_run_report`). Builds no model, starts no engine."""
+    if run.model.hf_path is None:
+        raise ConfigError("--dry-run plans a recipe's model: set model.hf_path (a directory with its config.json)")
+    world = dry_run_world_size(run)
+    plan = launch_plan(run, world, run.model.hf_path, check_hardware=False)
+    report = dry_run_report(plan)
+    lay, mem = report["layout"], report["memory_plan_gib"]
+    print(f"dry run: {run.model.hf_path} on {world} GPU(s); algo={run.algo.name}, dtype={run.model.dtype}, "
+          f"fp8={run.model.fp8}, fp8_rollout={run.model.fp8_rollout}")
+    print("layout: " + " ".join(f"{k}={v}" for k, v in lay.items()))
+    print(f"memory per GPU (GiB, worst stage): training {mem['training']:.1f} + vLLM {mem['vllm_pool']:.1f} "
+          f"+ overhead {mem['overhead']:.1f} = {mem['total']:.1f} of {mem['capacity']:.1f} "
+          f"({'fits' if mem['fits'] else 'DOES NOT FIT: ' + '; '.join(mem['problems'])})")
+    for key in ("transformer_config", "ddp_config", "optimizer_config", "vllm_engine_args"):
+        print(f"{key}: " + ", ".join(f"{k}={v}" for k, v in report[key].items()))
+    print("skipped (need the GPU node): " + ", ".join(plan.skipped_checks))
+    print(json.dumps(report, sort_keys=True))
+    return report

@@ -1,0 +1,131 @@
+"""The launch plan: the trainer's complete configuration for every recipe with FP8 on (the
+TransformerConfig, DDP, optimizer and vLLM arguments the trainer builds from), with the hardware
+probes replaced at their boundary; the login-node dry run for every recipe, FP8 on and off; and
+the CPU trainer refusing FP8 with a clear message instead of a crash."""
+import json
+
+import pytest
+
+from megatron_sdar.train import main
+from tests.recipes import recipe_model_dir, recipe_names
+
+DRY_RUN_KEYS = {"layout", "transformer_config", "ddp_config", "optimizer_config", "vllm_engine_args", "memory_plan_gib"}
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Per recipe: the Hydra overrides that point it at a config.json-only model and a skill set."""
+    from tests.skill_sets import write_release_format_sets
+
+    root = tmp_path_factory.mktemp("recipes")
+    skills = write_release_format_sets(root / "skills")
+    return {r: [f"experiment={r}", f"model.hf_path={recipe_model_dir(r, root)}",
+                f"env.skills_dir={skills[r.split('_')[0]]}"] for r in recipe_names()}
+
+
+def _compose(*overrides):
+    from hydra import compose, initialize_config_module
+
+    from megatron_sdar.config.schema import load_config
+
+    with initialize_config_module("megatron_sdar.config", version_base=None):
+        return load_config(compose("sdar", overrides=list(overrides)))
+
+
+def test_fp8_reaches_transformer_ddp_optimizer_and_vllm_for_every_recipe(stand_ins, monkeypatch):
+    import megatron.core.transformer.transformer_config as transformer_config_module
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+
+    from megatron_sdar.models.megatron_model import build_transformer_config
+    from megatron_sdar.rollout.engine import engine_args
+    from megatron_sdar.trainer.launch import dry_run_world_size, launch_plan
+    from megatron_sdar.trainer.policy import ddp_config_kwargs, optimizer_config_kwargs
+
+    h100 = dict(te_available=lambda: True, capability=lambda: (9, 0))  # the probes, replaced
+    # megatron-core's own probe: MoE + FP8 needs Transformer Engine >= 1.7 (CPU: none installed)
+    monkeypatch.setattr(transformer_config_module, "is_te_min_version", lambda version, *a, **k: True)
+    assert len(stand_ins) >= 10
+    for recipe, overrides in stand_ins.items():
+        run = _compose(*overrides, "model.fp8=tensorwise", "model.fp8_rollout=true")
+        plan = launch_plan(run, dry_run_world_size(run), run.model.hf_path, **h100)
+        p = run.parallel
+        # the objects the trainer builds (build_policy, RolloutEngine) from the plan
+        config = build_transformer_config(plan.arch, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep,
+                                          params_dtype=plan.precision.params_dtype, initialize_weights=False,
+                                          **plan.precision.transformer_config_kwargs(), **plan.transformer_overrides)
+        assert (config.fp8, config.fp8_recipe, config.fp8_param, config.bf16) == ("hybrid", "tensorwise", False, True)
+        assert config.sequence_parallel == p.sequence_parallel, recipe
+        assert config.recompute_granularity == (None if p.recompute == "none" else p.recompute), recipe
+        assert config.virtual_pipeline_model_parallel_size == p.vpp, recipe
+        ddp = DistributedDataParallelConfig(**ddp_config_kwargs(plan.optim, plan.precision))
+        assert ddp.fp8_param_gather is False and ddp.grad_reduce_in_fp32
+        assert ddp.use_distributed_optimizer == p.distributed_optimizer
+        optimizer = OptimizerConfig(**optimizer_config_kwargs(plan.optim, plan.precision))
+        assert optimizer.bf16 and optimizer.lr == run.trainer.lr
+        vllm = engine_args(plan.model_dir, plan.engine, plan.rollout_replicas, on_gpu=True)
+        assert (vllm["quantization"], vllm["dtype"], vllm["tensor_parallel_size"]) == ("fp8", "bfloat16", run.rollout.tp)
+        assert vllm["data_parallel_size"] * run.rollout.tp == plan.world_size
+
+    from megatron_sdar.config.schema import ConfigError
+
+    overrides = stand_ins["alfworld_qwen2_5_7b"]
+    run = _compose(*overrides, "model.fp8=mxfp8")
+    with pytest.raises(ConfigError, match="needs compute capability >= 10.0.*use tensorwise or delayed on H100"):
+        launch_plan(run, 8, run.model.hf_path, **h100)
+    with pytest.raises(ConfigError, match="needs Transformer Engine"):
+        launch_plan(run, 8, run.model.hf_path, te_available=lambda: False, capability=lambda: (10, 0))
+
+
+def _dry_run(capsys, *overrides):
+    assert main([*overrides, "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out.strip().splitlines()
+    return out, json.loads(out[-1])
+
+
+@pytest.mark.parametrize("fp8", [None, "tensorwise"])
+def test_dry_run_prints_the_plan_for_every_recipe(stand_ins, capsys, fp8):
+    for recipe, overrides in stand_ins.items():
+        extra = [f"model.fp8={fp8}"] if fp8 else []
+        lines, report = _dry_run(capsys, *overrides, *extra)
+        assert DRY_RUN_KEYS <= set(report), recipe
+        layout, run = report["layout"], _compose(*overrides)
+        world = run.slurm["nodes"] * run.slurm["gpus_per_node"]
+        assert layout["world_size"] == world
+        assert layout["dp"] == world // (layout["tp"] * layout["pp"] * layout["cp"]), recipe
+        assert (layout["tp"], layout["pp"], layout["vpp"], layout["ep"], layout["sp"]) == (
+            run.parallel.tp, run.parallel.pp, run.parallel.vpp, run.parallel.ep, run.parallel.sequence_parallel)
+        assert layout["rollout_replicas"] == world // run.rollout.tp
+        tc = report["transformer_config"]
+        assert tc["tensor_model_parallel_size"] == run.parallel.tp and tc["params_dtype"] == "bfloat16"
+        assert tc.get("fp8_recipe") == fp8 and (tc.get("fp8") == "hybrid") == (fp8 is not None), recipe
+        assert report["ddp_config"].get("fp8_param_gather", False) is False
+        assert report["vllm_engine_args"]["data_parallel_size"] == layout["rollout_replicas"]
+        assert report["memory_plan_gib"]["total"] > 0 and isinstance(report["memory_plan_gib"]["fits"], bool)
+        assert any("skipped" in line and "Transformer Engine" in line for line in lines)
+
+
+def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, monkeypatch):
+    overrides = stand_ins["alfworld_qwen2_5_7b"]
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    _, report = _dry_run(capsys, *overrides)
+    assert report["layout"]["world_size"] == 16 and report["layout"]["dp"] == 8
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    assert main([*overrides, "parallel.tp=4", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "world size 6 is not divisible by tp*pp*cp" in err and "Traceback" not in err
+    monkeypatch.delenv("WORLD_SIZE")
+    assert main(["--dry-run"]) == 2  # the embedded default has no model directory to plan
+    assert "--dry-run plans a recipe's model: set model.hf_path" in capsys.readouterr().err
+
+
+def test_trainer_refuses_fp8_without_transformer_engine(tmp_path):
+    """The crash at start-up (an attribute that did not exist) is now a one-line refusal."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdar.train", "model.dtype=bfloat16", "model.fp8=tensorwise",
+                           f"trainer.output_dir={tmp_path}", "trainer.sft_steps=0", "trainer.max_steps=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "model.fp8=tensorwise needs Transformer Engine" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
