@@ -129,3 +129,18 @@ def test_trainer_refuses_fp8_without_transformer_engine(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "model.fp8=tensorwise needs Transformer Engine" in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_bf16_without_transformer_engine_is_refused_before_anything_runs(tmp_path):
+    """bf16 on the local spec would train through SFT and then fail at the first checkpoint (mixed
+    fp32 norm / bf16 parameter dtypes); it is refused at start-up with the config to use."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "megatron_sdar.train", "model.dtype=bfloat16",
+                           f"trainer.output_dir={tmp_path}", "trainer.max_steps=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "model.dtype=bfloat16 needs Transformer Engine's layer spec" in proc.stderr
+    assert "use model.dtype=float32 here" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "sft_model").exists()  # refused before the warm start

@@ -78,7 +78,16 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
                                       **hardware_probes)
     except FP8ConfigError as exc:
         raise ConfigError(str(exc)) from None
-    skipped = [] if check_hardware else ["Transformer Engine importable", "GPU compute capability for FP8"]
+    skipped = [] if check_hardware else ["Transformer Engine importable", "GPU compute capability for FP8",
+                                         "bf16 needs Transformer Engine's layer spec"]
+    te_available = hardware_probes.get("te_available")
+    if check_hardware and precision.dtype == "bfloat16" and not (te_available or _te_available)():
+        # the local spec builds its norms with torch.nn.RMSNorm in fp32, so a bf16 model mixes parameter
+        # dtypes, and megatron-core 0.19 cannot checkpoint the optimizer state of such a model: refuse now,
+        # not at the first checkpoint after the warm start
+        raise ConfigError("model.dtype=bfloat16 needs Transformer Engine's layer spec: without it (CPU) the norm "
+                          "weights stay float32 and megatron-core 0.19 cannot checkpoint the optimizer state of a "
+                          "model with mixed parameter dtypes; use model.dtype=float32 here, bf16 on a GPU with TE")
     optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                         decay_steps=t.max_steps if 0 < t.min_lr < t.lr else None,
                         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
@@ -91,6 +100,12 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
     return LaunchPlan(run=run, world_size=world_size, model_dir=model_dir, arch=arch, precision=precision,
                       optim=optim, transformer_overrides=transformer_overrides(run), engine=engine,
                       skipped_checks=skipped)
+
+
+def _te_available() -> bool:
+    from megatron_sdar.models.megatron_model import transformer_engine_available
+
+    return transformer_engine_available()
 
 
 def _jsonable(value: Any) -> Any:
