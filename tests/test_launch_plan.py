@@ -114,6 +114,10 @@ def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, mon
     assert main([*overrides, "parallel.tp=4", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "world size 6 is not divisible by tp*pp*cp" in err and "Traceback" not in err
+    monkeypatch.setenv("WORLD_SIZE", "eight")
+    assert main([*overrides, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "WORLD_SIZE='eight'" in err and "must be integers" in err and "Traceback" not in err
     monkeypatch.delenv("WORLD_SIZE")
     assert main(["--dry-run"]) == 2  # the embedded default has no model directory to plan
     assert "--dry-run plans a recipe's model: set model.hf_path" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from typing import Any
 
 from megatron_sdar.config.schema import ConfigError, RunConfig, validate
 from megatron_sdar.models.architecture import QwenArchitecture
+from megatron_sdar.models.megatron_model import transformer_engine_available
 from megatron_sdar.models.precision import FP8ConfigError, PrecisionSettings, resolve_precision
 from megatron_sdar.rollout.engine import RolloutEngineConfig
 from megatron_sdar.trainer.policy import OptimConfig
@@ -81,7 +82,7 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
     skipped = [] if check_hardware else ["Transformer Engine importable", "GPU compute capability for FP8",
                                          "bf16 needs Transformer Engine's layer spec"]
     te_available = hardware_probes.get("te_available")
-    if check_hardware and precision.dtype == "bfloat16" and not (te_available or _te_available)():
+    if check_hardware and precision.dtype == "bfloat16" and not (te_available or transformer_engine_available)():
         # the local spec builds its norms with torch.nn.RMSNorm in fp32, so a bf16 model mixes parameter
         # dtypes, and megatron-core 0.19 cannot checkpoint the optimizer state of such a model: refuse now,
         # not at the first checkpoint after the warm start
@@ -100,12 +101,6 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
     return LaunchPlan(run=run, world_size=world_size, model_dir=model_dir, arch=arch, precision=precision,
                       optim=optim, transformer_overrides=transformer_overrides(run), engine=engine,
                       skipped_checks=skipped)
-
-
-def _te_available() -> bool:
-    from megatron_sdar.models.megatron_model import transformer_engine_available
-
-    return transformer_engine_available()
 
 
 def _jsonable(value: Any) -> Any:
@@ -172,10 +167,18 @@ def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
 def dry_run_world_size(run: RunConfig) -> int:
     """The world size a dry run plans for: ``WORLD_SIZE`` when set (torchrun, srun), else the
     recipe's ``slurm.nodes x slurm.gpus_per_node``, else 1."""
-    if os.environ.get("WORLD_SIZE"):
-        return int(os.environ["WORLD_SIZE"])
     slurm = run.slurm or {}
-    return int(slurm.get("nodes", 1)) * int(slurm.get("gpus_per_node", 1)) if slurm else 1
+    try:
+        if os.environ.get("WORLD_SIZE"):
+            world = int(os.environ["WORLD_SIZE"])
+        else:
+            world = int(slurm.get("nodes", 1)) * int(slurm.get("gpus_per_node", 1)) if slurm else 1
+    except (TypeError, ValueError):
+        raise ConfigError(f"--dry-run: WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} / slurm.nodes, slurm.gpus_per_node="
+                          f"{slurm.get('nodes')!r}, {slurm.get('gpus_per_node')!r} must be integers") from None
+    if world < 1:
+        raise ConfigError(f"--dry-run: the world size must be >= 1, got {world}")
+    return world
 
 
 def dry_run(run: RunConfig) -> dict[str, Any]:
