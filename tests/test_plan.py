@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 
 from megatron_sdar.utils.memory_plan import (
-    GIB, Layout, ModelShape, PlanError, Rollout, Workload, estimate, load_model_shape, load_recipe, recipe_names,
+    GIB, ModelShape, PlanError, Rollout, Workload, estimate, load_model_shape, load_recipe, recipe_names,
     _stage_estimate, recipe_table, shape_from_hf_config, stage_params,
 )
+from megatron_sdar.utils.parallel_dims import ParallelDims
+
+
+def Dims(**sizes) -> ParallelDims:  # noqa: N802 - the planner's layouts here use the distributed optimizer
+    return ParallelDims(**{"distributed_optimizer": True, **sizes})
+
 
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ModelShape(name="toy", hidden=8, layers=2, heads=2, kv_heads=1, head_dim=4, ffn=16, vocab=10)
@@ -30,7 +36,7 @@ def test_toy_model_terms_by_hand():
     # per layer: attention 8*(8+2*4) + 8*8 = 192, norms 2*8 = 16, MLP 3*8*16 = 384 -> 592;
     # 2 layers + embedding and output 2*10*8 + final norm 8 = 1352 parameters
     assert TOY.total_params() == 1352
-    est = estimate(TOY, Layout(dp=2), TOY_WORK, overhead_gib=0.0)
+    est = estimate(TOY, Dims(dp=2), TOY_WORK, overhead_gib=0.0)
     assert _bytes(est, "weights") == 2 * 1352
     assert _bytes(est, "gradients") == 4 * 1352
     assert _bytes(est, "optimizer") == 12 * 1352 / 2  # distributed optimizer over dp=2
@@ -41,21 +47,21 @@ def test_toy_model_terms_by_hand():
     assert _bytes(est, "activations_full_recompute") == 2 * (4 * 8 * 2) + 864 + 128
     assert _bytes(est, "logits") == pytest.approx(4 * 10 * (2 * 2 + 0.4))
     assert est.total * GIB == pytest.approx(2704 + 5408 + 8112 + 2704 + 1856 + 176)
-    no_dist = estimate(TOY, Layout(dp=2, distributed_optimizer=False), TOY_WORK, overhead_gib=0.0)
+    no_dist = estimate(TOY, Dims(dp=2, distributed_optimizer=False), TOY_WORK, overhead_gib=0.0)
     assert _bytes(no_dist, "optimizer") == 12 * 1352
-    fp32 = estimate(TOY, Layout(), replace(TOY_WORK, precision="fp32"), overhead_gib=0.0)
+    fp32 = estimate(TOY, Dims(), replace(TOY_WORK, precision="fp32"), overhead_gib=0.0)
     assert (_bytes(fp32, "weights"), _bytes(fp32, "optimizer")) == (4 * 1352, 8 * 1352)  # no separate master copy
 
 
 def test_tensor_and_pipeline_split_by_hand():
     toy = replace(TOY, kv_heads=2)  # attention 8*(8+2*8) + 8*8 = 256
-    est = estimate(toy, Layout(tp=2, pp=2), TOY_WORK, overhead_gib=0.0)
+    est = estimate(toy, Dims(tp=2, pp=2), TOY_WORK, overhead_gib=0.0)
     # one layer per stage: (256+384)/2 + 16 = 336; stage 0 adds the embedding 5*8 = 40 (376),
     # the last stage the output layer 40 and the final norm 8 (384)
-    assert (stage_params(toy, Layout(tp=2, pp=2), 0).total, stage_params(toy, Layout(tp=2, pp=2), 1).total) == (376, 384)
+    assert (stage_params(toy, Dims(tp=2, pp=2), 0).total, stage_params(toy, Dims(tp=2, pp=2), 1).total) == (376, 384)
     # ...but stage 0 keeps 2 micro-batches in flight (1F1B), so it is the worst stage
     assert est.stage == 0 and _bytes(est, "weights") == 2 * 376 and est.logits == 0
-    last = _stage_estimate(toy, Layout(tp=2, pp=2), TOY_WORK, 1)
+    last = _stage_estimate(toy, Dims(tp=2, pp=2), TOY_WORK, 1)
     assert last["logits"] == pytest.approx(4 * 5 * 4.4)  # [T, V/tp] logits + grad (bf16) + 0.1x fp32
     # one layer at tp=2: 4*T*h*2 = 256 + T*(2*8+2*8)*2/2 = 128 + lse T*1*4 = 16 + 3*T*16*2/2 = 192 -> 592
     assert (_bytes(est, "activations"), last["activations"]) == (2 * 592 + 128, 592 + 128)
@@ -63,7 +69,7 @@ def test_tensor_and_pipeline_split_by_hand():
 
 def test_monotonicity():
     shape = load_model_shape("qwen2_5_7b_instruct")
-    base = Layout(tp=2, dp=4, sequence_parallel=True)
+    base = Dims(tp=2, dp=4, sequence_parallel=True)
     work = Workload(global_batch_size=128)
     ref = estimate(shape, base, work)
     assert estimate(shape, replace(base, tp=4, dp=2), work).weights < ref.weights
@@ -82,7 +88,7 @@ def test_monotonicity():
 def test_72b_does_not_fit_at_tp1_but_fits_with_the_recipe_layout():
     shape = load_model_shape("qwen2_5_72b_instruct")
     assert shape.total_params() == pytest.approx(72.7e9, rel=0.01)
-    too_big = estimate(shape, Layout(tp=1, dp=8), Workload(global_batch_size=128))
+    too_big = estimate(shape, Dims(tp=1, dp=8), Workload(global_batch_size=128))
     assert not too_big.fits and too_big.weights > 100 and "GiB per GPU" in too_big.problems[0]
     recipe = load_recipe("alfworld_qwen2_5_72b")
     est = estimate(shape, recipe.layout, recipe.workload, recipe.rollout)
@@ -103,28 +109,28 @@ def test_moe_expert_parallel_shards_experts():
     shape = load_model_shape("qwen3_30b_a3b")
     assert shape.is_moe and shape.total_params() == pytest.approx(30.5e9, rel=0.02)
     work = Workload(global_batch_size=128)
-    ep8 = estimate(shape, Layout(dp=16, ep=8, etp=1), work)
-    ep16 = estimate(shape, Layout(dp=16, ep=16, etp=1), work)
+    ep8 = estimate(shape, Dims(dp=16, ep=8, etp=1), work)
+    ep16 = estimate(shape, Dims(dp=16, ep=16, etp=1), work)
     assert ep16.weights < ep8.weights
     # the distributed optimizer shards expert states over ep * expert-dp = all 16 ranks either way
     assert ep16.optimizer == pytest.approx(ep8.optimizer)
-    no_distopt = estimate(shape, Layout(dp=16, ep=16, etp=1, distributed_optimizer=False), work)
+    no_distopt = estimate(shape, Dims(dp=16, ep=16, etp=1, distributed_optimizer=False), work)
     assert no_distopt.optimizer > ep16.optimizer
     with pytest.raises(PlanError, match="ep=3 must divide num_experts=128"):
-        estimate(shape, Layout(dp=6, ep=3, etp=1), Workload(global_batch_size=6))
+        estimate(shape, Dims(dp=6, ep=3, etp=1), Workload(global_batch_size=6))
     with pytest.raises(PlanError, match="needs a mixture-of-experts model"):
-        estimate(TOY, Layout(dp=2, ep=2), TOY_WORK)
+        estimate(TOY, Dims(dp=2, ep=2), TOY_WORK)
 
 
 def test_vllm_pool_and_kv_cache():
     shape = load_model_shape("qwen2_5_7b_instruct")
-    est = estimate(shape, Layout(tp=2, dp=4), Workload(), Rollout(gpu_memory_utilization=0.3, tp=2))
+    est = estimate(shape, Dims(tp=2, dp=4), Workload(), Rollout(gpu_memory_utilization=0.3, tp=2))
     assert est.vllm_weights == pytest.approx(shape.total_params() * 2 / 2 / GIB)
     per_token = 2 * 28 * 4 * 128 * 2 / 2  # K and V, 28 layers, 4 KV heads of 128, bf16, over rollout tp 2
     assert est.vllm_kv_tokens == int(est.vllm_kv_cache * GIB // per_token)
-    tiny_pool = estimate(shape, Layout(tp=2, dp=4), Workload(), Rollout(gpu_memory_utilization=0.05, tp=1))
+    tiny_pool = estimate(shape, Dims(tp=2, dp=4), Workload(), Rollout(gpu_memory_utilization=0.05, tp=1))
     assert not tiny_pool.fits and "do not fit its pool" in tiny_pool.problems[0]
-    asleep = estimate(shape, Layout(tp=2, dp=4), Workload(), Rollout(gpu_memory_utilization=0.3, tp=2, sleeps=True))
+    asleep = estimate(shape, Dims(tp=2, dp=4), Workload(), Rollout(gpu_memory_utilization=0.3, tp=2, sleeps=True))
     assert asleep.total < est.total
 
 
@@ -142,11 +148,11 @@ def test_model_sources_and_errors(tmp_path):
     with pytest.raises(PlanError, match="model_type='llama'"):
         shape_from_hf_config({**hf, "model_type": "llama"})
     with pytest.raises(PlanError, match="tp=3 must divide"):
-        estimate(TOY, Layout(tp=3), TOY_WORK)
+        estimate(TOY, Dims(tp=3), TOY_WORK)
     with pytest.raises(PlanError, match="pp=3 must divide layers=2"):
-        estimate(TOY, Layout(pp=3), TOY_WORK)
+        estimate(TOY, Dims(pp=3), TOY_WORK)
     with pytest.raises(PlanError, match="multiple of micro_batch_size"):
-        estimate(TOY, Layout(dp=4), TOY_WORK)
+        estimate(TOY, Dims(dp=4), TOY_WORK)
 
 
 def test_cli(capsys):
@@ -159,7 +165,7 @@ def test_cli(capsys):
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert plan.main(["--model", "qwen2_5_72b_instruct", "--tp", "3"]) == 1
     assert "tp=3 must divide" in capsys.readouterr().err
-    assert plan.main(["--model", "qwen3_8b", "--tp", "2", "--dp", "4", "--json"]) == 0
+    assert plan.main(["--model", "qwen3_8b", "--tp", "2", "--dp", "4", "--distributed-optimizer", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["layout"]["tp"] == 2
 
 

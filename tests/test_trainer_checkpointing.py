@@ -304,9 +304,11 @@ def test_load_errors_are_clear(resumed):
     assert errors["missing"][0] == "FileNotFoundError" and "does not exist" in errors["missing"][2]
     assert "not a complete checkpoint: no complete.json" in errors["incomplete"][2]
     kind, incompatible, message = errors["dp_reshardable_tp_change"]
-    assert incompatible and "reshards across data-parallel ranks only" in message and "fully_reshardable" in message
-    for key in ("regular_into_distributed", "distributed_into_regular"):
-        assert errors[key][1] and "switching use_distributed_optimizer" in errors[key][2], key
+    assert incompatible and "reshards across data-parallel ranks only" in message
+    assert "trainer.optimizer_sharding=fully_reshardable" in message and "parallel.tp/pp/cp/ep" in message
+    for key, saved in (("regular_into_distributed", "false"), ("distributed_into_regular", "true")):
+        assert errors[key][1] and f"parallel.distributed_optimizer and model.dtype (distributed_optimizer={saved}, " \
+            "dtype=float32)" in errors[key][2], (key, errors[key][2])
     message, written = errors["mixed_dtypes"]
     assert "mix dtypes (bfloat16, float32" in message and not written
 

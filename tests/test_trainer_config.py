@@ -58,9 +58,10 @@ def test_overrides_reach_the_objective():
 @pytest.mark.parametrize("overrides, message", [
     (["trainer.no_such_key=1"], "trainer.no_such_key"),
     (["algo=ppo"], "algo"),
-    (["parallel.tp=3"], "does not divide the 4 attention heads"),
-    (["parallel.pp=3"], "does not divide the 2 layers"),
-    (["parallel.sequence_parallel=true"], "sequence_parallel needs parallel.tp > 1"),
+    (["parallel.tp=3"], "parallel: tp=3 must divide heads=4 and kv_heads=2"),
+    (["parallel.pp=3"], "parallel: pp=3 must divide layers=2"),
+    (["parallel.sequence_parallel=true"], "parallel: sequence_parallel needs tp > 1"),
+    (["parallel.recompute=some"], "parallel: recompute must be one of"),
     (["env.skills_dir=/nonexistent/skills"], "does not exist"),
     (["env.retrieval=telepathy"], "env.retrieval"),
     (["rollout.action_format=emoji"], "rollout: action_format must be"),

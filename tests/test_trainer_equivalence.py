@@ -46,7 +46,6 @@ def _samples(vocab: int, count: int = 8, rescues: int = 0):
 def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None = None):
     """One full step; ``parallel``: ``parallel`` group fields (sequence parallelism, recomputation,
     the distributed optimizer), turned into model and optimizer settings as the main job does."""
-    import torch
     import torch.distributed as dist
 
     from megatron_sdar.algo.objective import preset
@@ -55,16 +54,16 @@ def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
     from megatron_sdar.trainer.update import PolicyUpdate
 
-    from megatron_sdar.config.schema import ParallelConfig, RunConfig
     from megatron_sdar.trainer.launch import transformer_overrides
+    from megatron_sdar.utils.parallel_dims import ParallelDims
 
-    run = RunConfig(parallel=ParallelConfig(**(parallel or {})))
+    dims = ParallelDims(**(parallel or {}))  # dp is not needed for the model and optimizer settings
     arch = QwenArchitecture.from_hf_config(model_dir)
     # adam_eps 1e-3: the first Adam update lr * g / (|g| + eps) is then a smooth function of the
     # gradient, so weights compare at the precision of the gradients
     policy = build_policy(arch, OptimConfig(lr=1e-3, adam_eps=1e-3, clip_grad=0.0,
-                                            use_distributed_optimizer=run.parallel.distributed_optimizer),
-                          hf_dir=model_dir, **transformer_overrides(run))
+                                            use_distributed_optimizer=dims.distributed_optimizer),
+                          hf_dir=model_dir, **transformer_overrides(dims))
     objective = preset(algo, kl_coef=0.01)
     updater = PolicyUpdate(policy, objective, micro_batch_size=2, pad_id=0,
                            reference_dir=lambda: model_dir)

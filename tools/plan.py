@@ -19,9 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_sdar.utils.memory_plan import (  # noqa: E402
-    H100_GIB, KERNELS, PRECISIONS, RECOMPUTE, Layout, PlanError, Rollout, Workload, estimate,
-    format_estimate, load_model_shape, load_recipe, recipe_table,
+    H100_GIB, KERNELS, PRECISIONS, PlanError, Rollout, Workload, estimate, format_estimate, load_model_shape,
+    load_recipe, recipe_table,
 )
+from megatron_sdar.utils.parallel_dims import RECOMPUTE, ParallelDims  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             shape, layout, work, rollout = (load_model_shape(recipe.model), recipe.layout, recipe.workload,
                                             recipe.rollout)
         else:
-            shape, layout, work, rollout = load_model_shape(args.model), Layout(), Workload(), Rollout()
+            shape, layout, work, rollout = load_model_shape(args.model), ParallelDims(), Workload(), Rollout()
         layout = _set(layout, tp=args.tp, pp=args.pp, cp=args.cp, dp=args.dp, ep=args.ep, etp=args.etp,
                       vpp=args.vpp, sequence_parallel=args.sequence_parallel,
                       distributed_optimizer=args.distributed_optimizer, recompute=args.recompute)

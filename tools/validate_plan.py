@@ -94,12 +94,13 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def planned_gib(args: argparse.Namespace) -> float:
-    from megatron_sdar.utils.memory_plan import Layout, Workload, estimate, shape_from_hf_config
+    from megatron_sdar.utils.memory_plan import Workload, estimate, shape_from_hf_config
+    from megatron_sdar.utils.parallel_dims import ParallelDims
 
     shape = shape_from_hf_config(_hf_config(args), name="validation")
     work = Workload(seq_len=args.seq, micro_batch_size=args.mbs, global_batch_size=args.mbs, precision="fp32",
                     kernels="unfused", reference_model=False, teacher_pass=False)
-    est = estimate(shape, Layout(distributed_optimizer=False), work, capacity_gib=1e6, overhead_gib=0.0)
+    est = estimate(shape, ParallelDims(distributed_optimizer=False), work, capacity_gib=1e6, overhead_gib=0.0)
     return est.total
 
 

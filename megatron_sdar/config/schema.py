@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from megatron_sdar.algo.objective import PRESETS, ObjectiveConfig, preset_fields
@@ -149,6 +150,9 @@ class TrainerConfig:
     keep_last: int = 2
     resume: Optional[str] = None
     verify_checkpoints: bool = True  # checksums + finite weights before a resume (false: skip)
+    # distributed optimizer's state: fully_reshardable (resumes at any TP/PP/VPP/DP; gathers each
+    # model-parallel shard's state over DP while saving) | dp_reshardable (no gather; DP changes only)
+    optimizer_sharding: str = "fully_reshardable"
     seed: int = 0
     lr: float = 1e-4
     min_lr: float = 0.0
@@ -315,10 +319,15 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
     _positive("parallel", p, "tp", "pp", "cp", "ep")
     if p.vpp is not None and p.vpp < 1:
         raise ConfigError(f"parallel.vpp must be >= 1 or null, got {p.vpp}")
-    if p.recompute not in ("none", "selective", "full"):
-        raise ConfigError(f"parallel.recompute must be none, selective or full, got {p.recompute!r}")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+    from megatron_sdar.utils.parallel_dims import LayoutError, ParallelDims
+
+    try:  # the layout's own checks; with the world size and the model's shape when they are known
+        dims = ParallelDims.from_config(p, world_size if world_size is not None else p.tp * p.pp * p.cp)
+        shape = None if num_heads is None else SimpleNamespace(heads=num_heads, kv_heads=num_kv_heads,
+                                                                 layers=num_layers)
+        dims.check(shape, world_known=world_size is not None)
+    except LayoutError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
     _positive("rollout", r, "tp", "group_size", "tasks_per_step", "max_turns", "max_prompt_tokens",
               "max_response_tokens")
     if r.history_window < 0:
@@ -334,6 +343,11 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
     except ValueError as exc:
         raise ConfigError(f"rollout: {exc}") from None
     _positive("trainer", t, "save_interval", "keep_last", "micro_batch_size", "eval_interval", "sft_batch_size")
+    from megatron_sdar.trainer.checkpointing import OPTIMIZER_SHARDINGS
+
+    if t.optimizer_sharding not in OPTIMIZER_SHARDINGS:
+        raise ConfigError(f"trainer.optimizer_sharding must be one of {', '.join(OPTIMIZER_SHARDINGS)}, "
+                          f"got {t.optimizer_sharding!r}")
     if t.max_steps < 0:
         raise ConfigError(f"trainer.max_steps must be >= 0 (0: SFT warm start only), got {t.max_steps}")
     if t.sft_steps < 0 or t.eval_tasks < 0:
@@ -378,20 +392,8 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
             SkillBank.from_dir(skills)
         except (OSError, ValueError) as exc:  # SkillBankError is a ValueError
             raise ConfigError(f"env.skills_dir: {exc}") from None
-    if world_size is not None:
-        model_parallel = p.tp * p.pp * p.cp
-        if world_size % model_parallel:
-            raise ConfigError(f"world size {world_size} is not divisible by tp*pp*cp = {p.tp}*{p.pp}*{p.cp}")
-        if world_size % r.tp:
-            raise ConfigError(f"rollout.tp={r.tp} does not divide the world size {world_size}")
-    if num_heads is not None and num_heads % p.tp:
-        raise ConfigError(f"parallel.tp={p.tp} does not divide the {num_heads} attention heads")
-    if num_kv_heads is not None and num_kv_heads % p.tp and p.tp % num_kv_heads:
-        raise ConfigError(f"parallel.tp={p.tp} and the {num_kv_heads} KV heads: one must divide the other")
+    if world_size is not None and world_size % r.tp:
+        raise ConfigError(f"rollout.tp={r.tp} does not divide the world size {world_size}")
     if num_heads is not None and num_heads % r.tp:
         raise ConfigError(f"rollout.tp={r.tp} does not divide the {num_heads} attention heads")
-    if num_layers is not None:
-        stages = p.pp * (p.vpp or 1)
-        if num_layers % stages:
-            raise ConfigError(f"parallel.pp={p.pp} (x vpp={p.vpp or 1}) does not divide the {num_layers} layers")
     return run

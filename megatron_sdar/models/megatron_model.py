@@ -29,16 +29,6 @@ def transformer_engine_available() -> bool:
     return bool(HAVE_TE)
 
 
-def _fused_softmax_kernels_available() -> bool:
-    """Megatron's fused masked-softmax CUDA kernels (built with Megatron-LM, absent from the wheel)."""
-    try:
-        import scaled_masked_softmax_cuda  # noqa: F401
-        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _yarn_config_class():
     from megatron.core.transformer import TransformerConfig
 
@@ -91,7 +81,7 @@ def transformer_config_kwargs(
     from megatron.core import parallel_state as ps
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_sdar.utils.device import cpu_shims_active
+    from megatron_sdar.utils.device import cpu_shims_active, transformer_config_device_fields
 
     tp = ps.get_tensor_model_parallel_world_size() if tp is None else tp
     pp = ps.get_pipeline_model_parallel_world_size() if pp is None else pp
@@ -134,19 +124,14 @@ def transformer_config_kwargs(
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         perform_initialization=initialize_weights,
-        use_cpu_initialization=on_cpu,
-        # the fused kernels below are CUDA-only; the softmax one also needs Megatron-LM's build
-        bias_activation_fusion=not on_cpu,
-        masked_softmax_fusion=not on_cpu and _fused_softmax_kernels_available(),
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        # gloo (CPU): the interleaved (virtual pipeline) schedule's batched isend/irecv delivers the
-        # wrong activations in training (forward-only passes are unaffected); single p2p calls are exact
-        batch_p2p_comm=not on_cpu,
     )
     if arch.moe is not None:
-        kwargs.update(_moe_config_fields(arch, ep, etp, on_cpu))
+        kwargs.update(_moe_config_fields(arch, ep, etp))
+    kwargs.update(transformer_config_device_fields(on_cpu, moe=arch.moe is not None,
+                                                   te_available=transformer_engine_available()))
     config_class = TransformerConfig
     if arch.rope.kind == "yarn":
         config_class = _yarn_config_class()
@@ -160,7 +145,7 @@ def transformer_config_kwargs(
     return config_class, kwargs
 
 
-def _moe_config_fields(arch: QwenArchitecture, ep: int, etp: int, on_cpu: bool) -> dict[str, Any]:
+def _moe_config_fields(arch: QwenArchitecture, ep: int, etp: int) -> dict[str, Any]:
     """Megatron MoE settings that reproduce transformers' Qwen3-MoE block exactly.
 
     Routing: softmax router in float32 (``moe_router_dtype``, as HF's ``softmax(dtype=float)``).
@@ -172,12 +157,9 @@ def _moe_config_fields(arch: QwenArchitecture, ep: int, etp: int, on_cpu: bool) 
     No auxiliary loss and no token dropping (unlimited capacity), so the forward is HF's; a
     trainer that wants a load-balancing loss passes ``moe_router_load_balancing_type="aux_loss"``
     and ``moe_aux_loss_coeff=arch.moe.router_aux_loss_coef`` as overrides (neither changes the
-    forward). Token dispatcher: ``alltoall`` on GPU (each token goes only to the EP ranks of its
-    experts); ``allgather`` on CPU (every EP rank sees all tokens and keeps those of its experts:
-    more traffic, same result), because megatron-core's alltoall dispatcher copies its split
-    sizes to the host on a side stream and waits on the recorded CUDA event, which the CPU shim's
-    null stream returns as None. Grouped GEMM (``TEGroupedMLP``) needs Transformer Engine: on
-    the GPU spec only, see :func:`build_layer_spec`.
+    forward). Token dispatcher (``alltoall`` on GPU, each token goes only to the EP ranks of its
+    experts) and grouped GEMM (Transformer Engine's ``TEGroupedMLP``, GPU spec only): see
+    :func:`megatron_sdar.utils.device.transformer_config_device_fields`.
     """
     moe = arch.moe
     assert moe is not None
@@ -193,8 +175,6 @@ def _moe_config_fields(arch: QwenArchitecture, ep: int, etp: int, on_cpu: bool) 
         moe_z_loss_coeff=None,
         moe_input_jitter_eps=None,
         moe_expert_capacity_factor=None,
-        moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
-        moe_grouped_gemm=not on_cpu and transformer_engine_available(),
         moe_permute_fusion=False,
         moe_router_fusion=False,
         expert_model_parallel_size=ep,
@@ -275,9 +255,6 @@ def build_model(
         seq_len_interpolation_factor=rope.factor if rope.kind == "linear" else None,
         vp_stage=vp_stage,
     )
-    from megatron_sdar.utils.device import cpu_shims_active
+    from megatron_sdar.utils.device import move_to_gpu
 
-    if not cpu_shims_active() and torch.cuda.is_available():
-        # Megatron creates its linears on the GPU but torch-norm modules (local spec) on the CPU
-        model.cuda(torch.cuda.current_device())
-    return model
+    return move_to_gpu(model)

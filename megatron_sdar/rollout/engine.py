@@ -109,9 +109,9 @@ def engine_args(model_dir: str | Path, config: RolloutEngineConfig, dp_size: int
     if on_gpu:
         kwargs.update(gpu_memory_utilization=config.gpu_memory_utilization, enable_sleep_mode=config.enable_sleep_mode)
     else:
-        # vLLM 0.32's CPU runner crashes when a prompt with a per-request seed is prefilled in
-        # chunks ("CPU Generator does not use offset"): prefill whole prompts
-        kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(config.max_model_len, 8192))
+        from megatron_sdar.patches import vllm_cpu_whole_prompt_prefill
+
+        kwargs.update(vllm_cpu_whole_prompt_prefill(config.max_model_len))
     return kwargs
 
 
@@ -124,11 +124,10 @@ class RolloutEngine:
     """
 
     def __init__(self, model_dir: str | Path, config: RolloutEngineConfig | None = None) -> None:
-        import torch
         import torch.distributed as dist
 
-        from megatron_sdar.patches import quiet_vllm_reload_warnings
-        from megatron_sdar.utils.device import cpu_shims_active
+        from megatron_sdar.patches import keep_torch_set_num_threads, quiet_vllm_reload_warnings
+        from megatron_sdar.utils.device import on_gpu, vllm_device_environment
 
         quiet_vllm_reload_warnings()
         self.config = config = config or RolloutEngineConfig()
@@ -141,29 +140,23 @@ class RolloutEngine:
         self.world_size, self.rank = world, dist.get_rank()
         self.dp_size = world // config.tp
         self.dp_rank = self.rank // config.tp
-        self.on_gpu = torch.cuda.is_available() and not cpu_shims_active()
+        self.on_gpu = on_gpu()
         # in-process engine (its model must be reachable for in-place weight updates)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if not self.on_gpu:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gib:g}")
-            # vLLM pins OpenMP threads to cores by default; the trainer shares those cores
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        vllm_device_environment(config.cpu_kv_cache_gib)
         # torchrun sets these; a plain single process may not have them
         os.environ.setdefault("RANK", str(self.rank))
         os.environ.setdefault("LOCAL_RANK", str(self.rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
-        # vLLM's CPU worker replaces torch.set_num_threads with a warning stub; keep ours
-        set_num_threads = torch.set_num_threads
         try:
             from vllm import LLM
 
             kwargs = engine_args(model_dir, config, self.dp_size, self.on_gpu)
-            self.llm = LLM(**kwargs)
+            with keep_torch_set_num_threads():
+                self.llm = LLM(**kwargs)
         except Exception as exc:  # noqa: BLE001 - re-raised with what was being attempted
             raise RolloutEngineError(f"could not start vLLM on {model_dir} (rollout tp={config.tp}, "
                                      f"dp={self.dp_size}): {type(exc).__name__}: {exc}") from exc
-        finally:
-            torch.set_num_threads = set_num_threads
         self.sleeping: set[str] = set()  # parts of vLLM's memory released: "weights", "kv_cache"
         self.last_sync: SyncStats | None = None
 

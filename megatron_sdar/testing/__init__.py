@@ -1,5 +1,5 @@
 """Test utilities: the multi-process gloo launcher and tiny models/tokenizers built on the fly."""
-from megatron_sdar.testing.launcher import DistributedTestError, ParallelLayout, run_distributed
+from megatron_sdar.testing.launcher import DistributedTestError, run_distributed
 
 #: Hydra overrides that shrink the main job's embedded default to seconds per step (end-to-end
 #: tests of the real trainer: resume, preemption through the Slurm script). No spaces inside.
@@ -10,4 +10,4 @@ TINY_RUN_OVERRIDES = (
     "rollout.max_response_tokens=12", "trainer.tensorboard=false", "trainer.plot=false", "trainer.export_hf=false",
 )
 
-__all__ = ["DistributedTestError", "ParallelLayout", "TINY_RUN_OVERRIDES", "run_distributed"]
+__all__ = ["DistributedTestError", "TINY_RUN_OVERRIDES", "run_distributed"]

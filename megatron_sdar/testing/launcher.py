@@ -24,39 +24,15 @@ import queue as queue_mod
 import socket
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch.multiprocessing as mp
 
+from megatron_sdar.utils.parallel_dims import ParallelDims
+
 
 class DistributedTestError(RuntimeError):
     """A worker rank failed or hung."""
-
-
-@dataclass(frozen=True)
-class ParallelLayout:
-    """Megatron's parallel sizes; ``dp`` is derived from the world size."""
-
-    world_size: int
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    ep: int = 1
-    vpp: int | None = None
-
-    @property
-    def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp * self.cp)
-
-    def validate(self) -> None:
-        model_parallel = self.tp * self.pp * self.cp
-        if self.world_size < 1 or model_parallel < 1:
-            raise ValueError(f"invalid layout {self}")
-        if self.world_size % model_parallel:
-            raise ValueError(
-                f"world_size={self.world_size} is not divisible by tp*pp*cp={model_parallel}"
-            )
 
 
 def _free_port() -> int:
@@ -73,7 +49,7 @@ def _worker(rank, layout, port, fn, args, kwargs, result_queue, init, env):
         MASTER_PORT=str(port),
         RANK=str(rank),
         LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(layout.world_size),
+        WORLD_SIZE=str(layout.world),
     )
     os.environ.update(env)
     try:
@@ -85,9 +61,7 @@ def _worker(rank, layout, port, fn, args, kwargs, result_queue, init, env):
         if init != "none":
             dist_utils.init_process_group(timeout_s=120)  # gloo on CPU, NCCL on GPU
         if init == "megatron":
-            dist_utils.initialize_megatron_parallel(
-                tp=layout.tp, pp=layout.pp, cp=layout.cp, ep=layout.ep, vpp=layout.vpp, seed=1234
-            )
+            layout.initialize(seed=1234)
         result = fn(*args, **kwargs)
         # Pickle here: a failure inside the queue's feeder thread would never reach the parent.
         from multiprocessing.reduction import ForkingPickler
@@ -123,8 +97,7 @@ def run_distributed(
 
     ``env`` adds environment variables in the workers (e.g. ``MEGATRON_SDAR_FORCE_CPU=1``).
     """
-    layout = ParallelLayout(world_size, tp, pp, cp, ep, vpp)
-    layout.validate()
+    layout = ParallelDims.for_world(world_size, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp)
     if init not in ("megatron", "process_group", "none"):
         raise ValueError(f"init must be 'megatron', 'process_group' or 'none', got {init!r}")
     ctx = mp.get_context("spawn")

@@ -28,25 +28,27 @@ seen by :func:`find_latest_checkpoint` without reading the tensors (size), a sam
 
 What may change between save and load (checked, with a clear error where not supported):
 
-* model weights: any TP/PP/DP layout (Megatron's distributed checkpoint reshards them);
-* optimizer state (Adam moments, step, fp32 master weights) of the regular optimizer: any TP/PP/DP
-  layout too, since each state tensor is stored with its parameter's own sharding;
+* model weights: any TP/PP/VPP/DP layout (Megatron's distributed checkpoint reshards them);
+* optimizer state (Adam moments, step, fp32 master weights) of the regular optimizer: any layout
+  too, since each state tensor is stored with its parameter's own sharding;
 * optimizer state of the distributed optimizer (``use_distributed_optimizer=True``) depends on
-  ``optimizer_sharding`` at save time: ``"dp_reshardable"`` (the default, as in Megatron-LM: each
-  rank writes its own flat buffer slices, no communication) loads at another DP size but the same
-  TP/PP/CP/EP; ``"fully_reshardable"`` loads at any layout but gathers each TPxPP shard's whole
-  optimizer state over DP while saving (memory: the non-distributed optimizer's size, per DP group).
-  Megatron's third format, ``fully_sharded_model_space``, cannot save in megatron-core 0.19
+  ``optimizer_sharding`` at save time: ``"fully_reshardable"`` (our default, the main job's
+  ``trainer.optimizer_sharding``) loads at any layout but gathers each TPxPP shard's whole optimizer
+  state over DP while saving (memory: the non-distributed optimizer's size, per DP group);
+  ``"dp_reshardable"`` (Megatron-LM's default: each rank writes its own flat buffer slices, no
+  communication) loads at another DP size but the same TP/PP/VPP/CP/EP. Megatron's third format,
+  ``fully_sharded_model_space``, cannot save in megatron-core 0.19
   ("ShardedTensor.flattened_range is not supported");
-* RNG states are per rank: restored only when world size and TP/PP/CP/EP are unchanged, otherwise
-  a warning says they were not (random draws then differ from an uninterrupted run);
-* not supported: another architecture, another number of virtual pipeline chunks, switching
+* RNG states are per rank: restored only when world size and TP/PP/VPP/CP/EP are unchanged,
+  otherwise a warning says they were not (random draws then differ from an uninterrupted run);
+* not supported (refused at load, naming the setting to use): another architecture, switching
   between the distributed and the regular optimizer, or between bf16 and fp32 parameters.
 
-Tested on CPU (tests/test_trainer_checkpointing.py): exact resume at 1 rank, TP=2 and DP=2; TP=2 ->
-TP=1 with the regular optimizer and with the distributed one (``fully_reshardable``); DP=2 -> DP=1
-with the distributed one (``dp_reshardable``). PP, CP and EP changes go through the same Megatron
-machinery but are not exercised.
+Tested on CPU: tests/test_trainer_checkpointing.py (exact resume at 1 rank, TP=2 and DP=2; TP=2 ->
+TP=1 with the regular optimizer and with the distributed one; DP=2 -> DP=1 with ``dp_reshardable``)
+and tests/test_checkpoint_reshard.py (the distributed optimizer, ``fully_reshardable``, through the
+main job's SDAR step: DP=2 -> TP=2, TP=2 -> PP=2, PP=2 -> PP=2xVPP=2, each within 1e-5 of the
+uninterrupted run). CP and EP changes go through the same Megatron machinery but are not exercised.
 
 Models whose parameters mix dtypes (bf16 with the local layer spec, whose norms stay fp32) cannot be
 checkpointed with megatron-core 0.19's optimizer state code; both functions say so up front.
@@ -56,10 +58,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import re
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_sdar import patches
 from megatron_sdar.models.checkpoint import (HF_ASSETS_DIR, METADATA_FILE as MODEL_METADATA_FILE,
                                              TRAIN_FORMAT_NAME as FORMAT_NAME, TRAIN_FORMAT_VERSION as FORMAT_VERSION,
                                              CheckpointFormatError, _shape_fields, _sharded_state_dict, copy_hf_assets,
                                              model_metadata, nonfinite_parameters, verify_checkpoint)
 from megatron_sdar.utils.integrity import MARKER_FILE, MarkerError, collect_manifest, fsync_dir, read_marker, write_marker
+from megatron_sdar.utils.parallel_dims import ParallelDims
+from megatron_sdar.utils.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ TMP_PREFIX = ".tmp-"
 OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # What must match between save and load for per-rank state (RNG, dp_reshardable optimizer slices).
-_MODEL_PARALLEL_KEYS = ("tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel")
+_MODEL_PARALLEL_KEYS = ParallelDims.model_parallel_names()
 
 
 class IncompatibleCheckpointError(CheckpointFormatError):
@@ -101,64 +104,13 @@ def checkpoint_dir_name(step: int) -> str:
 # layout and RNG
 # ------------------------------------------------------------------------------------------------
 def _parallel_layout() -> dict[str, int]:
-    from megatron.core import parallel_state as ps
-
-    return {
-        "world_size": dist.get_world_size(),
-        "tensor_parallel": ps.get_tensor_model_parallel_world_size(),
-        "pipeline_parallel": ps.get_pipeline_model_parallel_world_size(),
-        "virtual_pipeline": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
-        "context_parallel": ps.get_context_parallel_world_size(),
-        "expert_parallel": ps.get_expert_model_parallel_world_size(),
-        "data_parallel": ps.get_data_parallel_world_size(),
-    }
+    return ParallelDims.current().checkpoint_layout()
 
 
 def _optimizer_kind(policy) -> dict[str, Any]:
     """What decides the layout of the optimizer's state in the checkpoint."""
     return {"distributed": bool(policy.optim_config.use_distributed_optimizer),
             "params_dtype": str(policy.config.params_dtype).replace("torch.", "")}
-
-
-def _cuda_rng_usable() -> bool:
-    from megatron_sdar.utils.device import cpu_shims_active
-
-    return torch.cuda.is_available() and not cpu_shims_active()
-
-
-def _capture_rng_state() -> dict[str, Any]:
-    """This rank's generator states, as tensors and plain tuples (so the file loads with
-    ``weights_only=True``): python ``random``, numpy's global generator when numpy is imported,
-    torch CPU, torch CUDA (current device) and Megatron's model-parallel RNG tracker."""
-    from megatron.core import tensor_parallel
-
-    state: dict[str, Any] = {"python": random.getstate(), "torch_cpu": torch.get_rng_state()}
-    if "numpy" in sys.modules:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
-    if _cuda_rng_usable():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    tracker = tensor_parallel.get_cuda_rng_tracker()
-    state["megatron_tracker"] = {name: s for name, s in tracker.get_states().items() if isinstance(s, torch.Tensor)}
-    return state
-
-
-def _restore_rng_state(state: dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch_cpu"])
-    if "numpy" in state:
-        import numpy as np
-
-        kind, keys, pos, has_gauss, cached = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "torch_cuda" in state and _cuda_rng_usable():
-        torch.cuda.set_rng_state(state["torch_cuda"])
-    if state.get("megatron_tracker"):
-        tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["megatron_tracker"]))
 
 
 def _rng_file(directory: Path, rank: int) -> Path:
@@ -176,95 +128,17 @@ def _content_metadata(policy, optimizer_sharding: str) -> dict[str, Any]:
     return md
 
 
-def _check_uniform_param_dtype(policy) -> None:
-    """Refuse models whose parameters mix dtypes, before any collective.
-
-    Why: megatron-core 0.19 maps optimizer state to parameters assuming a single parameter dtype
-    (``Float16OptimizerWithFloat16Params.sharded_state_dict`` enumerates the bf16 parameters only,
-    the distributed optimizer's buffers are per dtype) and fails on a mix with an assertion deep in
-    its code. The mix arises with bf16 and Megatron's local layer spec, whose torch norms keep fp32
-    weights (CPU, or a GPU without Transformer Engine); with Transformer Engine every parameter is
-    bf16, and fp32 training is uniform.
-    """
-    dtypes = sorted({str(p.dtype).replace("torch.", "") for chunk in policy.model for p in chunk.parameters()})
-    if len(dtypes) > 1:
-        raise NotImplementedError(
-            f"the model's parameters mix dtypes ({', '.join(dtypes)}; bf16 with the local layer spec keeps "
-            "fp32 norm weights): megatron-core 0.19 cannot checkpoint the optimizer state of such a "
-            "model. Train in float32 without Transformer Engine, or with Transformer Engine in bf16")
-
-
-def _sub_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _materialize_distributed_optimizer_state(optimizer) -> None:
-    """Give a fresh torch-Adam ``DistributedOptimizer`` zero moments and a step counter.
-
-    Why: without Apex/Transformer Engine (the CPU environment) ``DistributedOptimizer.state_dict``
-    reads the per-parameter ``step`` of the inner torch optimizer, which has no state before its
-    first step, so the state dict to load into cannot be built. The load overwrites the zeros.
-    With Apex/TE the step lives in the param groups and nothing is needed.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
-        return
-    for opt in _sub_optimizers(optimizer):
-        if not isinstance(opt, distrib_optimizer.DistributedOptimizer) or opt.init_state_fn is None:
-            continue
-        opt.init_state_fn(opt.optimizer, opt.config)
-        for group in opt.optimizer.param_groups:
-            for param in group["params"]:
-                opt.optimizer.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
-
-
 def _sharded_train_state(policy, optimizer_sharding: str, is_loading: bool) -> dict:
     """``{"model": ..., "optimizer": ...}`` (``model0``, ``model1``... for virtual pipeline chunks)."""
     from megatron.core import parallel_state as ps
 
     state = _sharded_state_dict(policy.model)  # the same model keys as a model-only checkpoint
     if is_loading:
-        _materialize_distributed_optimizer_state(policy.optimizer)
+        patches.materialize_distributed_optimizer_state(policy.optimizer)
     metadata = dict(_content_metadata(policy, optimizer_sharding),
                     dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
     state["optimizer"] = policy.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
     return state
-
-
-def _load_optimizer_state(optimizer, state) -> None:
-    """``optimizer.load_state_dict(state)``, with the distributed optimizer's parameter state
-    (moments and fp32 master slices) loaded by us.
-
-    Why: in megatron-core 0.19 with torch's Adam (no Apex/TE) ``DistributedOptimizer.load_state_dict``
-    fails on both formats: it copies every tensor of the inner optimizer's per-parameter state, which
-    includes torch Adam's ``step`` that the checkpointed slices do not have (KeyError), and the
-    ``dp_reshardable`` loader copies into fp32 master views of the parameters with autograd on. We
-    load the groups and step through Megatron, then call its format's loader under ``no_grad`` with
-    ``step`` set aside (it was already restored from the param groups). Megatron also hands every
-    parameter the *same* ``step`` tensor, which torch's Adam increments in place once per parameter
-    (wrong bias correction after resume): each parameter gets its own copy back.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    subs = _sub_optimizers(optimizer)
-    sub_states = [state] if len(subs) == 1 else [state[key] for key in sorted(state)]
-    pending = []
-    for sub, sub_state in zip(subs, sub_states):
-        if isinstance(sub, DistributedOptimizer) and "param_state" in sub_state:
-            pending.append((sub, sub_state.pop("param_state"), sub_state.pop("param_state_sharding_type")))
-    optimizer.load_state_dict(state)
-    for sub, param_state, sharding in pending:
-        loader = {"dp_reshardable": sub.load_parameter_state_from_dp_reshardable,
-                  "fully_reshardable": sub.load_parameter_state_from_fully_reshardable}[sharding]
-        inner = sub.optimizer.state
-        steps = {param: s.pop("step") for param, s in inner.items() if "step" in s}
-        try:
-            with torch.no_grad():
-                loader(param_state)
-        finally:
-            for param, step in steps.items():
-                inner[param]["step"] = step.clone()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,7 +223,7 @@ def _warn(message: str) -> None:
 # save
 # ------------------------------------------------------------------------------------------------
 def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, keep_last: int | None = 2, *,
-                    optimizer_sharding: str = "dp_reshardable", hf_assets_source: str | Path | None = None) -> Path:
+                    optimizer_sharding: str = "fully_reshardable", hf_assets_source: str | Path | None = None) -> Path:
     """Collective: save ``policy`` (model + optimizer), every rank's RNG states and ``trainer_state``
     as ``root/step_{step:08d}``; return that path on every rank.
 
@@ -376,7 +250,7 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     except (TypeError, ValueError) as exc:
         raise TypeError(f"trainer_state must be JSON-serialisable without NaN/inf: {exc}") from exc
 
-    _check_uniform_param_dtype(policy)
+    patches.check_uniform_param_dtype(policy)
     root = Path(root)
     final = root / checkpoint_dir_name(step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -386,7 +260,7 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
                             content_metadata=_content_metadata(policy, optimizer_sharding))
     rng_file = _rng_file(tmp, dist.get_rank())
     rng_file.parent.mkdir(exist_ok=True)  # only now: Megatron warns when saving into a non-empty dir
-    torch.save(_capture_rng_state(), rng_file)
+    torch.save(capture_rng_state(), rng_file)
     layout = _parallel_layout()
     marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
               "policy_steps_taken": policy.steps_taken, "layout": layout,
@@ -486,24 +360,21 @@ def _check_compatible(path: Path, marker: dict, policy) -> bool:
         diffs = {k: (v, ours[k]) for k, v in saved_shape.items() if ours[k] != v}
         raise IncompatibleCheckpointError(f"{path} holds a different model (checkpoint vs policy: {diffs})")
     saved, now = marker["layout"], _parallel_layout()
-    if saved["virtual_pipeline"] != now["virtual_pipeline"]:
-        raise IncompatibleCheckpointError(
-            f"{path} was saved with {saved['virtual_pipeline']} virtual pipeline chunk(s) per rank and this "
-            f"run has {now['virtual_pipeline']}: the model keys differ; resume with the same "
-            "virtual_pipeline_model_parallel_size")
     saved_opt, our_opt = marker["optimizer"], _optimizer_kind(policy)
     if {k: saved_opt[k] for k in our_opt} != our_opt:
         raise IncompatibleCheckpointError(
             f"{path} holds the state of another optimizer (checkpoint {saved_opt}, policy {our_opt}): "
-            "switching use_distributed_optimizer or the parameter dtype on resume is not supported")
+            "resume with the saved parallel.distributed_optimizer and model.dtype "
+            f"(distributed_optimizer={str(saved_opt['distributed']).lower()}, dtype={saved_opt['params_dtype']})")
     same_model_parallel = all(saved[k] == now[k] for k in _MODEL_PARALLEL_KEYS)
     if our_opt["distributed"] and saved_opt["sharding"] == "dp_reshardable" and not same_model_parallel:
         raise IncompatibleCheckpointError(
             f"{path} holds distributed-optimizer state saved with optimizer_sharding='dp_reshardable', "
             "which reshards across data-parallel ranks only: saved with "
             f"{ {k: saved[k] for k in _MODEL_PARALLEL_KEYS} }, this run has "
-            f"{ {k: now[k] for k in _MODEL_PARALLEL_KEYS} }. Resume with the saved TP/PP/CP/EP, or save "
-            "with optimizer_sharding='fully_reshardable'")
+            f"{ {k: now[k] for k in _MODEL_PARALLEL_KEYS} }. Resume with the saved parallel.tp/pp/cp/ep, or "
+            "resume at the saved layout once and save again with trainer.optimizer_sharding=fully_reshardable "
+            "(the default)")
     return same_model_parallel and saved["world_size"] == now["world_size"]
 
 
@@ -533,7 +404,7 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: 
     from megatron_sdar.models.weight_mapping import unwrap_model
 
     path = Path(path)
-    _check_uniform_param_dtype(policy)
+    patches.check_uniform_param_dtype(policy)
     # Rank 0 validates (stats every file once, not once per rank); every rank gets the verdict.
     marker, trainer_state, same_layout = _on_rank0(_validate_for_load, path, policy)
     if verify:
@@ -547,14 +418,14 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: 
     model_keys = [key for key in sharded if key != "optimizer"]  # "model" or "model0", "model1"...
     for chunk, key in zip(policy.model, model_keys, strict=True):
         unwrap_model(chunk).load_state_dict(state[key], strict=True)
-    _load_optimizer_state(policy.optimizer, state["optimizer"])
+    patches.load_optimizer_state(policy.optimizer, state["optimizer"])
     policy.steps_taken = int(marker["policy_steps_taken"])
     if verify and (bad := nonfinite_parameters(policy.model)):
         raise CorruptCheckpointError(f"{path} holds non-finite weights (NaN/inf in {len(bad)} parameter(s), "
                                      f"e.g. {bad[0]})")
 
     if load_rng and same_layout:
-        _restore_rng_state(torch.load(_rng_file(path, dist.get_rank()), weights_only=True))
+        restore_rng_state(torch.load(_rng_file(path, dist.get_rank()), weights_only=True))
     elif load_rng and dist.get_rank() == 0:
         message = (f"RNG states of {path} not restored: saved with layout {marker['layout']}, resumed with "
                    f"{_parallel_layout()}; random draws will differ from an uninterrupted run")

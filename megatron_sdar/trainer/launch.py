@@ -21,6 +21,7 @@ from megatron_sdar.models.megatron_model import transformer_engine_available
 from megatron_sdar.models.precision import FP8ConfigError, PrecisionSettings, resolve_precision
 from megatron_sdar.rollout.engine import RolloutEngineConfig
 from megatron_sdar.trainer.policy import OptimConfig
+from megatron_sdar.utils.parallel_dims import ParallelDims
 
 
 @dataclass
@@ -28,7 +29,7 @@ class LaunchPlan:
     """Everything the trainer derives from the config before it builds anything."""
 
     run: RunConfig
-    world_size: int
+    dims: ParallelDims  # the training layout on this world size
     model_dir: Path
     arch: QwenArchitecture
     precision: PrecisionSettings
@@ -38,19 +39,17 @@ class LaunchPlan:
     skipped_checks: list[str] = field(default_factory=list)
 
     @property
-    def dp(self) -> int:
-        p = self.run.parallel
-        return self.world_size // (p.tp * p.pp * p.cp)
+    def world_size(self) -> int:
+        return self.dims.world
 
     @property
     def rollout_replicas(self) -> int:
-        return self.world_size // self.run.rollout.tp
+        return self.dims.world // self.run.rollout.tp
 
 
-def transformer_overrides(run: RunConfig) -> dict[str, Any]:
-    """The ``parallel`` group's TransformerConfig fields (sequence parallelism, recomputation,
-    expert parallelism, virtual pipeline stages)."""
-    p = run.parallel
+def transformer_overrides(p: ParallelDims) -> dict[str, Any]:
+    """The layout's TransformerConfig fields (sequence parallelism, recomputation, expert
+    parallelism, virtual pipeline stages)."""
     overrides: dict[str, Any] = {"sequence_parallel": p.sequence_parallel}
     if p.recompute != "none":
         overrides["recompute_granularity"] = p.recompute
@@ -98,8 +97,9 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
         tp=r.tp, max_model_len=min(r.max_prompt_tokens + r.max_response_tokens, arch.max_position_embeddings),
         gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
         dtype=vllm["dtype"], seed=t.seed, bucket_mb=r.bucket_mb, quantization=vllm["quantization"])
-    return LaunchPlan(run=run, world_size=world_size, model_dir=model_dir, arch=arch, precision=precision,
-                      optim=optim, transformer_overrides=transformer_overrides(run), engine=engine,
+    dims = ParallelDims.from_config(p, world_size)
+    return LaunchPlan(run=run, dims=dims, model_dir=model_dir, arch=arch, precision=precision,
+                      optim=optim, transformer_overrides=transformer_overrides(dims), engine=engine,
                       skipped_checks=skipped)
 
 
@@ -121,12 +121,10 @@ def _jsonable(value: Any) -> Any:
 
 def memory_plan(plan: LaunchPlan) -> dict[str, Any]:
     """Per-GPU memory estimate (GiB) of the plan's worst pipeline stage on an 80 GB H100."""
-    from megatron_sdar.utils.memory_plan import Layout, Rollout, estimate, shape_from_hf_config, workload_for
+    from megatron_sdar.utils.memory_plan import Rollout, estimate, shape_from_hf_config, workload_for
 
-    run, p, r = plan.run, plan.run.parallel, plan.run.rollout
+    run, r, layout = plan.run, plan.run.rollout, plan.dims
     shape = shape_from_hf_config(json.loads((plan.model_dir / "config.json").read_text()), name=plan.model_dir.name)
-    layout = Layout(tp=p.tp, pp=p.pp, cp=p.cp, dp=plan.dp, ep=p.ep, vpp=p.vpp, sequence_parallel=p.sequence_parallel,
-                    distributed_optimizer=p.distributed_optimizer, recompute=p.recompute)
     precision = "fp8" if plan.precision.enabled else ("bf16" if plan.precision.dtype == "bfloat16" else "fp32")
     work = workload_for(r.max_prompt_tokens + r.max_response_tokens, run.trainer.micro_batch_size,
                         r.tasks_per_step * r.group_size, layout.dp, precision)
@@ -145,14 +143,14 @@ def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
     from megatron_sdar.rollout.engine import engine_args
     from megatron_sdar.trainer.policy import ddp_config_kwargs, optimizer_config_kwargs
 
-    p = plan.run.parallel
+    d = plan.dims
     config_class, fields = transformer_config_kwargs(
-        plan.arch, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep,
+        plan.arch, tp=d.tp, pp=d.pp, cp=d.cp, ep=d.ep,
         params_dtype=plan.precision.params_dtype, initialize_weights=False, on_cpu=False,
         **plan.precision.transformer_config_kwargs(), **plan.transformer_overrides)
-    layout = {"world_size": plan.world_size, "tp": p.tp, "pp": p.pp, "vpp": p.vpp, "cp": p.cp, "ep": p.ep,
-              "dp": plan.dp, "sp": p.sequence_parallel, "distributed_optimizer": p.distributed_optimizer,
-              "recompute": p.recompute, "rollout_tp": plan.run.rollout.tp, "rollout_replicas": plan.rollout_replicas}
+    layout = {"world_size": d.world, "tp": d.tp, "pp": d.pp, "vpp": d.vpp, "cp": d.cp, "ep": d.ep,
+              "dp": d.dp, "sp": d.sequence_parallel, "distributed_optimizer": d.distributed_optimizer,
+              "recompute": d.recompute, "rollout_tp": plan.run.rollout.tp, "rollout_replicas": plan.rollout_replicas}
     return _jsonable({
         "layout": layout,
         "transformer_config": {"class": config_class.__name__, **fields},

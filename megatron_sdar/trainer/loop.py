@@ -103,10 +103,8 @@ class SDARTrainer:
         from transformers import AutoTokenizer
 
         from megatron_sdar.trainer.launch import launch_plan
-        from megatron_sdar.utils.distributed import initialize_megatron_parallel
-
         self.run_config = run
-        p, t = run.parallel, run.trainer
+        t = run.trainer
         world = dist.get_world_size()
         validate(run, world_size=world)
         self.output_dir = Path(t.output_dir)
@@ -116,7 +114,7 @@ class SDARTrainer:
         # precision, optimizer, layout knobs and engine config: the objects a dry run prints
         self.plan = launch_plan(run, world, self.model_dir)
         self.arch = self.plan.arch
-        initialize_megatron_parallel(tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, vpp=p.vpp, seed=t.seed)
+        self.plan.dims.initialize(seed=t.seed)
         self.optim = self.plan.optim
         self.policy: Policy = build_policy(self.arch, self.optim, hf_dir=self.model_dir, precision=self.plan.precision,
                                            **self.plan.transformer_overrides)
@@ -131,6 +129,7 @@ class SDARTrainer:
         self._synced_updates = -1  # policy.steps_taken when vLLM last received the weights
         self.step = 0
         self.sft_done = t.sft_steps == 0
+        self.sft_model: Path | None = None  # this run's SFT export, the KL reference once it exists
         self.resumed_from: Path | None = None
         self.logger = None
         self._pp_last_rank = ps.is_pipeline_last_stage()
@@ -229,8 +228,8 @@ class SDARTrainer:
             raise ConfigError("trainer.sft_steps > 0 but the demonstrations gave no training turns")
         run_sft(self.updater, data, t.sft_steps, t.sft_batch_size, t.sft_lr, t.seed, self.logger.log_sft,
                 t.sft_prompt_weight)
-        export_hf(self.policy.unwrapped(), self.arch, self.output_dir / "sft_model", assets_dir=self.model_dir)
-        self.sft_done = True
+        export_hf(self.policy.unwrapped(), self.arch, self.output_dir / SFT_MODEL_DIR, assets_dir=self.model_dir)
+        self.sft_done, self.sft_model = True, self.output_dir / SFT_MODEL_DIR
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, temperature: float, with_skills: bool, prefix: str = "eval") -> dict[str, float]:
@@ -330,13 +329,15 @@ class SDARTrainer:
     # ------------------------------------------------------------------ checkpoints
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "sft_done": self.sft_done, "seed": self.run_config.trainer.seed,
+                "reference": "sft_model" if self.sft_model is not None else "base",
                 "retriever": self.retriever.state_dict() if self.retriever is not None else None}
 
     def save(self) -> Path:
         from megatron_sdar.trainer.checkpointing import save_checkpoint
 
         path = save_checkpoint(self.output_dir / "checkpoints", self.step, self.policy, self.trainer_state(),
-                               keep_last=self.run_config.trainer.keep_last, hf_assets_source=self.model_dir)
+                               keep_last=self.run_config.trainer.keep_last, hf_assets_source=self.model_dir,
+                               optimizer_sharding=self.run_config.trainer.optimizer_sharding)
         log(f"checkpoint: {path}")
         return path
 
@@ -364,6 +365,7 @@ class SDARTrainer:
         self.resumed_from = path
         self.step = int(state["step"])
         self.sft_done = bool(state.get("sft_done", True))
+        self.sft_model = self._find_sft_model(path, state)
         if self.retriever is not None and state.get("retriever"):
             self.retriever.load_state_dict(state["retriever"])
         log(f"resumed from {path} at step {self.step}")
@@ -436,13 +438,30 @@ class SDARTrainer:
             log(f"plot: {self.output_dir / 'training.png'}")
         return {"preempted": False, "step": self.step}
 
+    def _find_sft_model(self, checkpoint: Path, state: dict) -> Path | None:
+        """The SFT export of the run ``checkpoint`` belongs to: in this output directory, else beside
+        the checkpoint's own ``checkpoints/`` directory (a resume into a new output directory, e.g.
+        at another layout). A checkpoint taken after SFT whose export is gone is refused: the KL
+        reference would silently become the base model."""
+        candidates = [self.output_dir / SFT_MODEL_DIR, checkpoint.resolve().parent.parent / SFT_MODEL_DIR]
+        found = next((c for c in candidates if (c / "config.json").is_file()), None)
+        if state.get("reference") == "sft_model" and found is None:
+            raise ConfigError(f"trainer.resume: {checkpoint} was taken after SFT, and the SFT model (the KL "
+                              f"reference) is in none of {[str(c) for c in candidates]}; copy the run's "
+                              f"{SFT_MODEL_DIR}/ directory into trainer.output_dir")
+        if state.get("reference") == "base":
+            return None
+        return found  # checkpoints older than the "reference" field: what exists
+
     def reference_dir(self) -> Path:
         """The frozen KL reference: the policy at the start of RL (the SFT model when there was SFT)."""
-        sft_model = self.output_dir / "sft_model"
-        return sft_model if (sft_model / "config.json").is_file() else self.model_dir
+        return self.sft_model if self.sft_model is not None else self.model_dir
 
     def close(self) -> None:
         self.engine.shutdown()
+
+
+SFT_MODEL_DIR = "sft_model"
 
 
 def _success_line(metrics: dict[str, float]) -> str:

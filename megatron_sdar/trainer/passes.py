@@ -12,7 +12,6 @@ optimizer are exactly the gradients of the global loss.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,40 +25,13 @@ from megatron_sdar.algo.vocab_parallel import (
 )
 from megatron_sdar.trainer.batch import MicroBatch, PassLayout
 from megatron_sdar.utils.device import causal_attention_mask, current_device
+from megatron_sdar.utils.parallel_dims import ProcessGroups
 
 
-@dataclass
-class ParallelContext:
-    """This rank's place in the layout, read once from Megatron's parallel state."""
-
-    tp_group: object
-    cp_group: object
-    dp_group: object  # data parallel, without CP
-    dp_cp_group: object
-    cp_size: int
-    cp_rank: int
-    dp_size: int
-    dp_rank: int
-    last_stage: bool
-    first_stage: bool
-    pp_size: int
-
-    @classmethod
-    def current(cls) -> "ParallelContext":
-        from megatron.core import parallel_state as ps
-
-        return cls(
-            tp_group=ps.get_tensor_model_parallel_group(), cp_group=ps.get_context_parallel_group(),
-            dp_group=ps.get_data_parallel_group(), dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
-            cp_size=ps.get_context_parallel_world_size(), cp_rank=ps.get_context_parallel_rank(),
-            dp_size=ps.get_data_parallel_world_size(), dp_rank=ps.get_data_parallel_rank(),
-            last_stage=ps.is_pipeline_last_stage(), first_stage=ps.is_pipeline_first_stage(),
-            pp_size=ps.get_pipeline_model_parallel_world_size())
-
-    def objective_groups(self) -> ParallelGroups:
-        return ParallelGroups(tp=self.tp_group if dist.get_world_size(self.tp_group) > 1 else None,
-                              cp=self.cp_group if self.cp_size > 1 else None,
-                              dp_cp=self.dp_cp_group if dist.get_world_size(self.dp_cp_group) > 1 else None)
+def objective_groups(ctx: ProcessGroups) -> ParallelGroups:
+    """The groups the objective reduces over (``None`` where the layout does not split)."""
+    return ParallelGroups(tp=ctx.reduction(ctx.tp_group), cp=ctx.reduction(ctx.cp_group),
+                          dp_cp=ctx.reduction(ctx.dp_cp_group))
 
 
 def _mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_group) -> torch.Tensor:
@@ -97,23 +69,23 @@ def _run_schedule(model: list, micro_batches: list[MicroBatch], layout: PassLayo
         micro_batch_size=layout.micro_batch_size, forward_only=forward_only)
 
 
-def _gather_cp(values: torch.Tensor, ctx: ParallelContext, layout: PassLayout) -> torch.Tensor:
+def _gather_cp(values: torch.Tensor, ctx: ProcessGroups, layout: PassLayout) -> torch.Tensor:
     """[B, S_local, ...] CP slices -> [B, S, ...] in global position order."""
-    if ctx.cp_size == 1:
+    if ctx.dims.cp == 1:
         return values
     from megatron_sdar.utils.distributed import cp_token_indices
 
-    parts = [torch.empty_like(values) for _ in range(ctx.cp_size)]
+    parts = [torch.empty_like(values) for _ in range(ctx.dims.cp)]
     dist.all_gather(parts, values.contiguous(), group=ctx.cp_group)
     full = torch.empty((values.shape[0], layout.seq_len, *values.shape[2:]), dtype=values.dtype,
                        device=values.device)
     for rank, part in enumerate(parts):
-        full[:, cp_token_indices(layout.seq_len, ctx.cp_size, rank).to(values.device)] = part
+        full[:, cp_token_indices(layout.seq_len, ctx.dims.cp, rank).to(values.device)] = part
     return full
 
 
 def forward_token_values(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
-                         ctx: ParallelContext, *, topk: int = 0, keep_logits: bool = False
+                         ctx: ProcessGroups, *, topk: int = 0, keep_logits: bool = False
                          ) -> dict[str, dict[int, torch.Tensor]]:
     """No-grad pass; returns ``{"logprobs": {sample: [R]}}`` (plus ``"topk_logprobs"``/``"topk_ids"``
     ``[R, k]`` when ``topk``, and ``"logits"`` ``[R, V_local]`` when ``keep_logits``) on the last
@@ -210,14 +182,14 @@ class MetricAccumulator:
 
 
 def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
-                 ctx: ParallelContext, objective_config: ObjectiveConfig, normalizers: LossNormalizers,
+                 ctx: ProcessGroups, objective_config: ObjectiveConfig, normalizers: LossNormalizers,
                  step: int, distill_normalizers: LossNormalizers | None = None) -> dict[str, float]:
     """Forward + backward of the SDAR objective over this rank's micro-batches (gradients land in
     the DDP buffers). ``normalizers`` count the step's RL tokens, ``distill_normalizers`` its
     distillation tokens (default: the same). Returns the step's objective metrics (meaningful on
     the last stage)."""
-    objective = SDARObjective(objective_config, ctx.objective_groups())
-    scale = len(micro_batches) * ctx.dp_size
+    objective = SDARObjective(objective_config, objective_groups(ctx))
+    scale = len(micro_batches) * ctx.dims.dp
     acc = MetricAccumulator()
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
@@ -246,16 +218,16 @@ def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayou
 
 
 def sft_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
-             ctx: ParallelContext, normalizers: LossNormalizers, prompt_weight: float = 0.0,
+             ctx: ProcessGroups, normalizers: LossNormalizers, prompt_weight: float = 0.0,
              prompt_normalizers: LossNormalizers | None = None) -> float:
     """Cross-entropy on the response tokens (expert demonstrations), token-mean over the batch, plus
     ``prompt_weight`` x the token-mean cross-entropy of the prompt tokens (a language-model loss on
     the world's text, for models that start from random weights). Returns the response part."""
     from megatron_sdar.algo.aggregation import aggregate
 
-    scale = len(micro_batches) * ctx.dp_size
+    scale = len(micro_batches) * ctx.dims.dp
     total = [0.0]
-    cp_group = ctx.cp_group if ctx.cp_size > 1 else None
+    cp_group = ctx.cp_group if ctx.dims.cp > 1 else None
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
         logits = _mask_padded_vocab(logits.float(), vocab_size, ctx.tp_group)

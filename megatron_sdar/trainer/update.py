@@ -14,8 +14,9 @@ import torch.distributed as dist
 from megatron_sdar.algo.objective import ObjectiveConfig
 from megatron_sdar.trainer.batch import (TrainingSample, action_mask_table, build_micro_batches, plan_pass,
                                          rollout_logprob_table)
-from megatron_sdar.trainer.passes import ParallelContext, forward_token_values, sft_pass, student_pass
+from megatron_sdar.trainer.passes import forward_token_values, sft_pass, student_pass
 from megatron_sdar.trainer.policy import Policy
+from megatron_sdar.utils.parallel_dims import ProcessGroups
 
 
 def log(message: str) -> None:
@@ -35,7 +36,7 @@ class PolicyUpdate:
         self.micro_batch_size = micro_batch_size
         self.pad_id = pad_id
         self.reference_dir = reference_dir
-        self.ctx = ParallelContext.current()
+        self.ctx = ProcessGroups.current()
         self.reference = None
 
     def _layout(self, samples: list[TrainingSample], teacher: bool):
@@ -43,7 +44,7 @@ class PolicyUpdate:
         config = self.policy.config
         multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
         interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
-        return plan_pass(lengths, self.micro_batch_size, self.ctx.dp_size, self.ctx.dp_rank, self.ctx.cp_size,
+        return plan_pass(lengths, self.micro_batch_size, self.ctx.dims.dp, self.ctx.dp_rank, self.ctx.dims.cp,
                          self.ctx.cp_rank, multiple, config.pipeline_model_parallel_size if interleaved else 1)
 
     def _forward_values(self, model: list, samples: list[TrainingSample], teacher: bool, **kwargs):
@@ -134,7 +135,7 @@ class PolicyUpdate:
 
     def _from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
         """The last pipeline stage's metrics on every rank."""
-        if self.ctx.pp_size == 1:
+        if self.ctx.dims.pp == 1:
             return dict(metrics)
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, metrics if self.ctx.last_stage else None)

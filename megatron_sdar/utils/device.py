@@ -18,7 +18,12 @@ Megatron-Core assumes CUDA in a handful of ways; on CPU we:
    :func:`causal_attention_mask`;
 5. let activation recomputation save and restore "the CUDA RNG state" as the CPU generator's
    (megatron-core's ``tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state``
-   call the CUDA driver): on CPU every random op draws from that one generator.
+   call the CUDA driver): on CPU every random op draws from that one generator;
+6. build the TransformerConfig without CUDA-only fusions, batched p2p or the alltoall MoE
+   dispatcher (:func:`transformer_config_device_fields`), keep models where they were built
+   (:func:`move_to_gpu`), and give vLLM's CPU backend its environment (:func:`vllm_device_environment`).
+
+:func:`on_gpu` is the one test for "a real GPU is in use" (CUDA present, shims off).
 """
 from __future__ import annotations
 
@@ -95,6 +100,61 @@ def cpu_shims_requested() -> bool:
 
 def cpu_shims_active() -> bool:
     return _SHIMS_ACTIVE
+
+
+def on_gpu() -> bool:
+    """A real GPU is in use: CUDA is present and the CPU shims are off (the one such test)."""
+    return torch.cuda.is_available() and not _SHIMS_ACTIVE
+
+
+def fused_softmax_kernels_available() -> bool:
+    """Megatron's fused masked-softmax CUDA kernels (built with Megatron-LM, absent from the wheel)."""
+    try:
+        import scaled_masked_softmax_cuda  # noqa: F401
+        import scaled_upper_triang_masked_softmax_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def transformer_config_device_fields(on_cpu: bool, *, moe: bool = False,
+                                     te_available: bool = False) -> dict:
+    """The ``TransformerConfig`` fields that differ between the CPU shims and a GPU.
+
+    CPU: weights initialised on the CPU; no fused bias-activation / masked-softmax kernels (CUDA
+    only; the softmax one also needs Megatron-LM's build); single p2p calls instead of batched
+    isend/irecv (on gloo the interleaved schedule's batched p2p delivers wrong activations in
+    training, forward-only passes are unaffected); for MoE the ``allgather`` token dispatcher
+    (megatron-core's ``alltoall`` one copies its split sizes to the host on a side stream and waits
+    on the recorded CUDA event, which the null stream returns as None: every EP rank then sees all
+    tokens and keeps its experts', more traffic, same result) and no grouped GEMM (Transformer
+    Engine's, GPU only).
+    """
+    fields = dict(use_cpu_initialization=on_cpu, bias_activation_fusion=not on_cpu,
+                  masked_softmax_fusion=not on_cpu and fused_softmax_kernels_available(),
+                  batch_p2p_comm=not on_cpu)
+    if moe:
+        fields.update(moe_token_dispatcher_type="allgather" if on_cpu else "alltoall",
+                      moe_grouped_gemm=not on_cpu and te_available)
+    return fields
+
+
+def vllm_device_environment(cpu_kv_cache_gib: float) -> None:
+    """Environment for an in-process vLLM engine on this device (call before it starts). On CPU:
+    the KV-cache size, and no OpenMP thread pinning (vLLM pins to cores by default; the trainer
+    shares those cores). Nothing on a GPU."""
+    if on_gpu():
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+
+
+def move_to_gpu(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` on this process's GPU when one is in use (Megatron creates its linears on the GPU
+    but the local spec's torch norms on the CPU), else unchanged."""
+    if on_gpu():
+        module.cuda(torch.cuda.current_device())
+    return module
 
 
 def enable_cpu_shims() -> None:

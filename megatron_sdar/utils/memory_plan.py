@@ -36,10 +36,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from megatron_sdar.utils.parallel_dims import LayoutError, ParallelDims
+
 GIB = 1024**3
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 PRECISIONS = ("bf16", "fp8", "fp32")
-RECOMPUTE = ("none", "selective", "full")
 KERNELS = ("fused", "unfused")
 # An H100 80GB reports 81559 MiB to CUDA.
 H100_GIB = 81559 / 1024
@@ -212,57 +213,6 @@ def load_model_shape(source: str | Path) -> ModelShape:
 # layout, workload, rollout
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Layout:
-    """Megatron parallel layout of one training job (``world = tp * pp * cp * dp``).
-
-    ``etp`` is the expert tensor-parallel size (Megatron's default: ``tp``); experts are split
-    over ``ep * etp`` ranks and their optimizer states over ``tp * cp * dp / (ep * etp)``.
-    """
-
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    dp: int = 1
-    ep: int = 1
-    etp: int | None = None
-    vpp: int | None = None
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = True
-    recompute: str = "none"
-
-    @property
-    def world(self) -> int:
-        return self.tp * self.pp * self.cp * self.dp
-
-    @property
-    def expert_tp(self) -> int:
-        return self.tp if self.etp is None else self.etp
-
-    def check(self, model: ModelShape) -> None:
-        for key in ("tp", "pp", "cp", "dp", "ep"):
-            if getattr(self, key) < 1:
-                raise PlanError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.recompute not in RECOMPUTE:
-            raise PlanError(f"recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
-        if model.kv_heads % self.tp or model.heads % self.tp:
-            raise PlanError(f"tp={self.tp} must divide heads={model.heads} and kv_heads={model.kv_heads}")
-        if model.layers % self.pp:
-            raise PlanError(f"pp={self.pp} must divide layers={model.layers}")
-        if self.vpp and (self.pp < 2 or model.layers % (self.pp * self.vpp)):
-            raise PlanError(f"vpp={self.vpp} needs pp >= 2 and pp*vpp to divide layers={model.layers}")
-        if self.sequence_parallel and self.tp == 1:
-            raise PlanError("sequence_parallel needs tp > 1")
-        if self.ep > 1 or self.etp is not None:
-            if not model.is_moe:
-                raise PlanError("ep/etp > 1 needs a mixture-of-experts model")
-            if model.num_experts % self.ep:
-                raise PlanError(f"ep={self.ep} must divide num_experts={model.num_experts}")
-            if (self.tp * self.cp * self.dp) % (self.ep * self.expert_tp):
-                raise PlanError(f"ep*etp={self.ep * self.expert_tp} must divide tp*cp*dp="
-                                f"{self.tp * self.cp * self.dp}")
-
-
-@dataclass(frozen=True)
 class Workload:
     """Per-step shapes. ``seq_len``: a training sample (prompt + response tokens); the teacher
     sees ``seq_len + teacher_extra_tokens`` (the privileged skills in front)."""
@@ -276,7 +226,7 @@ class Workload:
     reference_model: bool = True  # frozen KL reference kept on the GPU
     teacher_pass: bool = True
 
-    def check(self, layout: Layout) -> None:
+    def check(self, layout: ParallelDims) -> None:
         if self.precision not in PRECISIONS:
             raise PlanError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.kernels not in KERNELS:
@@ -293,7 +243,7 @@ class Workload:
     def act_bytes(self) -> int:
         return 4 if self.precision == "fp32" else 2
 
-    def microbatches(self, layout: Layout) -> int:
+    def microbatches(self, layout: ParallelDims) -> int:
         return self.global_batch_size // (self.micro_batch_size * layout.dp)
 
 
@@ -329,7 +279,7 @@ class StageParams:
         return self.dense + self.expert
 
 
-def stage_params(model: ModelShape, layout: Layout, stage: int) -> StageParams:
+def stage_params(model: ModelShape, layout: ParallelDims, stage: int) -> StageParams:
     """Parameters one rank of pipeline ``stage`` holds."""
     tp, pp = layout.tp, layout.pp
     n_layers = model.layers // pp
@@ -350,7 +300,7 @@ def stage_params(model: ModelShape, layout: Layout, stage: int) -> StageParams:
     return StageParams(dense=dense, expert=expert, gemm=gemm)
 
 
-def layer_activation_bytes(model: ModelShape, layout: Layout, work: Workload, tokens: float,
+def layer_activation_bytes(model: ModelShape, layout: ParallelDims, work: Workload, tokens: float,
                            recompute: str | None = None) -> float:
     """Bytes autograd keeps for one layer on ``tokens`` tokens of one micro-batch on one rank.
 
@@ -423,7 +373,7 @@ class Estimate:
         return asdict(self)
 
 
-def _stage_estimate(model: ModelShape, layout: Layout, work: Workload, stage: int) -> dict[str, float]:
+def _stage_estimate(model: ModelShape, layout: ParallelDims, work: Workload, stage: int) -> dict[str, float]:
     p = stage_params(model, layout, stage)
     fp32 = work.precision == "fp32"
     weight_b = 4.0 if fp32 else 2.0
@@ -467,11 +417,14 @@ def _stage_estimate(model: ModelShape, layout: Layout, work: Workload, stage: in
                 activations_full_recompute=acts("full"), logits=logits, teacher=teacher)
 
 
-def estimate(model: ModelShape, layout: Layout, work: Workload, rollout: Rollout | None = None, *,
+def estimate(model: ModelShape, layout: ParallelDims, work: Workload, rollout: Rollout | None = None, *,
              capacity_gib: float = H100_GIB, overhead_gib: float = 3.0) -> Estimate:
     """Per-GPU memory of the worst pipeline stage (see the module docstring for every term)."""
     rollout = rollout or Rollout()
-    layout.check(model)
+    try:
+        layout.check(model)
+    except LayoutError as exc:
+        raise PlanError(str(exc)) from None
     work.check(layout)
     rollout.check()
     stages = {0, layout.pp - 1}
@@ -524,7 +477,7 @@ def estimate(model: ModelShape, layout: Layout, work: Workload, rollout: Rollout
 class Recipe:
     name: str
     model: str
-    layout: Layout
+    layout: ParallelDims
     workload: Workload
     rollout: Rollout
     nodes: int
@@ -561,14 +514,10 @@ def load_recipe(source: str | Path) -> Recipe:
     par, ro, tr, sl = (data.get(k) or {} for k in ("parallel", "rollout", "trainer", "slurm"))
     model_data = (data.get("model") or {})
     nodes, gpn = int(sl.get("nodes", 1)), int(sl.get("gpus_per_node", 8))
-    tp, pp, cp = int(par.get("tp", 1)), int(par.get("pp", 1)), int(par.get("cp", 1))
-    world = nodes * gpn
-    if world % (tp * pp * cp):
-        raise PlanError(f"experiment {name!r}: {world} GPUs are not divisible by tp*pp*cp={tp * pp * cp}")
-    layout = Layout(tp=tp, pp=pp, cp=cp, dp=world // (tp * pp * cp), ep=int(par.get("ep", 1)),
-                    vpp=par.get("vpp"), sequence_parallel=bool(par.get("sequence_parallel", False)),
-                    distributed_optimizer=bool(par.get("distributed_optimizer", True)),
-                    recompute=str(par.get("recompute", "none")))
+    try:  # the parallel group as the trainer reads it (its defaults, e.g. no distributed optimizer)
+        layout = ParallelDims.from_config(dict(par), nodes * gpn)
+    except LayoutError as exc:
+        raise PlanError(f"experiment {name!r}: {exc}") from None
     precision = "fp8" if model_data.get("fp8") else ("fp32" if model_data.get("dtype") == "float32" else "bf16")
     seq = int(ro.get("max_prompt_tokens", 2048)) + int(ro.get("max_response_tokens", 512))
     workload = workload_for(seq, int(tr.get("micro_batch_size", 1)),
