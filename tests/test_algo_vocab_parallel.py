@@ -140,6 +140,32 @@ def test_single_process_matches_float64_reference(dtype_name, fused, monkeypatch
     _check_against_reference([_compute_all(dtype_name, None, 0, 1)], dtype_name)
 
 
+def _triton_interpreted(dtype_name: str) -> dict:
+    import os
+
+    os.environ.update(TRITON_INTERPRET="1", MEGATRON_SDAR_FUSED_OBJECTIVE="triton")  # before triton's @jit runs
+    from megatron_sdar.algo import triton_kernels
+
+    assert triton_kernels.block_size(V) * 2 < V  # several vocabulary blocks per row: the combine is exercised
+    return _compute_all(dtype_name, None, 0, 1)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_triton_kernels_match_float64_reference_under_the_interpreter(dtype_name):
+    """The Triton kernels (rows x vocabulary-block grid) on CPU through TRITON_INTERPRET=1, in a
+    fresh process (the interpreter must be on before the kernels are defined)."""
+    per_rank = run_distributed(_triton_interpreted, world_size=1, args=(dtype_name,), init="none", timeout=600)
+    _check_against_reference(per_rank, dtype_name)
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_triton_kernels_under_tensor_parallelism():
+    per_rank = run_distributed(_tp_worker, world_size=2, tp=2, args=("float32",), timeout=600,
+                               env={"MEGATRON_SDAR_FUSED_OBJECTIVE": "triton", "TRITON_INTERPRET": "1"})
+    _check_against_reference(per_rank, "float32")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_cuda_matches_float64_reference(dtype_name):

@@ -57,7 +57,9 @@ def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None
     from megatron_sdar.trainer.launch import transformer_overrides
     from megatron_sdar.utils.parallel_dims import ParallelDims
 
-    dims = ParallelDims(**(parallel or {}))  # dp is not needed for the model and optimizer settings
+    parallel = dict(parallel or {})
+    micro_batch_tokens = parallel.pop("micro_batch_tokens", None)  # sequence packing
+    dims = ParallelDims(**parallel)  # dp is not needed for the model and optimizer settings
     arch = QwenArchitecture.from_hf_config(model_dir)
     # adam_eps 1e-3: the first Adam update lr * g / (|g| + eps) is then a smooth function of the
     # gradient, so weights compare at the precision of the gradients
@@ -66,8 +68,10 @@ def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None
                           hf_dir=model_dir, **transformer_overrides(dims))
     objective = preset(algo, kl_coef=0.01)
     updater = PolicyUpdate(policy, objective, micro_batch_size=2, pad_id=0,
-                           reference_dir=lambda: model_dir)
-    samples = _samples(arch.vocab_size, rescues=rescues)
+                           reference_dir=lambda: model_dir, micro_batch_tokens=micro_batch_tokens)
+    # with rescues: 7 ordinary samples, so the rescue turns (the teacher's subset) start at an odd
+    # index and a subset dealt round-robin on its own would land on other DP ranks than its samples
+    samples = _samples(arch.vocab_size, count=7 if rescues else 8, rescues=rescues)
     metrics = updater.train_on(samples, step=0)
     metrics["teacher_scored"] = len(updater.teacher_samples(samples))
     # numpy: pickled by value (tensors would travel as shared-memory handles of an exiting process)
@@ -113,9 +117,14 @@ def _compare_layouts(tiny_model, algo, layouts, rescues=0):
     return reference
 
 
+PACKED = {"micro_batch_tokens": 96}  # two 48-token rows per micro-batch, one to three samples per row
+
+
 @pytest.mark.multiproc
 def test_sdar_step_equal_on_every_layout(tiny_model):
-    _compare_layouts(tiny_model, "sdar", LAYOUTS)
+    """Packed micro-batches (the main job's default) at every layout against the padded single
+    process: layout and packing equivalence at once (the scale paths below stay padded)."""
+    _compare_layouts(tiny_model, "sdar", [(*layout, None, PACKED) for layout in LAYOUTS])
 
 
 @pytest.mark.multiproc
@@ -152,9 +161,11 @@ def test_moe_expert_parallel_step_equal_one_process(tiny_moe, layout):
 
 
 @pytest.mark.multiproc
-def test_hdpo_step_equal_at_tp2_and_pp2(tiny_model):
+def test_hdpo_step_equal_at_tp2_and_dp2(tiny_model):
     """RL-only ordinary samples + distillation-only rescue samples (top-64 JSD, its own normalizer)."""
-    reference = _compare_layouts(tiny_model, "hdpo", [(2, 2, 1, 1), (2, 1, 2, 1)], rescues=3)
+    # DP=2: the teacher scores a subset of the samples, which must stay on the ranks that own them
+    # (before the owners were fixed per step, the padded DP=2 step logged rank 0 loss 2.30 instead of 0.065)
+    reference = _compare_layouts(tiny_model, "hdpo", [(2, 2, 1, 1), (2, 1, 1, 1, None, PACKED)], rescues=3)
     assert reference["metrics"]["teacher_scored"] == 3  # the teacher scores only the rescue turns
     assert reference["metrics"]["sdar/gate_mean"] == 1.0 and reference["metrics"]["sdar/distill_loss"] > 0
 

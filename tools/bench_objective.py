@@ -11,6 +11,8 @@ Variants:
 * ``ours_reverse_kl``: :func:`vocab_parallel_divergence` (exact full-vocabulary reverse KL);
   both with the fused ``torch.compile`` kernels (``--eager`` for the eager chunk kernels; one
   untimed warm-up call absorbs the compilation);
+* ``triton_logprobs_entropy`` / ``triton_reverse_kl``: the same with the Triton kernels
+  (:mod:`megatron_sdar.algo.triton_kernels`; GPU, or the interpreter with ``TRITON_INTERPRET=1``);
 * ``megatron_cross_entropy``: Megatron-Core's ``vocab_parallel_cross_entropy`` (the plain
   vocab-parallel cross entropy that the trainer would otherwise use);
 * ``naive_logprobs_entropy`` / ``naive_reverse_kl``: ``log_softmax`` of student (and teacher)
@@ -31,6 +33,7 @@ import time
 
 VARIANTS = ("megatron_cross_entropy", "ours_logprobs_entropy", "ours_reverse_kl",
             "naive_logprobs_entropy", "naive_reverse_kl")
+TRITON_VARIANTS = ("triton_logprobs_entropy", "triton_reverse_kl")  # GPU: --variants ...,triton_*
 
 
 def _rss_bytes() -> int:
@@ -70,10 +73,10 @@ def run_variant(variant: str, tokens: int, vocab: int, device: str, repeats: int
         if variant == "megatron_cross_entropy":
             # Megatron's layout is [s, b, V]; its function modifies nothing we reuse
             loss = vocab_parallel_cross_entropy(x[:, None, :], targets[:, None]).sum()
-        elif variant == "ours_logprobs_entropy":
+        elif variant in ("ours_logprobs_entropy", "triton_logprobs_entropy"):
             lp, ent = vocab_parallel_logprobs_entropy(x, targets)
             loss = lp.sum() + 0.01 * ent.sum()
-        elif variant == "ours_reverse_kl":
+        elif variant in ("ours_reverse_kl", "triton_reverse_kl"):
             loss = vocab_parallel_divergence(x, teacher, "reverse_kl").sum()
         elif variant == "naive_logprobs_entropy":
             ls = torch.log_softmax(x.float(), -1)
@@ -144,7 +147,8 @@ def main() -> None:
                "--device", args.device, "--repeats", str(args.repeats), "--naive-cap-gb",
                str(args.naive_cap_gb), "--_child", variant]
         print(f"running {variant} ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        child_env = dict(env, MEGATRON_SDAR_FUSED_OBJECTIVE="triton") if variant.startswith("triton") else env
+        out = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             results.append(dict(variant=variant, error=f"exit {out.returncode}: {out.stderr.strip()[-300:]}"))

@@ -13,6 +13,9 @@ Modes (``x`` token values, ``m`` mask, ``N`` global token count, ``S`` global se
 * ``token-mean``:          ``sum_i sum_t m x / N``
 * ``seq-mean-token-sum``:  ``sum_i (sum_t m x) / S``
 * ``seq-mean-token-mean``: ``sum_i (sum_t m x / n_i) / S`` (sequences with no token add 0)
+
+A sequence is a row of ``[B, T]``, or with packed rows (several samples back to back in a row) a
+:class:`Segments` id: the sequence modes then sum per sample, not per row.
 """
 from __future__ import annotations
 
@@ -75,14 +78,25 @@ class LossNormalizers:
         return cls(num_tokens=float(counts[0]), num_sequences=float(counts[1]) / _group_size(cp_group))
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Which sample each token of packed rows belongs to: ``ids [B, T_local]`` in ``0..count-1``
+    (-1: padding); the same ``count`` samples, in the same order, on every CP rank of a micro-batch."""
+
+    ids: torch.Tensor
+    count: int
+
+
 def aggregate(
     values: torch.Tensor,
     mask: torch.Tensor,
     mode: str,
     normalizers: LossNormalizers,
     cp_group: Optional[dist.ProcessGroup] = None,
+    segments: Optional[Segments] = None,
 ) -> torch.Tensor:
-    """This rank's contribution to the global ``mode`` aggregate of ``values [B, T_local]``."""
+    """This rank's contribution to the global ``mode`` aggregate of ``values [B, T_local]``
+    (``segments``: the samples of packed rows; default: a row is a sequence)."""
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg must be one of {LOSS_AGG_MODES}, got {mode!r}")
     if values.dim() != 2:
@@ -92,6 +106,15 @@ def aggregate(
     masked = torch.where(m > 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
     if mode == "token-mean":
         return masked.sum() / max(normalizers.num_tokens, 1.0)
+    if segments is not None:
+        ids = segments.ids.reshape(-1)
+        keep = ids >= 0
+        seq_sums = masked.new_zeros(segments.count).index_add(0, ids[keep], masked.reshape(-1)[keep])
+        if mode == "seq-mean-token-sum":
+            return seq_sums.sum() / max(normalizers.num_sequences, 1.0)
+        counts = m.new_zeros(segments.count).index_add(0, ids[keep], m.reshape(-1)[keep].detach())
+        seq_counts = all_reduce_sum(counts, cp_group)
+        return (seq_sums / seq_counts.clamp_min(1.0)).sum() / max(normalizers.num_sequences, 1.0)
     seq_sums = masked.sum(-1)
     if mode == "seq-mean-token-sum":
         return seq_sums.sum() / max(normalizers.num_sequences, 1.0)

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_sdar.algo.aggregation import LossNormalizers, aggregate, check_mask, masked_moments
+from megatron_sdar.algo.aggregation import LossNormalizers, Segments, aggregate, check_mask, masked_moments
 
 GATES = ("gap", "entropy", "soft_or", "none")
 
@@ -83,6 +83,7 @@ def gated_distillation(
     metrics_group: Optional[dist.ProcessGroup] = None,
     entropy_beta: float = 5.0,
     entropy_threshold: float = 1.0,
+    segments: Optional[Segments] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The gated distillation loss (this rank's contribution) and the gate metrics.
 
@@ -111,7 +112,7 @@ def gated_distillation(
                 f"{tuple(student_logprobs.shape)}"
             )
         per_token = g * per_token_divergence.float()
-    loss = aggregate(per_token, m, loss_agg, normalizers, cp_group)
+    loss = aggregate(per_token, m, loss_agg, normalizers, cp_group, segments)
 
     gate_mean, _, _ = masked_moments(g, m, metrics_group)
     active, _, _ = masked_moments((g > 0.5).float(), m, metrics_group)
@@ -136,6 +137,7 @@ def skill_sd_distillation(
     gap_cap: float = 20.0,
     cp_group: Optional[dist.ProcessGroup] = None,
     metrics_group: Optional[dist.ProcessGroup] = None,
+    segments: Optional[Segments] = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Skill-SD's distillation loss ``agg(rho_t * k3_t)`` (this rank's contribution) and its metrics.
 
@@ -156,7 +158,7 @@ def skill_sd_distillation(
     teacher = teacher_logprobs.detach().float()
     rho = torch.exp((lp - old_logprobs.detach().float()).clamp(max=rho_cap))
     k3 = torch.exp((teacher - lp).clamp(max=gap_cap)) - 1.0 + (lp - teacher)
-    loss = aggregate(rho * k3, m, loss_agg, normalizers, cp_group)
+    loss = aggregate(rho * k3, m, loss_agg, normalizers, cp_group, segments)
     gap_mean, gap_std, _ = masked_moments(teacher - lp.detach(), m, metrics_group)
     rho_mean, _, _ = masked_moments(rho.detach(), m, metrics_group)
     return loss, {"sdar/gap_mean": gap_mean, "sdar/gap_std": gap_std, "skill_sd/rho_mean": rho_mean}

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_sdar.algo.aggregation import LOSS_AGG_MODES, LossNormalizers, aggregate, check_mask, masked_moments
+from megatron_sdar.algo.aggregation import LOSS_AGG_MODES, LossNormalizers, Segments, aggregate, check_mask, masked_moments
 from megatron_sdar.algo.gates import GATES, compute_gate, gated_distillation, skill_sd_distillation
 from megatron_sdar.algo.grpo import KL_ESTIMATORS, kl_penalty, ppo_clip_loss, rlsd_token_advantages, truncated_is_weights
 from megatron_sdar.algo.vocab_parallel import (
@@ -229,6 +229,7 @@ class ObjectiveInputs:
     teacher_topk_ids: Optional[torch.Tensor] = None  # [B, T, k]
     action_mask: Optional[torch.Tensor] = None  # [B, T] 1 on action-choice tokens (metrics only)
     distill_mask: Optional[torch.Tensor] = None  # [B, T] tokens of the distillation term (None: mask)
+    segments: Optional[Segments] = None  # packed rows: each token's sample (None: a row is a sequence)
 
 
 @dataclass
@@ -238,6 +239,28 @@ class ParallelGroups:
     tp: Optional[dist.ProcessGroup] = None  # vocabulary shards
     cp: Optional[dist.ProcessGroup] = None  # slices of the same sequences
     dp_cp: Optional[dist.ProcessGroup] = None  # every rank with different tokens
+
+
+def token_rows(*masks: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the tokens any of ``masks`` selects, and at least one (so that a micro-batch
+    without a selected token still gives the logits a gradient, of zeros)."""
+    rows = masks[0] > 0
+    for mask in masks[1:]:
+        rows = rows | (mask > 0)
+    if not bool(rows.any()) and rows.numel():
+        rows = rows.clone()
+        rows.view(-1)[0] = True
+    return rows
+
+
+def on_rows(rows: torch.Tensor, fn, *tensors: torch.Tensor):
+    """``fn`` over the selected tokens of ``[B, T, ...]`` tensors (as ``[N, ...]``), its ``[N]``
+    outputs scattered back to ``[B, T]`` with zeros elsewhere (differentiable). Exact for every
+    term that reads only selected tokens; on TP ranks (same tokens) ``N`` is the same."""
+    out = fn(*(t[rows] for t in tensors))
+    outs = out if isinstance(out, tuple) else (out,)
+    full = tuple(o.new_zeros(rows.shape).masked_scatter(rows, o) for o in outs)
+    return full if isinstance(out, tuple) else full[0]
 
 
 def _train_infer_diff(logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor,
@@ -276,9 +299,11 @@ class SDARObjective:
             distill_mask = check_mask(inputs.distill_mask, inputs.targets, "distill_mask")
             if distill_normalizers is None:
                 distill_normalizers = LossNormalizers.from_mask(distill_mask, g.dp_cp, g.cp)
-        logprobs, entropy = vocab_parallel_logprobs_entropy(
-            inputs.student_logits, inputs.targets, g.tp, cfg.chunk_size
-        )
+        # the vocabulary-wide work only on the tokens some term reads (prompts are most of a row)
+        rows = token_rows(mask, distill_mask)
+        logprobs, entropy = on_rows(
+            rows, lambda z, t: vocab_parallel_logprobs_entropy(z, t, g.tp, cfg.chunk_size),
+            inputs.student_logits, inputs.targets)
         old = inputs.old_logprobs if inputs.old_logprobs is not None else logprobs.detach()
         adv = inputs.advantages
         if adv.dim() == 1:
@@ -299,7 +324,7 @@ class SDARObjective:
             metrics.update({"rlsd/coef": rlsd_lam, "sdar/gap_mean": gap_mean, "sdar/gap_std": gap_std})
 
         total = torch.zeros((), dtype=torch.float32, device=logprobs.device)
-        agg = lambda values: aggregate(values, mask, cfg.loss_agg, normalizers, g.cp)  # noqa: E731
+        agg = lambda values: aggregate(values, mask, cfg.loss_agg, normalizers, g.cp, inputs.segments)  # noqa: E731
 
         pg, clipped, approx_kl = ppo_clip_loss(logprobs, old, adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
         if cfg.tis_cap is not None:
@@ -337,14 +362,14 @@ class SDARObjective:
                 distill_loss, distill_metrics = skill_sd_distillation(
                     logprobs, old, teacher, distill_mask, loss_agg=cfg.loss_agg, normalizers=distill_normalizers,
                     rho_cap=cfg.skill_sd_rho_cap, gap_cap=cfg.skill_sd_gap_cap, cp_group=g.cp,
-                    metrics_group=g.dp_cp)
+                    metrics_group=g.dp_cp, segments=inputs.segments)
             else:
-                divergence = self._divergence(inputs) if cfg.estimator != "sampled" else None
+                divergence = self._divergence(inputs, rows) if cfg.estimator != "sampled" else None
                 distill_loss, distill_metrics = gated_distillation(
                     logprobs, teacher, distill_mask, beta=cfg.gate_beta, gate=cfg.gate, loss_agg=cfg.loss_agg,
                     entropy=entropy, per_token_divergence=divergence, normalizers=distill_normalizers,
                     cp_group=g.cp, metrics_group=g.dp_cp, entropy_beta=cfg.entropy_gate_beta,
-                    entropy_threshold=cfg.entropy_gate_threshold,
+                    entropy_threshold=cfg.entropy_gate_threshold, segments=inputs.segments,
                 )
             total = total + lam * distill_loss
             metrics.update(distill_metrics)
@@ -361,17 +386,14 @@ class SDARObjective:
         metrics["actor/loss"] = float(total.detach())
         return total, metrics
 
-    def _divergence(self, inputs: ObjectiveInputs) -> torch.Tensor:
+    def _divergence(self, inputs: ObjectiveInputs, rows: torch.Tensor) -> torch.Tensor:
         cfg, tp = self.config, self.groups.tp
         if cfg.estimator == "full":
             if inputs.teacher_logits is None:
                 raise ValueError("estimator 'full' needs teacher_logits")
-            return vocab_parallel_divergence(
-                inputs.student_logits, inputs.teacher_logits, cfg.divergence, tp, cfg.chunk_size
-            )
+            return on_rows(rows, lambda s, t: vocab_parallel_divergence(s, t, cfg.divergence, tp, cfg.chunk_size),
+                           inputs.student_logits, inputs.teacher_logits)
         if inputs.teacher_topk_logprobs is None or inputs.teacher_topk_ids is None:
             raise ValueError("estimator 'topk' needs teacher_topk_logprobs and teacher_topk_ids")
-        return topk_tail_divergence(
-            inputs.student_logits, inputs.teacher_topk_logprobs, inputs.teacher_topk_ids,
-            cfg.divergence, tp, cfg.chunk_size,
-        )
+        return on_rows(rows, lambda s, lp, ids: topk_tail_divergence(s, lp, ids, cfg.divergence, tp, cfg.chunk_size),
+                       inputs.student_logits, inputs.teacher_topk_logprobs, inputs.teacher_topk_ids)

@@ -162,6 +162,8 @@ class TrainerConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0
     micro_batch_size: int = 8
+    # pack samples into micro-batches of at most this many tokens (null: micro_batch_size padded rows)
+    micro_batch_tokens: Optional[int] = 4096
     eval_interval: int = 4
     eval_tasks: int = 200
     eval_greedy: bool = True  # also evaluate greedily (eval/greedy/*)
@@ -348,6 +350,8 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
     if t.optimizer_sharding not in OPTIMIZER_SHARDINGS:
         raise ConfigError(f"trainer.optimizer_sharding must be one of {', '.join(OPTIMIZER_SHARDINGS)}, "
                           f"got {t.optimizer_sharding!r}")
+    if t.micro_batch_tokens is not None and t.micro_batch_tokens < 1:
+        raise ConfigError(f"trainer.micro_batch_tokens must be >= 1 or null, got {t.micro_batch_tokens}")
     if t.max_steps < 0:
         raise ConfigError(f"trainer.max_steps must be >= 0 (0: SFT warm start only), got {t.max_steps}")
     if t.sft_steps < 0 or t.eval_tasks < 0:

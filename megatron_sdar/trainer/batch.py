@@ -3,14 +3,20 @@
 A :class:`TrainingSample` is one turn: the student sequence (prompt + response) and the teacher
 sequence (privileged context + the same prompt + the same response). Every pass over the samples
 (teacher, reference, student) builds :class:`MicroBatch` es with the same assignment of samples to
-data-parallel ranks, so per-token values computed in one pass (``[R]`` per sample, indexed by
-response position) can be scattered into the next pass's layout.
+data-parallel ranks (:func:`assign_ranks`, once per step), so per-token values computed in one pass
+(``[R]`` per sample, indexed by response position) can be scattered into the next pass's layout.
 
-Layout of a pass: sequences right-padded to one length ``S`` (a multiple of ``2 * cp`` and of
-``tp`` with sequence parallelism), ``micro_batch_size`` rows per micro-batch (padding rows have
-an all-zero mask), this rank's context-parallel slice of the positions (Megatron's
-load-balanced split). Token ``j`` predicts token ``j + 1``; the loss mask is 1 where ``j + 1``
-is a model-generated token.
+Layout of a pass: rows of one length ``S`` (the longest sample, a multiple of 8, of ``2 * cp``
+and of ``tp`` with sequence parallelism), a fixed number of rows per micro-batch (padding rows
+have an all-zero mask), this rank's context-parallel slice of the positions (Megatron's
+load-balanced split). Without packing a row is one right-padded sample; with packing
+(``micro_batch_tokens``) a row holds several samples back to back under a block-diagonal causal
+mask, and a micro-batch is bounded by a token budget (:func:`plan_pass`). Token ``j`` predicts
+token ``j + 1``; the loss mask is 1 where ``j + 1`` is a model-generated token of the same sample.
+
+Packed and padded passes give the same loss and gradients to float rounding: attention never
+crosses a sample (the mask), and rotary embeddings depend only on relative positions, so a sample
+at offset ``o`` in a row sees what it sees at offset 0.
 """
 from __future__ import annotations
 
@@ -80,37 +86,122 @@ def _sample(turn, episode: int, advantage: float, *, rl: bool, distill: bool) ->
 
 @dataclass
 class PassLayout:
-    """Shapes shared by every micro-batch of one pass on every rank."""
+    """Shapes and sample placement shared by every micro-batch of one pass on every rank.
+
+    ``rows[m][b]``: the samples packed, in order, into row ``b`` of this rank's micro-batch ``m``
+    (empty: a padding row). Without packing each row holds at most one sample."""
 
     seq_len: int  # S, global (before the CP split)
-    micro_batch_size: int
-    num_micro_batches: int  # per data-parallel rank
+    micro_batch_size: int  # rows per micro-batch
+    num_micro_batches: int  # per data-parallel rank (the same on every rank)
     dp_size: int
     dp_rank: int
     cp_size: int = 1
     cp_rank: int = 0
+    rows: list[list[list[int]]] = field(default_factory=list)
+    packed: bool = False
+    real_tokens: int = 0  # tokens of every sample of the pass (all DP ranks)
+    thd: bool = False  # packed rows go to Transformer Engine as one THD sequence per micro-batch
+    seq_lens: list[int] = field(default_factory=list)  # row length of each micro-batch (<= seq_len)
+    computed_tokens: int = 0  # tokens the pass computes on all DP ranks, padding included
 
-    def rows_of_rank(self, num_samples: int) -> list[Optional[int]]:
-        """Sample index of each row this rank processes (None: padding row), round-robin over DP."""
-        total = self.num_micro_batches * self.micro_batch_size
-        return [i if i < num_samples else None
-                for i in (self.dp_rank + k * self.dp_size for k in range(total))]
+    @property
+    def padded_tokens(self) -> int:
+        """Tokens the pass computes on all DP ranks, padding included."""
+        return self.computed_tokens
+
+
+def _align(lengths: list[int], cp_size: int, multiple: int) -> int:
+    align = math.lcm(8, 2 * cp_size if cp_size > 1 else 1, multiple)  # 8: fewer distinct shapes
+    return -(-max(lengths) // align) * align
+
+
+def _pack_rows(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: samples (longest first) into rows of ``capacity`` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(order, key=lambda i: (-lengths[i], i)):
+        slot = next((r for r, room in enumerate(free) if room >= lengths[index]), None)
+        if slot is None:
+            rows.append([])
+            free.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(index)
+        free[slot] -= lengths[index]
+    return rows
+
+
+def assign_ranks(lengths: list[int], dp_size: int, balance: bool) -> list[int]:
+    """The data-parallel rank of each sample: round-robin, or (``balance``) each sample, longest
+    first, to the rank with the fewest tokens so far. A step computes it once, from the student
+    sequences, and every pass keeps it: per-token values of one pass are read by the next on the
+    rank that owns the sample."""
+    if not balance:
+        return [i % dp_size for i in range(len(lengths))]
+    owners, loads = [0] * len(lengths), [0] * dp_size
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(dp_size), key=lambda r: (loads[r], r))
+        owners[index] = rank
+        loads[rank] += lengths[index]
+    return owners
 
 
 def plan_pass(lengths: list[int], micro_batch_size: int, dp_size: int, dp_rank: int, cp_size: int = 1,
-              cp_rank: int = 0, multiple: int = 1, micro_batch_multiple: int = 1) -> PassLayout:
-    """The layout for sequences of ``lengths`` (every rank passes the same list). ``multiple``: the
-    sequence length's (TP with sequence parallelism); ``micro_batch_multiple``: the number of
-    micro-batches' (the interleaved pipeline schedule runs groups of ``pp`` micro-batches per
-    virtual stage; the extra micro-batches are padding rows with an all-zero mask)."""
+              cp_rank: int = 0, multiple: int = 1, micro_batch_multiple: int = 1,
+              micro_batch_tokens: int | None = None, owners: list[int] | None = None,
+              uniform_seq_len: bool = False) -> PassLayout:
+    """The layout for sequences of ``lengths`` (every rank passes the same list and gets the same
+    plan). ``multiple``: the sequence length's (TP with sequence parallelism);
+    ``micro_batch_multiple``: the number of micro-batches' (the interleaved pipeline schedule runs
+    groups of ``pp`` micro-batches per virtual stage; extra micro-batches are padding rows);
+    ``owners``: each sample's DP rank (default :func:`assign_ranks`).
+
+    Without ``micro_batch_tokens``: one sample per row, ``micro_batch_size`` rows per micro-batch.
+    With it (packing, as verl's dynamic batch size): a rank's samples are packed
+    first-fit-decreasing into rows of ``S`` tokens (``S``: the longest sample, aligned), and a
+    micro-batch holds at most ``micro_batch_tokens`` tokens (at least one row). Every rank gets the
+    same number of micro-batches (Megatron's schedules need it); rows are spread evenly over them,
+    longest first, and each packed micro-batch is as long as its longest row (aligned), so similar
+    lengths share a micro-batch. ``uniform_seq_len`` (pipeline parallelism: the stages exchange
+    tensors of one shape): every micro-batch ``S`` long."""
     if not lengths:
         raise ValueError("no samples to train on")
-    align = math.lcm(8, 2 * cp_size if cp_size > 1 else 1, multiple)  # 8: fewer distinct shapes
-    seq_len = -(-max(lengths) // align) * align
-    per_rank = -(-len(lengths) // dp_size)
-    num_micro = -(-per_rank // micro_batch_size)
+    if micro_batch_tokens is not None and micro_batch_tokens < 1:
+        raise ValueError(f"micro_batch_tokens must be >= 1, got {micro_batch_tokens}")
+    seq_len = _align(lengths, cp_size, multiple)
+    packed = micro_batch_tokens is not None
+    owners = owners if owners is not None else assign_ranks(lengths, dp_size, balance=packed)
+    if len(owners) != len(lengths) or any(not 0 <= r < dp_size for r in owners):
+        raise ValueError(f"owners must give a rank in [0, {dp_size}) for each of the {len(lengths)} samples")
+    mine_by_rank = [[i for i in range(len(lengths)) if owners[i] == r] for r in range(dp_size)]
+    if packed:
+        rows_by_rank = [_pack_rows(mine, lengths, seq_len) for mine in mine_by_rank]
+        rows_cap = max(1, micro_batch_tokens // seq_len)
+    else:
+        rows_by_rank = [[[i] for i in mine] for mine in mine_by_rank]
+        rows_cap = micro_batch_size
+    most_rows = max(1, max(len(rows) for rows in rows_by_rank))
+    num_micro = -(-most_rows // rows_cap)
     num_micro = -(-num_micro // micro_batch_multiple) * micro_batch_multiple
-    return PassLayout(seq_len, micro_batch_size, num_micro, dp_size, dp_rank, cp_size, cp_rank)
+    if packed:  # the count (up to twice the fewest) whose equal shares leave the fewest empty rows
+        candidates = range(num_micro, 2 * num_micro + 1, micro_batch_multiple)
+        num_micro = min(candidates, key=lambda m: (m * -(-most_rows // m), m))
+    rows_per_micro = -(-most_rows // num_micro) if packed else micro_batch_size
+    def split(rank_rows: list[list[int]]) -> tuple[list[list[list[int]]], list[int]]:
+        if packed:  # longest rows first: a micro-batch holds rows of similar lengths
+            rank_rows = sorted(rank_rows, key=lambda row: -sum(lengths[i] for i in row))
+        padded = rank_rows + [[] for _ in range(num_micro * rows_per_micro - len(rank_rows))]
+        chunks = [padded[m * rows_per_micro:(m + 1) * rows_per_micro] for m in range(num_micro)]
+        if not packed or uniform_seq_len:
+            return chunks, [seq_len] * num_micro
+        fills = [max([sum(lengths[i] for i in row) for row in chunk] + [1]) for chunk in chunks]
+        return chunks, [_align([fill], cp_size, multiple) for fill in fills]
+
+    plans = [split(rank_rows) for rank_rows in rows_by_rank]
+    rows, seq_lens = plans[dp_rank]
+    computed = sum(length * rows_per_micro for _, lens in plans for length in lens)
+    return PassLayout(max(seq_lens), rows_per_micro, num_micro, dp_size, dp_rank, cp_size, cp_rank, rows,
+                      packed=packed, real_tokens=sum(lengths), seq_lens=seq_lens, computed_tokens=computed)
 
 
 @dataclass
@@ -118,69 +209,103 @@ class MicroBatch:
     """One micro-batch on this rank. ``[B, S_local]`` tensors are this rank's CP slice."""
 
     tokens: torch.Tensor  # [B, S_local] input ids
-    position_ids: torch.Tensor  # [B, S_local] global positions
+    position_ids: torch.Tensor  # [B, S_local] global positions in the row
     targets: torch.Tensor  # [B, S_local] next-token ids
     loss_mask: torch.Tensor  # [B, S_local] 1 where the target is model-generated (RL samples)
-    sample_index: list[Optional[int]]  # [B] row -> sample (None: padding row)
-    advantages: torch.Tensor  # [B]
+    samples: list[int]  # the samples in this micro-batch, in row order
+    segments: torch.Tensor  # [B, S_local] index into ``samples`` of each token's sample (-1: padding)
+    advantages: torch.Tensor  # [B, S_local] the episode advantage of each token's sample
     response_pos: torch.Tensor  # [B, S_local] index k of the response token predicted here (-1: none)
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)  # [B, S_local] or [B, S_local, k]
     prompt_mask: torch.Tensor | None = None  # [B, S_local] 1 where the target is a prompt token
     distill_mask: torch.Tensor | None = None  # [B, S_local] 1 where the target is model-generated (distillation)
+    attention_mask: torch.Tensor | None = None  # [B, 1, S, S] True = masked (rows of 2+ samples); None: causal
+
+
+def packed_attention_mask(segments: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, S, S]`` block-diagonal causal mask (``True`` = masked, Megatron's convention) of rows
+    whose tokens belong to the samples ``segments [B, S]`` (global order): a token sees the earlier
+    tokens of its own sample. Padding tokens (-1) see the padding before them (never used)."""
+    S = segments.shape[-1]
+    causal = torch.triu(torch.ones(S, S, dtype=torch.bool), diagonal=1)
+    other = segments[:, :, None] != segments[:, None, :]
+    return (other | causal)[:, None]
+
+
+def thd_packed_seq_params(segments: torch.Tensor, device=None):
+    """Megatron's ``PackedSeqParams`` (THD, Transformer Engine's packed attention) for packed rows
+    ``segments [B, S]`` laid end to end as one ``[1, B * S]`` sequence: every sample is a sequence,
+    and so is the padding at the end of a row (it attends only to itself; its outputs are masked)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    flat = segments.reshape(-1)
+    row = torch.arange(segments.numel()) // segments.shape[1]
+    # a new sequence starts wherever the (row, segment) pair changes
+    key = row * (segments.max().item() + 2) + (flat + 1)
+    starts = torch.nonzero(torch.cat([torch.tensor([True]), key[1:] != key[:-1]])).view(-1)
+    cu_seqlens = torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
+    max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu_seqlens = cu_seqlens.to(device) if device is not None else cu_seqlens
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
 def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, teacher: bool = False,
                         per_token: Optional[dict[str, dict[int, torch.Tensor]]] = None,
                         pad_id: int = 0) -> list[MicroBatch]:
     """This rank's micro-batches of a pass. ``per_token[name][sample] = [R, ...]`` values indexed by
-    response position are scattered to the positions that predict those tokens."""
+    response position are scattered to the positions that predict those tokens. In packed rows a
+    sample's last token predicts the next sample's first: that target is never in a mask."""
     per_token = per_token or {}
-    rows = layout.rows_of_rank(len(samples))
-    S = layout.seq_len
-    local = (cp_token_indices(S, layout.cp_size, layout.cp_rank) if layout.cp_size > 1
-             else torch.arange(S))
     out = []
-    for m in range(layout.num_micro_batches):
-        chunk = rows[m * layout.micro_batch_size:(m + 1) * layout.micro_batch_size]
-        B = len(chunk)
+    for rows, S in zip(layout.rows, layout.seq_lens, strict=True):
+        local = (cp_token_indices(S, layout.cp_size, layout.cp_rank) if layout.cp_size > 1
+                 else torch.arange(S))
+        B = len(rows)
         tokens = torch.full((B, S + 1), pad_id, dtype=torch.long)
         response_pos = torch.full((B, S), -1, dtype=torch.long)
-        prompt_mask = torch.zeros((B, S))
-        rl_rows, distill_rows = torch.zeros(B, 1), torch.zeros(B, 1)
-        advantages = torch.zeros(B)
+        segments = torch.full((B, S), -1, dtype=torch.long)
+        prompt_mask, rl, distill, advantages = (torch.zeros((B, S)) for _ in range(4))
         values = {name: None for name in per_token}
-        for b, index in enumerate(chunk):
-            if index is None:
-                continue
-            sample = samples[index]
-            ids = sample.teacher_input_ids if teacher else sample.input_ids
-            start = sample.teacher_response_start if teacher else sample.response_start
-            if len(ids) > S:
-                raise ValueError(f"sample {index} has {len(ids)} tokens, more than the pass length {S}")
-            tokens[b, :len(ids)] = torch.tensor(ids)
-            n_resp = len(ids) - start
-            response_pos[b, start - 1:start - 1 + n_resp] = torch.arange(n_resp)
-            prompt_mask[b, :start - 1] = 1.0
-            advantages[b] = sample.advantage
-            rl_rows[b], distill_rows[b] = float(sample.rl), float(sample.distill)
-            for name, by_sample in per_token.items():
-                v = by_sample.get(index)
-                if v is None:  # not scored by that pass (HDPO's teacher scores only rescue turns)
-                    continue
-                if values[name] is None:
-                    values[name] = torch.zeros((B, S, *v.shape[1:]), dtype=v.dtype)
-                values[name][b, start - 1:start - 1 + n_resp] = v
+        members: list[int] = []
+        for b, row in enumerate(rows):
+            offset = 0
+            for index in row:
+                sample = samples[index]
+                ids = sample.teacher_input_ids if teacher else sample.input_ids
+                start = sample.teacher_response_start if teacher else sample.response_start
+                end = offset + len(ids)
+                if end > S:
+                    raise ValueError(f"row {b} needs {end} tokens, more than the pass length {S}")
+                tokens[b, offset:end] = torch.tensor(ids)
+                n_resp = len(ids) - start
+                first = offset + start - 1  # the position that predicts the first response token
+                response_pos[b, first:first + n_resp] = torch.arange(n_resp)
+                prompt_mask[b, offset:first] = 1.0
+                segments[b, offset:end] = len(members)
+                advantages[b, offset:end] = sample.advantage
+                rl[b, first:first + n_resp], distill[b, first:first + n_resp] = float(sample.rl), float(sample.distill)
+                for name, by_sample in per_token.items():
+                    v = by_sample.get(index)
+                    if v is None:  # not scored by that pass (HDPO's teacher scores only rescue turns)
+                        continue
+                    if values[name] is None:
+                        values[name] = torch.zeros((B, S, *v.shape[1:]), dtype=v.dtype)
+                    values[name][b, first:first + n_resp] = v
+                members.append(index)
+                offset = end
         for name in per_token:
             if values[name] is None:  # only padding rows
                 any_value = next(iter(per_token[name].values()))
                 values[name] = torch.zeros((B, S, *any_value.shape[1:]), dtype=any_value.dtype)
-        generated = (response_pos >= 0).float()
         out.append(MicroBatch(
             tokens=tokens[:, :S][:, local], position_ids=local.expand(B, -1).clone(),
-            targets=tokens[:, 1:][:, local], loss_mask=(generated * rl_rows)[:, local],
-            distill_mask=(generated * distill_rows)[:, local],
-            sample_index=list(chunk), advantages=advantages, response_pos=response_pos[:, local],
-            per_token={name: v[:, local] for name, v in values.items()}, prompt_mask=prompt_mask[:, local]))
+            targets=tokens[:, 1:][:, local], loss_mask=rl[:, local], distill_mask=distill[:, local],
+            samples=members, segments=segments[:, local], advantages=advantages[:, local],
+            response_pos=response_pos[:, local], per_token={name: v[:, local] for name, v in values.items()},
+            prompt_mask=prompt_mask[:, local],
+            # a row with one sample needs no block mask: the causal one keeps its tokens off the padding
+            attention_mask=packed_attention_mask(segments) if any(len(row) > 1 for row in rows) else None))
     return out
 
 

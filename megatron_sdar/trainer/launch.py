@@ -88,6 +88,11 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
         raise ConfigError("model.dtype=bfloat16 needs Transformer Engine's layer spec: without it (CPU) the norm "
                           "weights stay float32 and megatron-core 0.19 cannot checkpoint the optimizer state of a "
                           "model with mixed parameter dtypes; use model.dtype=float32 here, bf16 on a GPU with TE")
+    if check_hardware and t.micro_batch_tokens is not None and p.cp > 1 and (te_available or transformer_engine_available)():
+        # with TE, packed rows go to its THD attention, whose context-parallel split (per sequence) is
+        # not the row split the passes use
+        raise ConfigError("trainer.micro_batch_tokens (sequence packing) with Transformer Engine and parallel.cp > 1 "
+                          "is not supported: set trainer.micro_batch_tokens=null (padded micro-batches) or cp=1")
     optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                         decay_steps=t.max_steps if 0 < t.min_lr < t.lr else None,
                         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,

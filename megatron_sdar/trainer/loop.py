@@ -120,7 +120,8 @@ class SDARTrainer:
                                            **self.plan.transformer_overrides)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.updater = PolicyUpdate(self.policy, self.objective, t.micro_batch_size,
-                                   int(self.tokenizer.pad_token_id or 0), self.reference_dir)
+                                   int(self.tokenizer.pad_token_id or 0), self.reference_dir,
+                                   micro_batch_tokens=t.micro_batch_tokens)
         self.retriever = self._build_retriever()
         r = run.rollout
         self.engine = RolloutEngine(self.model_dir, self.plan.engine)
@@ -298,6 +299,7 @@ class SDARTrainer:
         train_started = time.perf_counter()
         metrics.update(self.updater.train_on(samples, step))
         train_seconds = time.perf_counter() - train_started
+        metrics.update(self.updater.pass_metrics())
         if self.objective.cliff_rescue:
             metrics["hdpo/distill_loss"] = metrics.get("sdar/distill_loss", 0.0)
         tokens = sum(len(s.input_ids) for s in samples)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from megatron_sdar.algo.aggregation import LossNormalizers
+from megatron_sdar.algo.aggregation import LossNormalizers, Segments
 from megatron_sdar.algo.objective import ObjectiveConfig, ObjectiveInputs, ParallelGroups, SDARObjective
 from megatron_sdar.algo.vocab_parallel import (
     vocab_parallel_logprobs_entropy,
@@ -54,19 +54,35 @@ def _run_schedule(model: list, micro_batches: list[MicroBatch], layout: PassLayo
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     device = current_device()
-    attention_mask = _attention_mask(layout.seq_len, layout.cp_size)
+    causal: dict[int, torch.Tensor | None] = {}  # one mask per row length (packed micro-batches vary)
 
     def forward_step(data_iterator, chunk):
         mb: MicroBatch = next(data_iterator)
-        output = chunk(mb.tokens.to(device), mb.position_ids.to(device), attention_mask)
+        if layout.thd:  # Transformer Engine: the rows as one [1, B * S] THD sequence
+            from megatron_sdar.trainer.batch import thd_packed_seq_params
+
+            rows, length = mb.tokens.shape
+            output = chunk(mb.tokens.reshape(1, -1).to(device), mb.position_ids.reshape(1, -1).to(device), None,
+                           packed_seq_params=thd_packed_seq_params(mb.segments, device))
+            return output, (lambda out, mb=mb: loss_func(mb, out.view(rows, length, -1)))
+        if mb.attention_mask is None:
+            length = mb.tokens.shape[1] * layout.cp_size
+            if length not in causal:
+                causal[length] = _attention_mask(length, layout.cp_size)
+            mask = causal[length]
+        else:
+            mask = mb.attention_mask.to(device)  # rows of several samples: block-diagonal
+        output = chunk(mb.tokens.to(device), mb.position_ids.to(device), mask)
         return output, (lambda out, mb=mb: loss_func(mb, out))
 
     vpp = len(model)
     iterators = [iter(micro_batches) for _ in range(vpp)] if vpp > 1 else iter(micro_batches)
+    seq_length, micro_batch_size = ((layout.seq_len * layout.micro_batch_size, 1) if layout.thd
+                                    else (layout.seq_len, layout.micro_batch_size))
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iterators, model=model,
-        num_microbatches=len(micro_batches), seq_length=layout.seq_len,
-        micro_batch_size=layout.micro_batch_size, forward_only=forward_only)
+        num_microbatches=len(micro_batches), seq_length=seq_length,
+        micro_batch_size=micro_batch_size, forward_only=forward_only)
 
 
 def _gather_cp(values: torch.Tensor, ctx: ProcessGroups, layout: PassLayout) -> torch.Tensor:
@@ -77,10 +93,10 @@ def _gather_cp(values: torch.Tensor, ctx: ProcessGroups, layout: PassLayout) -> 
 
     parts = [torch.empty_like(values) for _ in range(ctx.dims.cp)]
     dist.all_gather(parts, values.contiguous(), group=ctx.cp_group)
-    full = torch.empty((values.shape[0], layout.seq_len, *values.shape[2:]), dtype=values.dtype,
-                       device=values.device)
+    length = values.shape[1] * ctx.dims.cp  # this micro-batch's row length
+    full = torch.empty((values.shape[0], length, *values.shape[2:]), dtype=values.dtype, device=values.device)
     for rank, part in enumerate(parts):
-        full[:, cp_token_indices(layout.seq_len, ctx.dims.cp, rank).to(values.device)] = part
+        full[:, cp_token_indices(length, ctx.dims.cp, rank).to(values.device)] = part
     return full
 
 
@@ -98,21 +114,28 @@ def forward_token_values(model: list, micro_batches: list[MicroBatch], layout: P
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
         logits = _mask_padded_vocab(logits.float(), vocab_size, ctx.tp_group)
-        targets = mb.targets.to(logits.device)
-        logprobs, _ = vocab_parallel_logprobs_entropy(logits, targets, ctx.tp_group)
-        tables = {"logprobs": logprobs}
+        # the vocabulary-wide work on the response positions only (the values read later)
+        sel = mb.response_pos.to(logits.device) >= 0
+        picked = logits[sel]
+
+        def scatter(values: torch.Tensor) -> torch.Tensor:
+            full = values.new_zeros((*sel.shape, *values.shape[1:]))
+            full[sel] = values
+            return full
+
+        logprobs, _ = vocab_parallel_logprobs_entropy(picked, mb.targets.to(logits.device)[sel], ctx.tp_group)
+        tables = {"logprobs": scatter(logprobs)}
         if topk:
-            tables["topk_logprobs"], tables["topk_ids"] = vocab_parallel_topk(logits, topk, ctx.tp_group)
+            tables["topk_logprobs"], tables["topk_ids"] = map(scatter, vocab_parallel_topk(picked, topk, ctx.tp_group))
         if keep_logits:
             tables["logits"] = logits
         pos = _gather_cp(mb.response_pos.to(logits.device), ctx, layout)
+        segments = _gather_cp(mb.segments.to(logits.device), ctx, layout)
         for name, values in tables.items():
             full = _gather_cp(values.detach(), ctx, layout)
-            for b, index in enumerate(mb.sample_index):
-                if index is None:
-                    continue
-                rows = pos[b] >= 0
-                out[name][index] = full[b][rows].cpu() if name != "logits" else full[b][rows]
+            for k, index in enumerate(mb.samples):
+                picked = full[(segments == k) & (pos >= 0)]  # [R, ...] in position order
+                out[name][index] = picked.cpu() if name != "logits" else picked
         return torch.zeros((), device=logits.device), {}
 
     with torch.no_grad():
@@ -203,7 +226,8 @@ def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayou
             rollout_logprobs=get("rollout_logprobs"), teacher_logprobs=get("teacher_logprobs"),
             teacher_topk_logprobs=get("teacher_topk_logprobs"), teacher_topk_ids=get("teacher_topk_ids"),
             teacher_logits=get("teacher_logits"), action_mask=get("action_mask"),
-            distill_mask=mb.distill_mask.to(device))
+            distill_mask=mb.distill_mask.to(device),
+            segments=Segments(mb.segments.to(device), len(mb.samples)) if layout.packed else None)
         loss, metrics = objective(inputs, normalizers, step, distill_normalizers)
         action = mb.per_token["action_mask"] if "action_mask" in mb.per_token else mb.loss_mask * 0
         tokens = torch.stack([mb.loss_mask.sum(), (action * mb.loss_mask).sum(), mb.distill_mask.sum(),

@@ -10,6 +10,7 @@ Megatron's type checks pass).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,13 @@ class Policy:
         self.optim_config = optim_config
         self.precision = precision
         self.steps_taken = 0
+
+    @functools.cached_property
+    def uses_transformer_engine(self) -> bool:
+        """Built with Transformer Engine's layer spec (its attention takes THD packed sequences,
+        not the local spec's block-diagonal masks)."""
+        return any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine")
+                   for chunk in self.model for m in chunk.modules())
 
     def reset_optimizer(self) -> None:
         """A fresh optimizer over the same model: Adam's moments and step counts start from zero

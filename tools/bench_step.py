@@ -1,0 +1,200 @@
+"""One SDAR step and one GRPO step on the same trajectory batch, each phase against its ideal.
+
+    python tools/bench_step.py [--device cpu|cuda] [--repeats 2] [--json out.json] [main-job overrides ...]
+
+The main job's trainer is built from the embedded default (plus the overrides, e.g.
+``model.hf_path=outputs/sdar/sft_model`` for a trained policy's turn lengths), one rollout step
+runs through vLLM, and on its samples, in the same process:
+
+* the SDAR step and the GRPO step (``PolicyUpdate.train_on``), packed (``trainer.micro_batch_tokens``)
+  and padded (one sample per row): per phase (rollout, weight sync, teacher, reference, student
+  forward+backward, optimizer) the seconds (best of ``--repeats``), the real tokens and the tokens
+  computed (padding included);
+* the ideal: a bare Megatron forward, and forward + backward of Megatron's cross entropy, over the
+  same real tokens laid end to end in rows of the student pass's length (no padding but the last
+  row's, no objective, no schedule).
+
+It prints the table and the ratios (padded / real tokens, student pass / ideal, teacher pass /
+ideal forward, SDAR step / GRPO step), and the same as one JSON object on its last line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PHASES = ("teacher", "reference", "student", "optimizer")
+
+
+def _compose(overrides: list[str]):
+    from hydra import compose, initialize_config_module
+
+    from megatron_sdar.config.schema import load_config
+
+    with initialize_config_module("megatron_sdar.config", version_base=None):
+        return load_config(compose("sdar", overrides=overrides))
+
+
+def _ideal(model, samples, seq_len: int, rows_per_micro: int, teacher: bool, backward: bool) -> tuple[float, int]:
+    """Seconds of a bare forward (+ Megatron cross entropy backward) over the samples' tokens laid
+    end to end in rows of ``seq_len``; and the tokens computed."""
+    import torch
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from megatron_sdar.utils.device import causal_attention_mask, current_device
+
+    device = current_device()
+    stream = torch.tensor([t for s in samples for t in (s.teacher_input_ids if teacher else s.input_ids)])
+    rows = -(-len(stream) // seq_len)
+    tokens = torch.zeros(rows * seq_len + 1, dtype=torch.long)
+    tokens[:len(stream)] = stream
+    inputs, targets = tokens[:-1].view(rows, seq_len), tokens[1:].view(rows, seq_len)
+    mask = causal_attention_mask(seq_len, device=device)
+    positions = torch.arange(seq_len, device=device)
+    start = time.perf_counter()
+    for first in range(0, rows, rows_per_micro):
+        x = inputs[first:first + rows_per_micro].to(device)
+        with torch.set_grad_enabled(backward):
+            logits = model(x, positions.expand_as(x), mask)
+            if backward:
+                loss = vocab_parallel_cross_entropy(logits.float().transpose(0, 1).contiguous(),
+                                                    targets[first:first + rows_per_micro].to(device).t().contiguous()).mean()
+                loss.backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, rows * seq_len
+
+
+def _step(updater, samples, step: int) -> dict[str, float]:
+    import torch
+
+    updater.train_on(samples, step)
+    if torch.cuda.is_available() and not os.environ.get("MEGATRON_SDAR_FORCE_CPU"):
+        torch.cuda.synchronize()
+    return updater.pass_metrics()
+
+
+def _best(runs: list[dict]) -> dict[str, float]:
+    out = dict(runs[0])
+    for run in runs[1:]:
+        for key, value in run.items():
+            if key.endswith("_seconds"):
+                out[key] = min(out[key], value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--json", help="also write the report here")
+    args, overrides = parser.parse_known_args(argv)
+    if args.device == "cpu":
+        os.environ["MEGATRON_SDAR_FORCE_CPU"] = "1"
+    os.environ.setdefault("MASTER_PORT", str(29300 + os.getpid() % 500))
+
+    from megatron_sdar.algo.objective import preset
+    from megatron_sdar.trainer import seeds as task_seeds
+    from megatron_sdar.trainer.batch import samples_from_trajectories
+    from megatron_sdar.trainer.loop import SDARTrainer
+    from megatron_sdar.trainer.update import PolicyUpdate
+    from megatron_sdar.utils.distributed import destroy, init_process_group
+
+    out_dir = tempfile.mkdtemp(prefix="bench_step_")
+    run = _compose([f"trainer.output_dir={out_dir}", "trainer.sft_steps=0", "trainer.tensorboard=false",
+                    *overrides])
+    if run.trainer.micro_batch_tokens is None:
+        parser.error("trainer.micro_batch_tokens is null: the benchmark compares packed with padded passes")
+    init_process_group()
+    trainer = SDARTrainer(run)
+    try:
+        r, t = run.rollout, run.trainer
+        phases: dict[str, float] = {}
+        started = time.perf_counter()
+        trainer._synced_updates = -2  # force a sync
+        trainer.sync_weights()
+        phases["weight_sync_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        batch = trainer.rollout(task_seeds.train_seeds(t.seed, 0, r.tasks_per_step), temperature=r.temperature, with_skills=True,
+                                group_size=r.group_size, first_episode_id=0)
+        phases["rollout_seconds"] = time.perf_counter() - started
+        samples = samples_from_trajectories(batch)
+        pad = int(trainer.tokenizer.pad_token_id or 0)
+        updaters = {
+            name: PolicyUpdate(trainer.policy, preset(algo, kl_coef=run.algo.kl_coef), t.micro_batch_size,
+                               pad, trainer.reference_dir, micro_batch_tokens=tokens)
+            for name, algo, tokens in (("sdar_packed", "sdar", t.micro_batch_tokens),
+                                       ("grpo_packed", "grpo", t.micro_batch_tokens),
+                                       ("sdar_padded", "sdar", None))}
+        runs: dict[str, list[dict]] = {name: [] for name in updaters}
+        for repeat in range(args.repeats + 1):  # the first round warms up (reference build, allocator)
+            for name, updater in updaters.items():
+                result = _step(updater, samples, step=repeat)
+                if repeat:
+                    runs[name].append(result)
+        report = {name: _best(results) for name, results in runs.items()}
+        student_layout = updaters["sdar_packed"]._layout(samples, teacher=False)
+        model = trainer.policy.model[0]
+        ideal = {}
+        for key, teacher, backward in (("student_fwd_bwd", False, True), ("student_fwd", False, False),
+                                       ("teacher_fwd", True, False)):
+            seconds = []
+            for _ in range(args.repeats):
+                trainer.policy.zero_grad()
+                s, computed = _ideal(model, samples, student_layout.seq_len, student_layout.micro_batch_size,
+                                     teacher, backward)
+                seconds.append(s)
+            ideal[key] = {"seconds": min(seconds), "tokens": computed}
+        trainer.policy.zero_grad()
+    finally:
+        trainer.close()
+        destroy()
+
+    def train_seconds(metrics):
+        return sum(metrics.get(f"perf/{p}_seconds", 0.0) for p in PHASES)
+
+    sdar, grpo, padded = report["sdar_packed"], report["grpo_packed"], report["sdar_padded"]
+    rows = []
+    for label, metrics in (("sdar packed", sdar), ("grpo packed", grpo), ("sdar padded", padded)):
+        for phase in PHASES:
+            if f"perf/{phase}_seconds" not in metrics:
+                continue
+            real, computed = metrics.get(f"perf/{phase}_real_tokens"), metrics.get(f"perf/{phase}_padded_tokens")
+            rows.append((label, phase, metrics[f"perf/{phase}_seconds"], real, computed))
+    ratios = {
+        "student_padded_over_real": sdar["perf/student_padded_tokens"] / sdar["perf/student_real_tokens"],
+        "teacher_padded_over_real": sdar["perf/teacher_padded_tokens"] / sdar["perf/teacher_real_tokens"],
+        "student_padded_over_real_without_packing": padded["perf/student_padded_tokens"] / padded["perf/student_real_tokens"],
+        "student_fwd_bwd_over_ideal": sdar["perf/student_seconds"] / ideal["student_fwd_bwd"]["seconds"],
+        "teacher_fwd_over_ideal": sdar["perf/teacher_seconds"] / ideal["teacher_fwd"]["seconds"],
+        "sdar_step_over_grpo_step": train_seconds(sdar) / train_seconds(grpo),
+        "sdar_step_over_grpo_step_with_rollout": (train_seconds(sdar) + phases["rollout_seconds"] + phases["weight_sync_seconds"])
+        / (train_seconds(grpo) + phases["rollout_seconds"] + phases["weight_sync_seconds"]),
+        "sdar_packed_over_padded_step": train_seconds(sdar) / train_seconds(padded),
+    }
+    print(f"bench_step: {len(samples)} samples from {len(batch.episodes)} episodes, device {args.device}")
+    print(f"{'step':<13}{'phase':<11}{'seconds':>9}{'real tok':>10}{'computed':>10}{'ratio':>7}")
+    print(f"{'-':<13}{'rollout':<11}{phases['rollout_seconds']:>9.3f}")
+    print(f"{'-':<13}{'sync':<11}{phases['weight_sync_seconds']:>9.3f}")
+    for label, phase, seconds, real, computed in rows:
+        ratio = f"{computed / real:>7.3f}" if real else ""
+        print(f"{label:<13}{phase:<11}{seconds:>9.3f}{real or '':>10}{computed or '':>10}{ratio}")
+    for key, value in ideal.items():
+        print(f"{'ideal':<13}{key:<11}{value['seconds']:>9.3f}{'':>10}{value['tokens']:>10}")
+    for key, value in ratios.items():
+        print(f"{key}: {value:.3f}")
+    result = {"phases": phases, "steps": report, "ideal": ideal, "ratios": ratios, "samples": len(samples)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
