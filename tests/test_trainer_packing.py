@@ -18,7 +18,7 @@ def test_plan_places_every_sample_once_with_the_same_shape_on_every_rank():
         plans = [plan_pass(lengths, 4, dp, r, micro_batch_tokens=BUDGET, micro_batch_multiple=2) for r in range(dp)]
         placed = sorted(i for p in plans for rows in p.rows for row in rows for i in row)
         assert placed == list(range(len(lengths)))
-        shapes = {(p.micro_batch_size, p.num_micro_batches, len(p.rows), p.computed_tokens) for p in plans}
+        shapes = {(p.micro_batch_size, p.num_micro_batches, len(p.rows), p.padded_tokens) for p in plans}
         assert len(shapes) == 1 and plans[0].num_micro_batches % 2 == 0  # Megatron needs one count
         for p in plans:
             assert p.micro_batch_size * 48 <= BUDGET and len(p.seq_lens) == p.num_micro_batches

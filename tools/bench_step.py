@@ -106,9 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sdar.trainer.update import PolicyUpdate
     from megatron_sdar.utils.distributed import destroy, init_process_group
 
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from megatron_sdar.config.schema import ConfigError
+
     out_dir = tempfile.mkdtemp(prefix="bench_step_")
-    run = _compose([f"trainer.output_dir={out_dir}", "trainer.sft_steps=0", "trainer.tensorboard=false",
-                    *overrides])
+    try:
+        run = _compose([f"trainer.output_dir={out_dir}", "trainer.sft_steps=0", "trainer.tensorboard=false",
+                        *overrides])
+    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+        print(f"bench_step: configuration error: {exc}", file=sys.stderr)
+        return 2
     if run.trainer.micro_batch_tokens is None:
         parser.error("trainer.micro_batch_tokens is null: the benchmark compares packed with padded passes")
     init_process_group()

@@ -103,12 +103,7 @@ class PassLayout:
     real_tokens: int = 0  # tokens of every sample of the pass (all DP ranks)
     thd: bool = False  # packed rows go to Transformer Engine as one THD sequence per micro-batch
     seq_lens: list[int] = field(default_factory=list)  # row length of each micro-batch (<= seq_len)
-    computed_tokens: int = 0  # tokens the pass computes on all DP ranks, padding included
-
-    @property
-    def padded_tokens(self) -> int:
-        """Tokens the pass computes on all DP ranks, padding included."""
-        return self.computed_tokens
+    padded_tokens: int = 0  # tokens the pass computes on all DP ranks, padding included
 
 
 def _align(lengths: list[int], cp_size: int, multiple: int) -> int:
@@ -201,7 +196,7 @@ def plan_pass(lengths: list[int], micro_batch_size: int, dp_size: int, dp_rank: 
     rows, seq_lens = plans[dp_rank]
     computed = sum(length * rows_per_micro for _, lens in plans for length in lens)
     return PassLayout(max(seq_lens), rows_per_micro, num_micro, dp_size, dp_rank, cp_size, cp_rank, rows,
-                      packed=packed, real_tokens=sum(lengths), seq_lens=seq_lens, computed_tokens=computed)
+                      packed=packed, real_tokens=sum(lengths), seq_lens=seq_lens, padded_tokens=computed)
 
 
 @dataclass

@@ -16,7 +16,7 @@ chunks per rank (``None``: not interleaved).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Optional
 
 RECOMPUTE = ("none", "selective", "full")
@@ -84,11 +84,6 @@ class ParallelDims:
         return self.tp if self.etp is None else self.etp
 
     @property
-    def interleaved(self) -> bool:
-        """Virtual pipeline stages: Megatron's interleaved 1F1B schedule."""
-        return bool(self.vpp) and self.vpp > 1
-
-    @property
     def chunks(self) -> int:
         """Model chunks per rank."""
         return self.vpp or 1
@@ -147,9 +142,6 @@ class ParallelDims:
         """The marker's keys that shape per-rank state (everything but DP)."""
         return tuple(name for key, name in _CHECKPOINT_NAMES.items() if key != "dp")
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 @dataclass(frozen=True)
 class ProcessGroups:
@@ -158,11 +150,9 @@ class ProcessGroups:
     dims: ParallelDims
     tp_group: Any
     cp_group: Any
-    dp_group: Any  # data parallel, without CP
     dp_cp_group: Any  # every rank that holds other tokens
     cp_rank: int
     dp_rank: int
-    first_stage: bool
     last_stage: bool
 
     @classmethod
@@ -170,10 +160,10 @@ class ProcessGroups:
         from megatron.core import parallel_state as ps
 
         return cls(dims=ParallelDims.current(), tp_group=ps.get_tensor_model_parallel_group(),
-                   cp_group=ps.get_context_parallel_group(), dp_group=ps.get_data_parallel_group(),
+                   cp_group=ps.get_context_parallel_group(),
                    dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
                    cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
-                   first_stage=ps.is_pipeline_first_stage(), last_stage=ps.is_pipeline_last_stage())
+                   last_stage=ps.is_pipeline_last_stage())
 
     def reduction(self, group) -> Any:
         """``group`` when it spans more than this rank, else ``None`` (nothing to reduce)."""
