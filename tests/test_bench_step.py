@@ -26,9 +26,12 @@ def test_bench_step_reports_every_phase_and_ratio(tmp_path):
     for step in (sdar, padded):
         assert all(step[f"perf/{p}_seconds"] > 0 for p in ("teacher", "reference", "student", "optimizer"))
     assert "perf/teacher_seconds" not in grpo  # GRPO has no teacher pass
+    assert report["phases"]["teacher_batch_seconds"] > 0  # SDAR renders its teacher batch
     # the same samples in every step; packing computes fewer tokens than padding
     assert sdar["perf/student_real_tokens"] == grpo["perf/student_real_tokens"] == padded["perf/student_real_tokens"]
     assert sdar["perf/student_padded_tokens"] <= padded["perf/student_padded_tokens"]
     ratios = report["ratios"]
     assert ratios["student_padded_over_real"] >= 1.0 and ratios["sdar_step_over_grpo_step"] > 1.0
+    (paired,) = report["sdar_step_over_grpo_step_per_repeat"]  # one repeat
+    assert paired == pytest.approx(ratios["sdar_step_over_grpo_step"]) and paired == ratios["sdar_step_over_grpo_step_mean"]
     assert report["ideal"]["student_fwd_bwd"]["tokens"] >= sdar["perf/student_real_tokens"]

@@ -29,7 +29,7 @@ def _step(model_dir: str, root: str, parallel: dict, save: bool):
     from megatron_sdar.trainer.update import PolicyUpdate
     from megatron_sdar.utils.parallel_dims import ParallelDims
 
-    from tests.test_trainer_equivalence import _samples
+    from tests.test_trainer_equivalence import _samples, _train
 
     dims = ParallelDims(distributed_optimizer=True, **parallel)
     arch = QwenArchitecture.from_hf_config(model_dir)
@@ -40,14 +40,14 @@ def _step(model_dir: str, root: str, parallel: dict, save: bool):
     updater = PolicyUpdate(policy, preset("sdar", kl_coef=0.01), micro_batch_size=2, pad_id=0,
                            reference_dir=lambda: model_dir)
     if save:
-        updater.train_on(_samples(arch.vocab_size), step=0)
+        _train(updater, _samples(arch.vocab_size), 0)
         save_checkpoint(Path(root), 1, policy, {"step": 1}, optimizer_sharding="fully_reshardable")
     else:
         assert load_checkpoint(find_latest_checkpoint(Path(root)), policy) == {"step": 1}
     samples = _samples(arch.vocab_size)
     for sample in samples:  # step 2 sees other advantages than step 1
         sample.advantage = -0.5 * sample.advantage + 0.1
-    metrics = updater.train_on(samples, step=1)
+    metrics = _train(updater, samples, 1)
     weights = {name: t.numpy().copy() for name, t in iter_hf_weights(policy.model, arch, target="first")}
     return {"metrics": metrics, "weights": weights if dist.get_rank() == 0 else None,
             "steps_taken": policy.steps_taken}

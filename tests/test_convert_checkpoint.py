@@ -281,6 +281,7 @@ def test_failed_conversion_leaves_the_old_output_intact(converted, tmp_path):
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # refusals; the suite keeps the round trip
 def test_corrupt_incomplete_and_nonfinite_checkpoints_are_refused(converted, tmp_path):
     import shutil
 
@@ -319,6 +320,7 @@ def test_corrupt_incomplete_and_nonfinite_checkpoints_are_refused(converted, tmp
 
 
 @pytest.mark.multiproc
+@pytest.mark.slow  # refusals; the suite keeps the round trip
 def test_export_without_a_tokenizer_is_refused(converted, tmp_path):
     import shutil
 

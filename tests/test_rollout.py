@@ -51,8 +51,11 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     from megatron_sdar.models.architecture import QwenArchitecture
     from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource,
                                        RolloutEngine, RolloutEngineConfig, TrajectoryBatch)
+    from megatron_sdar.algo.objective import preset
     from megatron_sdar.skills import SkillBank, SkillRetriever, builtin_skill_dir
+    from megatron_sdar.trainer.batch import samples_from_trajectories
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
+    from megatron_sdar.trainer.teacher import TeacherBatch
 
     rank = dist.get_rank()
     arch = QwenArchitecture.from_hf_config(model_dir)
@@ -92,9 +95,14 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
                            for e in batch.episodes]}
     # the token ids the trainer rebuilds from the stored messages equal what vLLM saw
     result["roundtrip"] = all(loop.formatter.encode(t.messages) == t.prompt_ids for _, t in batch.turns())
-    result["teacher_has_context"] = all(
-        len(t.teacher_prompt_ids) > len(t.prompt_ids) and t.teacher_prompt_ids[-3:] == t.prompt_ids[-3:]
-        for e in batch.episodes if e.privileged_context for t in e.turns)
+    # the teacher batch renders the same messages with the episode's skills in front of the task
+    samples = samples_from_trajectories(batch)
+    teacher = TeacherBatch.from_messages(samples, preset("sdar"), loop.formatter)
+    with_context = {i for i, s in enumerate(samples) if s.privileged_context}
+    result["teacher_has_context"] = bool(with_context) and all(
+        (len(t.input_ids) > len(samples[i].input_ids)) == (i in with_context)
+        and t.input_ids[t.response_start - 3:] == samples[i].input_ids[samples[i].response_start - 3:]
+        for i, t in zip(teacher.indices, teacher.sequences))
     # every rank scores every rank's sequences (TP ranks must see the same input)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, batch)

@@ -16,6 +16,7 @@ def _hdpo_trainer_checks(out: str):
     from megatron_sdar.trainer import seeds as task_seeds
     from megatron_sdar.trainer.batch import rescue_samples
     from megatron_sdar.trainer.loop import SDARTrainer
+    from megatron_sdar.trainer.teacher import TeacherBatch
 
     overrides = [*TINY_RUN_OVERRIDES, "algo=hdpo", "trainer.sft_steps=0", "trainer.eval_tasks=0",
                  "rollout.tasks_per_step=2", "rollout.group_size=2", "rollout.max_turns=2", f"trainer.output_dir={out}"]
@@ -39,16 +40,21 @@ def _hdpo_trainer_checks(out: str):
         result["same_skills"] = all(e.privileged_context == context_of[cliffs[e.group]] and e.privileged_context
                                     for e in rescue.episodes)
         decode = trainer.tokenizer.decode
-        turns = [t for _, t in rescue.turns() if t.response_ids]
-        result["teacher_prompt_has_skills"] = all(CONTEXT_HEADER.strip() in decode(t.teacher_prompt_ids) for t in turns)
-        result["student_prompt_has_none"] = all(CONTEXT_HEADER.strip() not in decode(t.prompt_ids) for t in turns)
-        # the engine generated from the teacher's prompt: its log-probs are the trainer's on that
-        # sequence, not on the student's (same weights)
-        for name, teacher in (("teacher", True), ("student", False)):
-            flipped = rescue_samples(type(rescue)([type(e)(**{**e.__dict__, "won": True}) for e in rescue.episodes]))
-            scored = trainer.updater._forward_values(trainer.policy.model, flipped, teacher=teacher)["logprobs"]
+        flipped = rescue_samples(type(rescue)([type(e)(**{**e.__dict__, "won": True}) for e in rescue.episodes]))
+        # the teacher batch renders each rescue turn's prompt from its stored messages and skills
+        teacher = TeacherBatch.from_messages(flipped, trainer.objective, trainer.formatter)
+        result["teacher_scores_every_rescue_turn"] = teacher.indices == list(range(len(flipped)))
+        result["teacher_prompt_has_skills"] = all(
+            CONTEXT_HEADER.strip() in decode(s.input_ids[:s.response_start]) for s in teacher.sequences)
+        result["student_prompt_has_none"] = all(
+            CONTEXT_HEADER.strip() not in decode(s.input_ids[:s.response_start]) for s in flipped)
+        # the engine generated from the teacher's prompt: its log-probs are the trainer's on the
+        # rendered teacher sequence (so the rendering is the prompt the engine saw), not on the
+        # student's (same weights)
+        for name, sequences in (("teacher", teacher.sequences), ("student", flipped)):
+            scored = trainer.updater._forward_values(trainer.policy.model, sequences)["logprobs"]
             result[f"{name}_diff"] = max(float((scored[i] - torch.tensor(s.rollout_logprobs)).abs().max())
-                                         for i, s in enumerate(flipped))
+                                         for i, s in enumerate(sequences))
         # only successful rescues become (distillation-only) samples
         natural = rescue_samples(rescue)
         result["natural"] = (len(natural), sum(len([t for t in e.turns if t.response_ids])
@@ -78,6 +84,7 @@ def test_hdpo_rescues_cliff_groups_through_the_engine(tmp_path):
     assert result["cliffs"] == result["cliffs_by_hand"] and result["cliffs"], result["cliffs"]  # untrained: all fail
     assert result["rescue_episodes"] == 2 * len(result["cliffs"]) and result["unchanged"]
     assert result["same_skills"] and result["teacher_prompt_has_skills"] and result["student_prompt_has_none"]
+    assert result["teacher_scores_every_rescue_turn"]
     assert result["teacher_diff"] < 1e-3 < result["student_diff"], (result["teacher_diff"], result["student_diff"])
     assert result["natural"][0] == result["natural"][1]
     count, turns, same_tokens, distill_only = result["picked"]

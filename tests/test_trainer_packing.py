@@ -63,14 +63,14 @@ def _step(model_dir: str, packed: bool, parallel: dict, loss_agg: str):
     from megatron_sdar.trainer.update import PolicyUpdate
     from megatron_sdar.utils.parallel_dims import ParallelDims
 
-    from tests.test_trainer_equivalence import _samples
+    from tests.test_trainer_equivalence import _samples, _train
 
     arch = QwenArchitecture.from_hf_config(model_dir)
     policy = build_policy(arch, OptimConfig(lr=1e-3, adam_eps=1e-3, clip_grad=0.0), hf_dir=model_dir,
                           **transformer_overrides(ParallelDims(**parallel)))
     updater = PolicyUpdate(policy, preset("sdar", kl_coef=0.01, loss_agg=loss_agg), micro_batch_size=2, pad_id=0,
                            reference_dir=lambda: model_dir, micro_batch_tokens=BUDGET if packed else None)
-    metrics = updater.train_on(_samples(arch.vocab_size), step=0)
+    metrics = _train(updater, _samples(arch.vocab_size), 0)
     metrics.update(updater.pass_metrics())
     weights = {name: t.numpy().copy() for name, t in iter_hf_weights(policy.model, arch, target="first")}
     return {"metrics": metrics, "weights": weights if dist.get_rank() == 0 else None}
@@ -134,7 +134,7 @@ def _te_packed_vs_padded(model_dir: str) -> dict:
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
     from megatron_sdar.trainer.update import PolicyUpdate
 
-    from tests.test_trainer_equivalence import _samples
+    from tests.test_trainer_equivalence import _samples, _train
 
     arch = QwenArchitecture.from_hf_config(model_dir)
     out = {}
@@ -144,7 +144,7 @@ def _te_packed_vs_padded(model_dir: str) -> dict:
         assert policy.uses_transformer_engine
         updater = PolicyUpdate(policy, preset("sdar", kl_coef=0.01), micro_batch_size=2, pad_id=0,
                                reference_dir=lambda: model_dir, micro_batch_tokens=BUDGET if packed else None)
-        out[packed] = updater.train_on(_samples(arch.vocab_size), step=0)
+        out[packed] = _train(updater, _samples(arch.vocab_size), 0)
     return out
 
 
@@ -161,7 +161,7 @@ def _without_kl(model_dir: str) -> dict:
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
     from megatron_sdar.trainer.update import PolicyUpdate
 
-    from tests.test_trainer_equivalence import _samples
+    from tests.test_trainer_equivalence import _samples, _train
 
     def no_reference():
         raise AssertionError("the reference model was asked for")
@@ -170,13 +170,19 @@ def _without_kl(model_dir: str) -> dict:
     policy = build_policy(arch, OptimConfig(lr=1e-3), hf_dir=model_dir)
     updater = PolicyUpdate(policy, preset("sdar", kl_coef=0.0), micro_batch_size=2, pad_id=0,
                            reference_dir=no_reference, micro_batch_tokens=BUDGET)
-    metrics = updater.train_on(_samples(arch.vocab_size), step=0)
-    return {"passes": sorted(k for k in updater.pass_metrics() if k.endswith("_seconds")),
+    try:  # a teacher objective without the samples' teacher batch is refused before any pass
+        updater.train_on(_samples(arch.vocab_size), 0)
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    metrics = _train(updater, _samples(arch.vocab_size), 0)
+    return {"refused": refused, "passes": sorted(k for k in updater.pass_metrics() if k.endswith("_seconds")),
             "reference_built": updater.reference is not None, "kl_logged": "actor/kl_ref" in metrics}
 
 
 @pytest.mark.multiproc
 def test_no_reference_pass_without_a_kl_term(tiny_model):
     result = run_distributed(_without_kl, world_size=1, args=(tiny_model,), timeout=300)[0]
+    assert "no teacher batch" in result.pop("refused")
     assert result == {"passes": ["perf/optimizer_seconds", "perf/student_seconds", "perf/teacher_seconds"],
                       "reference_built": False, "kl_logged": False}

@@ -15,7 +15,8 @@ runs through vLLM, and on its samples, in the same process:
   row's, no objective, no schedule).
 
 It prints the table and the ratios (padded / real tokens, student pass / ideal, teacher pass /
-ideal forward, SDAR step / GRPO step), and the same as one JSON object on its last line.
+ideal forward, SDAR step / GRPO step, the last also per repeat with its mean and 95% interval), and
+the same as one JSON object on its last line. SDAR's step includes rendering its teacher batch.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def _compose(overrides: list[str]):
         return load_config(compose("sdar", overrides=overrides))
 
 
-def _ideal(model, samples, seq_len: int, rows_per_micro: int, teacher: bool, backward: bool) -> tuple[float, int]:
+def _ideal(model, samples, seq_len: int, rows_per_micro: int, backward: bool) -> tuple[float, int]:
     """Seconds of a bare forward (+ Megatron cross entropy backward) over the samples' tokens laid
     end to end in rows of ``seq_len``; and the tokens computed."""
     import torch
@@ -50,7 +51,7 @@ def _ideal(model, samples, seq_len: int, rows_per_micro: int, teacher: bool, bac
     from megatron_sdar.utils.device import causal_attention_mask, current_device
 
     device = current_device()
-    stream = torch.tensor([t for s in samples for t in (s.teacher_input_ids if teacher else s.input_ids)])
+    stream = torch.tensor([t for s in samples for t in s.input_ids])
     rows = -(-len(stream) // seq_len)
     tokens = torch.zeros(rows * seq_len + 1, dtype=torch.long)
     tokens[:len(stream)] = stream
@@ -71,10 +72,10 @@ def _ideal(model, samples, seq_len: int, rows_per_micro: int, teacher: bool, bac
     return time.perf_counter() - start, rows * seq_len
 
 
-def _step(updater, samples, step: int) -> dict[str, float]:
+def _step(updater, samples, teacher, step: int) -> dict[str, float]:
     import torch
 
-    updater.train_on(samples, step)
+    updater.train_on(samples, step, teacher=teacher)
     if torch.cuda.is_available() and not os.environ.get("MEGATRON_SDAR_FORCE_CPU"):
         torch.cuda.synchronize()
     return updater.pass_metrics()
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sdar.trainer import seeds as task_seeds
     from megatron_sdar.trainer.batch import samples_from_trajectories
     from megatron_sdar.trainer.loop import SDARTrainer
+    from megatron_sdar.trainer.teacher import TeacherBatch
     from megatron_sdar.trainer.update import PolicyUpdate
     from megatron_sdar.utils.distributed import destroy, init_process_group
+    from megatron_sdar.utils.stats import mean_ci
 
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -141,23 +144,29 @@ def main(argv: list[str] | None = None) -> int:
             for name, algo, tokens in (("sdar_packed", "sdar", t.micro_batch_tokens),
                                        ("grpo_packed", "grpo", t.micro_batch_tokens),
                                        ("sdar_padded", "sdar", None))}
+        teachers = {}
+        for name, updater in updaters.items():
+            started = time.perf_counter()
+            teachers[name] = TeacherBatch.from_messages(samples, updater.objective, trainer.formatter)
+            if name == "sdar_packed":  # the step's one teacher batch (rendered from the stored messages)
+                phases["teacher_batch_seconds"] = time.perf_counter() - started
         runs: dict[str, list[dict]] = {name: [] for name in updaters}
         for repeat in range(args.repeats + 1):  # the first round warms up (reference build, allocator)
             for name, updater in updaters.items():
-                result = _step(updater, samples, step=repeat)
+                result = _step(updater, samples, teachers[name], step=repeat)
                 if repeat:
                     runs[name].append(result)
         report = {name: _best(results) for name, results in runs.items()}
-        student_layout = updaters["sdar_packed"]._layout(samples, teacher=False)
+        student_layout = updaters["sdar_packed"]._layout(samples)
         model = trainer.policy.model[0]
         ideal = {}
-        for key, teacher, backward in (("student_fwd_bwd", False, True), ("student_fwd", False, False),
-                                       ("teacher_fwd", True, False)):
+        for key, sequences, backward in (("student_fwd_bwd", samples, True), ("student_fwd", samples, False),
+                                         ("teacher_fwd", teachers["sdar_packed"].sequences, False)):
             seconds = []
             for _ in range(args.repeats):
                 trainer.policy.zero_grad()
-                s, computed = _ideal(model, samples, student_layout.seq_len, student_layout.micro_batch_size,
-                                     teacher, backward)
+                s, computed = _ideal(model, sequences, student_layout.seq_len, student_layout.micro_batch_size,
+                                     backward)
                 seconds.append(s)
             ideal[key] = {"seconds": min(seconds), "tokens": computed}
         trainer.policy.zero_grad()
@@ -176,21 +185,28 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             real, computed = metrics.get(f"perf/{phase}_real_tokens"), metrics.get(f"perf/{phase}_padded_tokens")
             rows.append((label, phase, metrics[f"perf/{phase}_seconds"], real, computed))
+    render = phases["teacher_batch_seconds"]  # SDAR's only work outside the passes
+    shared = phases["rollout_seconds"] + phases["weight_sync_seconds"]
     ratios = {
         "student_padded_over_real": sdar["perf/student_padded_tokens"] / sdar["perf/student_real_tokens"],
         "teacher_padded_over_real": sdar["perf/teacher_padded_tokens"] / sdar["perf/teacher_real_tokens"],
         "student_padded_over_real_without_packing": padded["perf/student_padded_tokens"] / padded["perf/student_real_tokens"],
         "student_fwd_bwd_over_ideal": sdar["perf/student_seconds"] / ideal["student_fwd_bwd"]["seconds"],
         "teacher_fwd_over_ideal": sdar["perf/teacher_seconds"] / ideal["teacher_fwd"]["seconds"],
-        "sdar_step_over_grpo_step": train_seconds(sdar) / train_seconds(grpo),
-        "sdar_step_over_grpo_step_with_rollout": (train_seconds(sdar) + phases["rollout_seconds"] + phases["weight_sync_seconds"])
-        / (train_seconds(grpo) + phases["rollout_seconds"] + phases["weight_sync_seconds"]),
+        "sdar_step_over_grpo_step": (train_seconds(sdar) + render) / train_seconds(grpo),
+        "sdar_step_over_grpo_step_with_rollout": (train_seconds(sdar) + render + shared) / (train_seconds(grpo) + shared),
         "sdar_packed_over_padded_step": train_seconds(sdar) / train_seconds(padded),
     }
+    # the same ratio per repeat (the SDAR and GRPO steps of a repeat run back to back): its spread
+    # says how much of a difference from a target is noise of the machine
+    paired = [(train_seconds(s) + render) / train_seconds(g) for s, g in zip(runs["sdar_packed"], runs["grpo_packed"])]
+    mean, half_width = mean_ci(paired)
+    ratios.update({"sdar_step_over_grpo_step_mean": mean, "sdar_step_over_grpo_step_ci95": half_width})
     print(f"bench_step: {len(samples)} samples from {len(batch.episodes)} episodes, device {args.device}")
     print(f"{'step':<13}{'phase':<11}{'seconds':>9}{'real tok':>10}{'computed':>10}{'ratio':>7}")
     print(f"{'-':<13}{'rollout':<11}{phases['rollout_seconds']:>9.3f}")
     print(f"{'-':<13}{'sync':<11}{phases['weight_sync_seconds']:>9.3f}")
+    print(f"{'sdar':<13}{'render':<11}{phases['teacher_batch_seconds']:>9.3f}  (the teacher batch from the messages)")
     for label, phase, seconds, real, computed in rows:
         ratio = f"{computed / real:>7.3f}" if real else ""
         print(f"{label:<13}{phase:<11}{seconds:>9.3f}{real or '':>10}{computed or '':>10}{ratio}")
@@ -198,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'ideal':<13}{key:<11}{value['seconds']:>9.3f}{'':>10}{value['tokens']:>10}")
     for key, value in ratios.items():
         print(f"{key}: {value:.3f}")
-    result = {"phases": phases, "steps": report, "ideal": ideal, "ratios": ratios, "samples": len(samples)}
+    print(f"sdar_step_over_grpo_step per repeat: {', '.join(f'{r:.3f}' for r in paired)} "
+          f"(mean {mean:.3f} +- {half_width:.3f}, 95% t-interval)")
+    result = {"phases": phases, "steps": report, "ideal": ideal, "ratios": ratios, "samples": len(samples),
+              "sdar_step_over_grpo_step_per_repeat": paired}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))

@@ -100,15 +100,14 @@ def _samples(vocab: int, count: int = 8):
     from megatron_sdar.trainer.batch import TrainingSample
 
     gen = torch.Generator().manual_seed(0)
-    samples = []
+    samples, contexts = [], []
     for i in range(count):
         prompt = torch.randint(3, vocab, (40,), generator=gen).tolist()
         response = torch.randint(3, vocab, (16,), generator=gen).tolist()
-        context = torch.randint(3, vocab, (24,), generator=gen).tolist()
-        samples.append(TrainingSample(prompt + response, len(prompt), context + prompt + response,
-                                      len(context) + len(prompt), (-2.0 * torch.rand(16, generator=gen)).tolist(),
+        contexts.append(torch.randint(3, vocab, (24,), generator=gen).tolist())
+        samples.append(TrainingSample(prompt + response, len(prompt), (-2.0 * torch.rand(16, generator=gen)).tolist(),
                                       advantage=float(torch.randn(1, generator=gen)), episode=i // 2))
-    return samples
+    return samples, contexts
 
 
 def _sdar_step(model_dir: Path, fp8: str | None) -> dict:
@@ -116,6 +115,7 @@ def _sdar_step(model_dir: Path, fp8: str | None) -> dict:
     from megatron_sdar.models.architecture import QwenArchitecture
     from megatron_sdar.models.precision import resolve_precision
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
+    from megatron_sdar.trainer.teacher import TeacherBatch
     from megatron_sdar.trainer.update import PolicyUpdate
 
     arch = QwenArchitecture.from_hf_config(model_dir)
@@ -124,7 +124,10 @@ def _sdar_step(model_dir: Path, fp8: str | None) -> dict:
     updater = PolicyUpdate(policy, preset("sdar", kl_coef=0.01), micro_batch_size=4, pad_id=0,
                            reference_dir=lambda: model_dir)
     start = time.perf_counter()
-    metrics = updater.train_on(_samples(arch.vocab_size), step=0)
+    samples, contexts = _samples(arch.vocab_size)
+    teacher = TeacherBatch.build(samples, updater.objective, lambda indices: [
+        contexts[i] + samples[i].input_ids[:samples[i].response_start] for i in indices])
+    metrics = updater.train_on(samples, step=0, teacher=teacher)
     return {"loss": metrics["actor/loss"], "grad_norm": metrics["actor/grad_norm"],
             "gate_mean": metrics["sdar/gate_mean"], "seconds": round(time.perf_counter() - start, 3)}
 
@@ -196,8 +199,7 @@ def check_vllm(tmp: Path, allow_cpu: bool) -> dict:
         first = engine.generate(prompts, sampling, seeds=[11, 12, 13, 14])
         second = engine.generate(prompts, sampling, seeds=[11, 12, 13, 14])
         # the trainer's log-probs of the tokens vLLM sampled, from the synced weights
-        samples = [TrainingSample(g.prompt_ids + g.token_ids, len(g.prompt_ids), g.prompt_ids + g.token_ids,
-                                  len(g.prompt_ids), g.logprobs, advantage=0.0, episode=i)
+        samples = [TrainingSample(g.prompt_ids + g.token_ids, len(g.prompt_ids), g.logprobs, advantage=0.0, episode=i)
                    for i, g in enumerate(first)]
         updater = PolicyUpdate(policy, preset("grpo"), micro_batch_size=4, pad_id=0, reference_dir=lambda: model_dir)
         metrics = updater.train_on(samples, step=0)

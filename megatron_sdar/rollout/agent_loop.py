@@ -273,10 +273,17 @@ class ChatFormatter:
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids (generation prompt appended), exactly as the rollout and the trainer use them."""
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return self.encode_many([messages])[0]
+
+    def encode_many(self, conversations: list[list[dict[str, str]]]) -> list[list[int]]:
+        """:meth:`encode` of each conversation, tokenized as one batch (about 2x faster for a step's
+        turns; the template renders each alone, so the ids are the same)."""
+        if not conversations:
+            return []
+        ids = self.tokenizer.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
             ids = ids["input_ids"]
-        return [int(i) for i in ids]
+        return [[int(i) for i in row] for row in ids]
 
     def teacher_messages(self, student_messages: list[dict[str, str]], privileged_context: str) -> list[dict[str, str]]:
         """The teacher's messages: the privileged context in front of the student's user content."""
@@ -411,16 +418,11 @@ class AgentLoop:
                 episode = episodes[i]
                 text = self.tokenizer.decode(gen.token_ids, skip_special_tokens=True)
                 action = self.formatter.resolve(parse_action(text, config.action_pattern), states[i])
-                if config.acts_with_privileged_context:
-                    student_ids, teacher_ids = ids, list(gen.prompt_ids)
-                else:
-                    student_ids = list(gen.prompt_ids)
-                    teacher_ids = self.formatter.encode(
-                        self.formatter.teacher_messages(messages, episode.privileged_context))
+                # a rescue episode generated from the teacher's prompt; its student prompt is ``ids``
+                student_ids = ids if config.acts_with_privileged_context else list(gen.prompt_ids)
                 episode.turns.append(Turn(prompt_ids=student_ids, response_ids=gen.token_ids,
-                                          rollout_logprobs=gen.logprobs, teacher_prompt_ids=teacher_ids,
-                                          messages=messages, response_text=text, action=action,
-                                          finish_reason=gen.finish_reason,
+                                          rollout_logprobs=gen.logprobs, messages=messages, response_text=text,
+                                          action=action, finish_reason=gen.finish_reason,
                                           action_mask=action_token_mask(self.tokenizer, gen.token_ids,
                                                                         config.action_pattern)))
                 tokens += len(gen.token_ids)

@@ -1,15 +1,15 @@
 """What a rollout produces: episodes made of turns, each turn one model call.
 
 Training unit = one turn: the student sees ``prompt_ids`` (system prompt, task, the last k
-turns, the current observation) and produced ``response_ids``; the teacher scores the same
-``response_ids`` after ``teacher_prompt_ids`` (the privileged context in front of the same
-prompt). Every trained token of an episode shares the episode's reward / advantage.
+turns, the current observation) and produced ``response_ids``. The teacher's sequence (the
+episode's ``privileged_context`` in front of the same prompt, then the same ``response_ids``) is
+not stored: the trainer renders it from the turn's ``messages``
+(:class:`~megatron_sdar.trainer.teacher.TeacherBatch`). Every trained token of an episode shares
+the episode's reward / advantage.
 
-Token ids are never re-derived from decoded text: ``prompt_ids`` are exactly what vLLM saw (for
-HDPO's rescue episodes, which the engine generates from the teacher's prompt, ``teacher_prompt_ids``
-are), and
-:class:`~megatron_sdar.rollout.agent_loop.ChatFormatter` rebuilds them bit-identically from the
-stored ``messages`` (tested).
+Token ids are never re-derived from decoded text: ``prompt_ids`` are exactly what vLLM saw, and
+:class:`~megatron_sdar.rollout.agent_loop.ChatFormatter` rebuilds them, and the teacher's prompt
+vLLM sees in HDPO's rescue episodes, bit-identically from the stored ``messages`` (tested).
 """
 from __future__ import annotations
 
@@ -22,17 +22,16 @@ class Turn:
     """One model call of an episode.
 
     ``prompt_ids``: [P] the student's prompt (the ids vLLM saw, except in a rescue episode, where
-    vLLM saw ``teacher_prompt_ids``); ``response_ids``: [R] sampled ids (including the stop
-    token when generation stopped on it); ``rollout_logprobs``: [R] vLLM's log-probs of
-    ``response_ids``; ``teacher_prompt_ids``: [P'] privileged context + the same prompt;
-    ``messages``: the chat messages ``prompt_ids`` was rendered from; ``action_mask``: [R] 1 on the
-    tokens that spell the action (the action-choice tokens).
+    vLLM saw the teacher's prompt: the same messages with the episode's privileged context);
+    ``response_ids``: [R] sampled ids (including the stop token when generation stopped on it);
+    ``rollout_logprobs``: [R] vLLM's log-probs of ``response_ids``; ``messages``: the chat
+    messages ``prompt_ids`` was rendered from; ``action_mask``: [R] 1 on the tokens that spell the
+    action (the action-choice tokens).
     """
 
     prompt_ids: list[int]
     response_ids: list[int]
     rollout_logprobs: list[float]
-    teacher_prompt_ids: list[int]
     messages: list[dict[str, str]]
     response_text: str = ""
     action: str | None = None

@@ -1,7 +1,8 @@
 """From trajectories to padded micro-batches for Megatron's schedules.
 
-A :class:`TrainingSample` is one turn: the student sequence (prompt + response) and the teacher
-sequence (privileged context + the same prompt + the same response). Every pass over the samples
+A :class:`TrainingSample` is one turn: the student sequence (prompt + response), and the stored
+messages and privileged context the teacher's sequence is rendered from
+(:class:`~megatron_sdar.trainer.teacher.TeacherBatch`). Every pass over the samples
 (teacher, reference, student) builds :class:`MicroBatch` es with the same assignment of samples to
 data-parallel ranks (:func:`assign_ranks`, once per step), so per-token values computed in one pass
 (``[R]`` per sample, indexed by response position) can be scattered into the next pass's layout.
@@ -27,28 +28,32 @@ from typing import Optional
 import torch
 
 from megatron_sdar.algo.grpo import group_advantages
-from megatron_sdar.rollout.trajectory import TrajectoryBatch
+from megatron_sdar.rollout.trajectory import Episode, TrajectoryBatch, Turn
 from megatron_sdar.utils.distributed import cp_token_indices
 
 
 @dataclass
 class TrainingSample:
-    """One turn. ``advantage``: the episode's group-normalized advantage (0 for SFT);
-    ``action_mask``: [R] 1 on the response tokens that spell the action (empty: unknown).
+    """One turn. ``input_ids``: [P + R] prompt + response, ``response_start`` = P;
+    ``rollout_logprobs``: [R] the engine's log-probs of the response; ``advantage``: the episode's
+    group-normalized advantage (0 for SFT); ``action_mask``: [R] 1 on the response tokens that
+    spell the action (empty: unknown); ``messages``: the chat messages the prompt was rendered from
+    and ``privileged_context``: the episode's retrieved skills (the teacher's prompt is rendered from
+    both; empty for demonstrations).
     ``rl``: its tokens enter the RL terms (policy gradient, KL, entropy); ``distill``: they enter
     the distillation term (and the teacher pass scores it). Both for SDAR's samples; HDPO's
     ordinary samples are RL only, its successful rescue turns distillation only."""
 
     input_ids: list[int]
     response_start: int
-    teacher_input_ids: list[int]
-    teacher_response_start: int
     rollout_logprobs: list[float]
     advantage: float = 0.0
     episode: int = 0
     action_mask: list[int] = field(default_factory=list)
     rl: bool = True
     distill: bool = True
+    messages: list[dict[str, str]] = field(default_factory=list)
+    privileged_context: str = ""
 
     @property
     def num_response_tokens(self) -> int:
@@ -64,24 +69,25 @@ def samples_from_trajectories(batch: TrajectoryBatch, norm_by_std: bool = True,
     rewards = torch.tensor([e.reward for e in batch.episodes], dtype=torch.float64)
     groups = torch.tensor([e.group for e in batch.episodes])
     advantages = group_advantages(rewards, groups, norm_by_std=norm_by_std).tolist()
-    return [_sample(turn, index, float(advantages[index]), rl=True, distill=distill)
+    return [_sample(turn, batch.episodes[index], index, float(advantages[index]), rl=True, distill=distill)
             for index, turn in batch.turns() if turn.response_ids]
 
 
 def rescue_samples(rescue: TrajectoryBatch) -> list[TrainingSample]:
     """HDPO: the turns of the successful rescue episodes, as distillation-only samples. Their student
-    sequence is the prompt without the skills + the response generated with them; the teacher's, the
-    prompt the engine saw (skills included) + the same response."""
-    return [_sample(turn, index, 0.0, rl=False, distill=True)
+    sequence is the prompt without the skills + the response generated with them; the teacher's
+    (rendered by :class:`~megatron_sdar.trainer.teacher.TeacherBatch`) is the prompt the engine saw,
+    skills included, + the same response."""
+    return [_sample(turn, rescue.episodes[index], index, 0.0, rl=False, distill=True)
             for index, turn in rescue.turns() if rescue.episodes[index].won and turn.response_ids]
 
 
-def _sample(turn, episode: int, advantage: float, *, rl: bool, distill: bool) -> TrainingSample:
+def _sample(turn: Turn, episode: Episode, index: int, advantage: float, *, rl: bool, distill: bool) -> TrainingSample:
     return TrainingSample(
         input_ids=turn.prompt_ids + turn.response_ids, response_start=len(turn.prompt_ids),
-        teacher_input_ids=turn.teacher_prompt_ids + turn.response_ids,
-        teacher_response_start=len(turn.teacher_prompt_ids), rollout_logprobs=list(turn.rollout_logprobs),
-        advantage=advantage, episode=episode, action_mask=list(turn.action_mask), rl=rl, distill=distill)
+        rollout_logprobs=list(turn.rollout_logprobs), advantage=advantage, episode=index,
+        action_mask=list(turn.action_mask), rl=rl, distill=distill, messages=turn.messages,
+        privileged_context=episode.privileged_context)
 
 
 @dataclass
@@ -245,7 +251,7 @@ def thd_packed_seq_params(segments: torch.Tensor, device=None):
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
-def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, teacher: bool = False,
+def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *,
                         per_token: Optional[dict[str, dict[int, torch.Tensor]]] = None,
                         pad_id: int = 0) -> list[MicroBatch]:
     """This rank's micro-batches of a pass. ``per_token[name][sample] = [R, ...]`` values indexed by
@@ -267,8 +273,7 @@ def build_micro_batches(samples: list[TrainingSample], layout: PassLayout, *, te
             offset = 0
             for index in row:
                 sample = samples[index]
-                ids = sample.teacher_input_ids if teacher else sample.input_ids
-                start = sample.teacher_response_start if teacher else sample.response_start
+                ids, start = sample.input_ids, sample.response_start
                 end = offset + len(ids)
                 if end > S:
                     raise ValueError(f"row {b} needs {end} tokens, more than the pass length {S}")

@@ -23,6 +23,7 @@ Wall-clock metrics live under ``perf/``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -34,11 +35,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdar.config.schema import ConfigError, RunConfig, validate
-from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource, RolloutEngine,
-                                   TrajectoryBatch)
+from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, ChatFormatter, EpisodeSpec, MegatronWeightSource,
+                                   RolloutEngine, TrajectoryBatch)
 from megatron_sdar.trainer import seeds as task_seeds
 from megatron_sdar.trainer.batch import rescue_samples, samples_from_trajectories
 from megatron_sdar.trainer.policy import Policy, build_policy
+from megatron_sdar.trainer.teacher import TeacherBatch
 from megatron_sdar.trainer.update import PolicyUpdate, log
 
 EVAL_EPISODE_ID = 10_000_000  # sampling seeds of evaluation episodes, apart from training's
@@ -158,9 +160,20 @@ class SDARTrainer:
         """``with_skills``: retrieve skills (the teacher's context); ``student_sees_skills``: put
         them in the student's own prompt too (default: the objective's choice); ``acts_with_context``:
         generate from the teacher's prompt (HDPO's rescue)."""
+        config = self._agent_config(temperature, student_sees_skills, acts_with_context)
+        return AgentLoop(self.engine, self.tokenizer, config, self.retriever if with_skills else None)
+
+    @functools.cached_property
+    def formatter(self) -> ChatFormatter:
+        """The rollout's prompt rendering (chat template, context placement): the teacher batch's
+        prompts are rendered with it."""
+        return ChatFormatter(self.tokenizer, self._agent_config(self.run_config.rollout.temperature))
+
+    def _agent_config(self, temperature: float, student_sees_skills: bool | None = None,
+                      acts_with_context: bool = False) -> AgentLoopConfig:
         r = self.run_config.rollout
         student = self.objective.student_sees_skills if student_sees_skills is None else student_sees_skills
-        config = AgentLoopConfig(
+        return AgentLoopConfig(
             max_turns=r.max_turns, history_window=r.history_window, max_prompt_tokens=r.max_prompt_tokens,
             max_response_tokens=r.max_response_tokens, temperature=temperature,  # 0: greedy
             action_pattern=r.action_pattern, invalid_action_penalty=r.invalid_action_penalty,
@@ -169,7 +182,6 @@ class SDARTrainer:
             skills_in_student_prompt=student and not acts_with_context,
             acts_with_privileged_context=acts_with_context, step_timeout_s=self.run_config.env.step_timeout_s,
             seed=self.run_config.trainer.seed)
-        return AgentLoop(self.engine, self.tokenizer, config, self.retriever if with_skills else None)
 
     # ------------------------------------------------------------------ rollout
     def _specs(self, seeds: list[int], group_size: int, first_episode_id: int) -> list[EpisodeSpec]:
@@ -297,7 +309,8 @@ class SDARTrainer:
         if not samples:
             raise RuntimeError("the rollout produced no trainable tokens (every episode failed before a turn)")
         train_started = time.perf_counter()
-        metrics.update(self.updater.train_on(samples, step))
+        teacher = TeacherBatch.from_messages(samples, self.objective, self.formatter)
+        metrics.update(self.updater.train_on(samples, step, teacher=teacher))
         train_seconds = time.perf_counter() - train_started
         metrics.update(self.updater.pass_metrics())
         if self.objective.cliff_rescue:
@@ -308,8 +321,8 @@ class SDARTrainer:
                         "perf/step_seconds": time.perf_counter() - started, "train/samples": float(len(samples)),
                         "train/tokens": float(tokens), "perf/student_tokens": float(tokens)})
         if self.objective.needs_teacher:
-            teacher = sum(len(samples[i].teacher_input_ids) for i in self.updater.teacher_samples(samples))
-            metrics.update({"perf/teacher_tokens": float(teacher), "perf/teacher_token_ratio": teacher / tokens})
+            metrics.update({"perf/teacher_tokens": float(teacher.num_tokens),
+                            "perf/teacher_token_ratio": teacher.num_tokens / tokens})
         return metrics
 
     def rescue(self, batch: TrajectoryBatch, seeds: list[int], step: int) -> TrajectoryBatch:

@@ -121,6 +121,20 @@ class Policy:
     def unwrapped(self) -> list:
         return [chunk.module for chunk in self.model]
 
+    def frozen_copy(self, hf_dir: str | Path) -> list:
+        """Model chunks built as the policy's (same architecture, TransformerConfig: layout and
+        precision; the same virtual-pipeline chunks) with ``hf_dir``'s weights, in eval mode, no
+        gradients, no DDP wrapper or optimizer (the KL reference)."""
+        import dataclasses
+
+        config = dataclasses.replace(self.config, perform_initialization=False)
+        chunks = _build_chunks(self.arch, config, len(self.model), hf_dir)
+        for chunk in chunks:
+            chunk.eval()
+            for param in chunk.parameters():
+                param.requires_grad_(False)
+        return chunks
+
 
 def ddp_config_kwargs(optim_config: OptimConfig, precision: PrecisionSettings) -> dict[str, Any]:
     """The ``DistributedDataParallelConfig`` fields of the policy (printed by the dry run)."""
@@ -146,22 +160,27 @@ def build_policy(arch: QwenArchitecture, optim_config: OptimConfig, *, hf_dir: s
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from megatron_sdar.models.hf_loader import load_hf_weights
-    from megatron_sdar.models.megatron_model import build_model, build_transformer_config
+    from megatron_sdar.models.megatron_model import build_transformer_config
 
     precision = precision or PrecisionSettings(dtype=str(arch.torch_dtype_object()).removeprefix("torch."))
     vpp = ps.get_virtual_pipeline_model_parallel_world_size() or 1
     config = build_transformer_config(arch, params_dtype=precision.params_dtype, initialize_weights=hf_dir is None,
                                       **precision.transformer_config_kwargs(), **config_overrides)
-    if vpp > 1:
-        chunks = [build_model(arch, config, vp_stage=i) for i in range(vpp)]
-    else:
-        chunks = [build_model(arch, config)]
-    if hf_dir is not None:
-        load_hf_weights(chunks, arch, hf_dir)
+    chunks = _build_chunks(arch, config, vpp, hf_dir)
     ddp_config = DistributedDataParallelConfig(**ddp_config_kwargs(optim_config, precision))
     model = [DistributedDataParallel(config, ddp_config, chunk) for chunk in chunks]
     return Policy(arch, model, _megatron_optimizer(model, optim_config, precision), optim_config, precision)
+
+
+def _build_chunks(arch: QwenArchitecture, config, vpp: int, hf_dir: str | Path | None) -> list:
+    """This rank's model chunks (one per virtual-pipeline stage), with ``hf_dir``'s weights if given."""
+    from megatron_sdar.models.hf_loader import load_hf_weights
+    from megatron_sdar.models.megatron_model import build_model
+
+    chunks = [build_model(arch, config, vp_stage=i) for i in range(vpp)] if vpp > 1 else [build_model(arch, config)]
+    if hf_dir is not None:
+        load_hf_weights(chunks, arch, hf_dir)
+    return chunks
 
 
 def _megatron_optimizer(model: list, optim_config: OptimConfig, precision: PrecisionSettings):

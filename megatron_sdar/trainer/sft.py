@@ -51,8 +51,7 @@ def _render(formatter: ChatFormatter, tokenizer, config: AgentLoopConfig, observ
         answer = formatter.answer(action, state)
         if answer is not None and len(prompt) <= config.max_prompt_tokens:
             response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-            samples.append(TrainingSample(prompt + response, len(prompt), prompt + response, len(prompt),
-                                          [0.0] * len(response), episode=episode))
+            samples.append(TrainingSample(prompt + response, len(prompt), [0.0] * len(response), episode=episode))
         state.advance(action, next_observation, next_admissible)
     return samples
 

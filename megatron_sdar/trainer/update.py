@@ -1,4 +1,5 @@
-"""One policy update on a list of samples: teacher pass, reference pass, student pass, optimizer step.
+"""One policy update on a list of samples (and their teacher batch): teacher pass, reference pass,
+student pass, optimizer step.
 
 Independent of where the samples came from (a rollout, expert demonstrations, a test), so the
 same code is checked for layout equivalence (TP/PP/CP/DP) without a rollout engine.
@@ -18,6 +19,7 @@ from megatron_sdar.trainer.batch import (TrainingSample, action_mask_table, assi
                                          plan_pass, rollout_logprob_table)
 from megatron_sdar.trainer.passes import forward_token_values, sft_pass, student_pass
 from megatron_sdar.trainer.policy import Policy
+from megatron_sdar.trainer.teacher import TeacherBatch, teacher_indices
 from megatron_sdar.utils.parallel_dims import ProcessGroups
 
 
@@ -51,9 +53,8 @@ class PolicyUpdate:
         return assign_ranks([len(s.input_ids) for s in samples], self.ctx.dims.dp,
                             balance=self.micro_batch_tokens is not None)
 
-    def _layout(self, samples: list[TrainingSample], teacher: bool, name: str | None = None,
-                owners: list[int] | None = None):
-        lengths = [len(s.teacher_input_ids if teacher else s.input_ids) for s in samples]
+    def _layout(self, samples: list[TrainingSample], name: str | None = None, owners: list[int] | None = None):
+        lengths = [len(s.input_ids) for s in samples]
         config = self.policy.config
         multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
         interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
@@ -82,74 +83,53 @@ class PolicyUpdate:
         padded = sum(v for k, v in self.pass_tokens.items() if k.endswith("_padded_tokens"))
         return {**self.pass_tokens, "perf/padded_token_fraction": 1.0 - real / padded if padded else 0.0}
 
-    def _forward_values(self, model: list, samples: list[TrainingSample], teacher: bool, name: str = "forward",
+    def _forward_values(self, model: list, samples: list[TrainingSample], name: str = "forward",
                         owners: list[int] | None = None, **kwargs):
         """A no-grad pass over ``samples`` (``owners``: their DP ranks, default :func:`assign_ranks`)."""
         with self._timed(name):
-            layout = self._layout(samples, teacher, name, owners)
-            micro = build_micro_batches(samples, layout, teacher=teacher, pad_id=self.pad_id)
+            layout = self._layout(samples, name, owners)
+            micro = build_micro_batches(samples, layout, pad_id=self.pad_id)
             return forward_token_values(model, micro, layout, self.arch.vocab_size, self.ctx, **kwargs)
 
     def _reference_model(self) -> list:
-        """The frozen reference: the policy at the start of RL (after SFT), built once with the
-        policy's own TransformerConfig (layout, precision) and no DDP wrapper or optimizer."""
+        """The frozen reference: the policy at the start of RL (after SFT), read once."""
         if self.reference is None:
-            import dataclasses
-
-            from megatron_sdar.models.hf_loader import load_hf_weights
-            from megatron_sdar.models.megatron_model import build_model
-
-            source = self.reference_dir()
-            config = dataclasses.replace(self.policy.config, perform_initialization=False)
-            vpp = len(self.policy.model)
-            chunks = ([build_model(self.arch, config, vp_stage=i) for i in range(vpp)] if vpp > 1
-                      else [build_model(self.arch, config)])
-            load_hf_weights(chunks, self.arch, source)
-            for chunk in chunks:
-                chunk.eval()
-                for param in chunk.parameters():
-                    param.requires_grad_(False)
-            self.reference = chunks
+            self.reference = self.policy.frozen_copy(self.reference_dir())
         return self.reference
 
-    def teacher_samples(self, samples: list[TrainingSample]) -> list[int]:
-        """Indices of the samples the teacher pass scores: the distillation samples, and with RLSD's
-        token weighting every RL sample (none when the objective has no teacher)."""
-        objective = self.objective
-        if not objective.needs_teacher:
-            return []
-        return [i for i, s in enumerate(samples)
-                if (s.distill and objective.distill_coef > 0) or (s.rl and objective.rlsd_coef > 0)]
-
-    def train_on(self, samples: list[TrainingSample], step: int, lr: float | None = None) -> dict[str, float]:
-        """Teacher pass, reference pass, student pass and optimizer step on ``samples``
-        (identical on every rank). Returns the step's metrics (all ranks)."""
+    def train_on(self, samples: list[TrainingSample], step: int, lr: float | None = None,
+                 teacher: TeacherBatch | None = None) -> dict[str, float]:
+        """Teacher pass (over ``teacher``: the :class:`TeacherBatch` of the same ``samples``;
+        required when the objective has a teacher term), reference pass, student pass and
+        optimizer step on ``samples`` (identical on every rank). Returns the step's metrics."""
         from megatron_sdar.algo.aggregation import LossNormalizers
 
         objective = self.objective
         self.pass_tokens = {}
         owners = self.owners(samples)
         tables: dict[str, dict[int, torch.Tensor]] = {"rollout_logprobs": rollout_logprob_table(samples)}
-        if scored := self.teacher_samples(samples):
+        expected = teacher_indices(samples, objective)
+        if (teacher.indices if teacher is not None else []) != expected:
+            got = "no teacher batch" if teacher is None else f"a teacher batch of samples {teacher.indices[:8]}"
+            raise ValueError(f"the objective's teacher scores samples {expected[:8]} (of {len(samples)}), got {got}: "
+                             "pass teacher=TeacherBatch.from_messages(samples, objective, formatter)")
+        if expected:
             estimator = objective.estimator
-            values = self._forward_values(self.policy.model, [samples[i] for i in scored], teacher=True,
-                                          name="teacher", owners=[owners[i] for i in scored],
+            values = self._forward_values(self.policy.model, teacher.sequences, name="teacher",
+                                          owners=[owners[i] for i in teacher.indices],
                                           topk=objective.topk if estimator == "topk" else 0,
                                           keep_logits=estimator == "full")
-            names = {"logprobs": "teacher_logprobs", "topk_logprobs": "teacher_topk_logprobs",
-                     "topk_ids": "teacher_topk_ids", "logits": "teacher_logits"}
-            for name, by_position in values.items():  # positions in the scored subset -> sample indices
-                tables[names[name]] = {scored[j]: v for j, v in by_position.items()}
+            tables.update(teacher.step_tables(values))
         if objective.kl_coef > 0:  # no reference pass (or model) without a KL term
             reference = self._reference_model()
-            tables["ref_logprobs"] = self._forward_values(reference, samples, teacher=False, name="reference",
+            tables["ref_logprobs"] = self._forward_values(reference, samples, name="reference",
                                                           owners=owners)["logprobs"]
         if (actions := action_mask_table(samples)) is not None:
             tables["action_mask"] = actions
         if not self.ctx.last_stage:
             tables = {"rollout_logprobs": tables["rollout_logprobs"]}  # values are read on the last stage only
         student_started = time.perf_counter()
-        layout = self._layout(samples, teacher=False, name="student", owners=owners)
+        layout = self._layout(samples, name="student", owners=owners)
         micro = build_micro_batches(samples, layout, per_token=tables if self.ctx.last_stage else None,
                                     pad_id=self.pad_id)
         rl = [s for s in samples if s.rl]
@@ -194,7 +174,7 @@ class PolicyUpdate:
         from megatron_sdar.algo.aggregation import LossNormalizers
 
         self.pass_tokens = {}
-        layout = self._layout(samples, teacher=False, name="sft")
+        layout = self._layout(samples, name="sft")
         micro = build_micro_batches(samples, layout, pad_id=self.pad_id)
         normalizers = LossNormalizers(float(sum(s.num_response_tokens for s in samples)), float(len(samples)))
         prompt = LossNormalizers(float(sum(s.response_start - 1 for s in samples)), float(len(samples)))

@@ -1,0 +1,85 @@
+"""The teacher batch: the sequences SDAR's teacher pass scores, built in one place.
+
+The teacher is the policy itself given privileged context (retrieved skills). For each scored turn
+its sequence is the turn's stored chat messages re-rendered with the episode's privileged context
+(:meth:`~megatron_sdar.rollout.agent_loop.ChatFormatter.teacher_messages`), followed by the same
+response tokens the student produced. The rollout stores only what the student saw (messages and
+token ids) and the episode's context; the teacher's prompt is rendered here, once per step, for the
+samples whose teacher values some term reads (:func:`teacher_indices`), so a GRPO step renders and
+scores nothing.
+
+The batch's sequences are :class:`~megatron_sdar.trainer.batch.TrainingSample` s, so the teacher
+pass packs them with the same planner as every other pass (keeping each sample's DP rank of the
+step), and its per-token values map back to the step's samples with :meth:`TeacherBatch.step_tables`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from megatron_sdar.algo.objective import ObjectiveConfig
+from megatron_sdar.trainer.batch import TrainingSample
+
+# forward-pass outputs -> the objective's teacher inputs (TokenInputs fields)
+_TEACHER_INPUTS = {"logprobs": "teacher_logprobs", "topk_logprobs": "teacher_topk_logprobs",
+                   "topk_ids": "teacher_topk_ids", "logits": "teacher_logits"}
+
+
+def teacher_indices(samples: list[TrainingSample], objective: ObjectiveConfig) -> list[int]:
+    """The samples the teacher pass scores: the distillation samples, and with RLSD's token
+    weighting every RL sample (none when the objective has no teacher term)."""
+    if not objective.needs_teacher:
+        return []
+    return [i for i, s in enumerate(samples)
+            if (s.distill and objective.distill_coef > 0) or (s.rl and objective.rlsd_coef > 0)]
+
+
+@dataclass
+class TeacherBatch:
+    """``indices[j]``: the step's sample that teacher sequence ``sequences[j]`` belongs to;
+    ``sequences[j]``: [P'_j + R_j] privileged prompt + the sample's response (``response_start`` =
+    P'_j), with the sample's flags and advantage."""
+
+    indices: list[int]
+    sequences: list[TrainingSample]
+
+    @classmethod
+    def build(cls, samples: list[TrainingSample], objective: ObjectiveConfig,
+              prompts: Callable[[list[int]], list[list[int]]]) -> "TeacherBatch":
+        """``prompts(indices)``: the teacher's prompt ids of those samples (called once, with the
+        scored samples only)."""
+        indices = teacher_indices(samples, objective)
+        sequences = []
+        for i, prompt in zip(indices, prompts(indices) if indices else [], strict=True):
+            sample = samples[i]
+            response = sample.input_ids[sample.response_start:]
+            sequences.append(dataclasses.replace(sample, input_ids=list(prompt) + response, response_start=len(prompt),
+                                                 messages=[], privileged_context=""))
+        return cls(indices, sequences)
+
+    @classmethod
+    def from_messages(cls, samples: list[TrainingSample], objective: ObjectiveConfig, formatter) -> "TeacherBatch":
+        """The teacher's prompts rendered from each sample's stored messages and privileged context
+        with ``formatter`` (the rollout's :class:`~megatron_sdar.rollout.agent_loop.ChatFormatter`:
+        the same chat template and context placement, so the ids equal what the engine would see)."""
+        def prompts(indices: list[int]) -> list[list[int]]:
+            if missing := [i for i in indices if not samples[i].messages]:
+                raise ValueError(f"samples {missing[:8]} have no stored messages: the teacher's prompt cannot be "
+                                 "rendered (samples for a teacher pass come from rollout turns)")
+            return formatter.encode_many([formatter.teacher_messages(samples[i].messages, samples[i].privileged_context)
+                                          for i in indices])
+
+        return cls.build(samples, objective, prompts)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.sequences)
+
+    def step_tables(self, values: dict[str, dict[int, torch.Tensor]]) -> dict[str, dict[int, torch.Tensor]]:
+        """The teacher pass's ``{output: {j: [R_j, ...]}}`` as the objective's teacher inputs keyed by
+        the step's sample index (``teacher_logprobs``, ``teacher_topk_*``, ``teacher_logits``)."""
+        return {_TEACHER_INPUTS[name]: {self.indices[j]: v for j, v in by_position.items()}
+                for name, by_position in values.items()}
