@@ -119,6 +119,11 @@ def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, mon
     err = capsys.readouterr().err
     assert "WORLD_SIZE='eight'" in err and "must be integers" in err and "Traceback" not in err
     monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("MEGATRON_SDAR_FUSED_OBJECTIVE", "cuda")  # not a kernel switch value
+    assert main([*overrides, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "MEGATRON_SDAR_FUSED_OBJECTIVE='cuda'" in err and "Traceback" not in err
+    monkeypatch.delenv("MEGATRON_SDAR_FUSED_OBJECTIVE")
     assert main(["--dry-run"]) == 2  # the embedded default has no model directory to plan
     assert "--dry-run plans a recipe's model: set model.hf_path" in capsys.readouterr().err
 

@@ -93,6 +93,12 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
         # not the row split the passes use
         raise ConfigError("trainer.micro_batch_tokens (sequence packing) with Transformer Engine and parallel.cp > 1 "
                           "is not supported: set trainer.micro_batch_tokens=null (padded micro-batches) or cp=1")
+    from megatron_sdar.algo import fused_kernels
+
+    try:  # read at every objective call: a bad value would otherwise stop the first step
+        fused_kernels.backend()
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
                         decay_steps=t.max_steps if 0 < t.min_lr < t.lr else None,
                         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
