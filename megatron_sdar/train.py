@@ -19,12 +19,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hydra import compose, initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-    from yaml import YAMLError
-
-    from megatron_sdar.config.schema import ConfigError, check_experiment, load_config, yaml_error_line
+    from megatron_sdar.config.schema import ConfigError, compose_run
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -38,19 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     dry = "--dry-run" in args
     args = [a for a in args if a != "--dry-run"]
     try:
-        check_experiment(args)
-        with initialize_config_module("megatron_sdar.config", version_base=None):
-            cfg = compose("sdar", overrides=args)
-        run = load_config(cfg)
+        run = compose_run(args)
         if dry:
             from megatron_sdar.trainer.launch import dry_run
 
             dry_run(run)
             return 0
-    except YAMLError as exc:
-        print(f"megatron-sdar: configuration error: {yaml_error_line(exc)}", file=sys.stderr)
-        return 2
-    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+    except ConfigError as exc:
         print(f"megatron-sdar: configuration error: {exc}", file=sys.stderr)
         return 2
     from megatron_sdar.trainer.loop import run_training

@@ -196,6 +196,17 @@ def test_embedded_world_rewards_knowing_the_homes():
     assert abs(_scripted_win_rate(uniform, True, 600)[0] - _scripted_win_rate(uniform, False, 600)[0]) < 0.08
 
 
+def test_embedded_world_is_one_fixed_kitchen():
+    """Every task of the embedded default is set in the same room, so which receptacles a room has
+    never hints where the goal object is: only knowing the homes (a skill, or experience) does."""
+    env = HouseholdEnv(**embedded_world())
+    rooms = set()
+    for seed in range(300):
+        env.reset(seed=seed)
+        rooms.add(tuple(sorted(env.state.receptacles)))
+    assert len(rooms) == 1 and len(next(iter(rooms))) == len(embedded_world()["receptacles"])
+
+
 def test_goal_objects_start_at_home_with_home_prob():
     from megatron_sdar.envs.household import DEFAULT_HOMES
 

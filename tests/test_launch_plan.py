@@ -24,12 +24,9 @@ def stand_ins(tmp_path_factory):
 
 
 def _compose(*overrides):
-    from hydra import compose, initialize_config_module
+    from megatron_sdar.config.schema import compose_run
 
-    from megatron_sdar.config.schema import load_config
-
-    with initialize_config_module("megatron_sdar.config", version_base=None):
-        return load_config(compose("sdar", overrides=list(overrides)))
+    return compose_run(list(overrides))
 
 
 def test_fp8_reaches_transformer_ddp_optimizer_and_vllm_for_every_recipe(stand_ins, monkeypatch):

@@ -7,18 +7,17 @@ from megatron_sdar.train import main
 
 
 def _compose(*overrides):
-    from hydra import compose, initialize_config_module
+    from megatron_sdar.config.schema import compose_run
 
-    from megatron_sdar.config.schema import load_config
-
-    with initialize_config_module("megatron_sdar.config", version_base=None):
-        return load_config(compose("sdar", overrides=list(overrides)))
+    return compose_run(list(overrides))
 
 
 def test_default_is_the_tiny_cpu_run():
     run = _compose()
     assert run.model.hf_path is None and run.model.name == "tiny" and run.env.name == "household"
-    assert run.algo.name == "sdar" and run.objective().distill_coef == 0.01 and run.objective().gate == "gap"
+    # the preset at the settings chosen for it on this world (config/tuned/); without them, as released
+    assert run.algo.name == "sdar" and run.objective().distill_coef == 1.0 and run.objective().gate == "gap"
+    assert _compose("~tuned").objective().distill_coef == 0.01
     assert (run.parallel.tp, run.parallel.pp, run.parallel.cp) == (1, 1, 1)
 
 
@@ -32,7 +31,7 @@ def test_every_preset_composes(name):
     from megatron_sdar.algo.objective import preset
     from megatron_sdar.config.schema import load_config
 
-    objective = _compose(f"algo={name}").objective()
+    objective = _compose(f"algo={name}", "~tuned").objective()  # the preset alone (no chosen settings)
     assert objective == preset(name)
     assert load_config({"algo": {"name": name}}).objective() == preset(name)
     nulls = {f.name: None for f in dataclasses.fields(objective)}
@@ -193,3 +192,46 @@ def test_preset_sweep_lists_every_preset():
     lines = [line for line in sweep.read_text().splitlines() if line and not line.startswith("#")]
     assert sorted(line.removeprefix("algo=") for line in lines) == sorted(PRESETS)
     assert f"--array=0-{len(lines) - 1}" in sweep.read_text()
+
+
+def _flat(data, prefix=""):
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def test_each_preset_runs_at_its_chosen_settings_on_the_embedded_default(tmp_path):
+    """config/tuned/tiny-household-<preset>.yaml (chosen on the validation split) is what the main
+    job and compare_algos run for that preset on the embedded default; overrides still win; a recipe
+    (another model and environment) with the same preset never reads it."""
+    from pathlib import Path
+
+    import yaml
+
+    from megatron_sdar.algo.objective import PRESETS
+    from megatron_sdar.config.schema import config_dict
+    from tests.recipes import recipe_model_dir
+    from tests.skill_sets import write_release_format_sets
+
+    tuned_dir = Path(__file__).parents[1] / "megatron_sdar" / "config" / "tuned"
+    files = sorted(tuned_dir.glob("tiny-household-*.yaml"))
+    assert {f.stem.removeprefix("tiny-household-") for f in files} >= {"grpo", "sdar"}
+    recipe = "alfworld_qwen3_1_7b"
+    skills = write_release_format_sets(tmp_path / "skills")
+    recipe_overrides = [f"experiment={recipe}", f"model.hf_path={recipe_model_dir(recipe, tmp_path)}",
+                        f"env.skills_dir={skills['alfworld']}"]
+    for path in files:
+        preset = path.stem.removeprefix("tiny-household-")
+        assert preset in PRESETS, path
+        chosen = _flat(yaml.safe_load(path.read_text()))
+        assert chosen, path
+        run = _flat(config_dict(_compose(f"algo={preset}")))
+        for key, value in chosen.items():
+            assert run[key] == value, (path.name, key)
+        key, value = next(iter(chosen.items()))
+        other = 0.123 if isinstance(value, float) else value
+        if other != value:  # a command-line override wins over the chosen value
+            assert _flat(config_dict(_compose(f"algo={preset}", f"{key}={other}")))[key] == other
+        recipe_run = _flat(config_dict(_compose(*recipe_overrides, f"algo={preset}")))
+        assert recipe_run["trainer.lr"] <= 1e-5, (preset, recipe_run["trainer.lr"])  # the recipe's own value

@@ -9,9 +9,7 @@ from megatron_sdar.testing import TINY_RUN_OVERRIDES, run_distributed
 
 def _hdpo_trainer_checks(out: str):
     import torch
-    from hydra import compose, initialize_config_module
-
-    from megatron_sdar.config.schema import load_config
+    from megatron_sdar.config.schema import compose_run
     from megatron_sdar.rollout.agent_loop import CONTEXT_HEADER
     from megatron_sdar.trainer import seeds as task_seeds
     from megatron_sdar.trainer.batch import rescue_samples
@@ -20,8 +18,7 @@ def _hdpo_trainer_checks(out: str):
 
     overrides = [*TINY_RUN_OVERRIDES, "algo=hdpo", "trainer.sft_steps=0", "trainer.eval_tasks=0",
                  "rollout.tasks_per_step=2", "rollout.group_size=2", "rollout.max_turns=2", f"trainer.output_dir={out}"]
-    with initialize_config_module("megatron_sdar.config", version_base=None):
-        run = load_config(compose("sdar", overrides=overrides))
+    run = compose_run(overrides)
     trainer = SDARTrainer(run)
     result = {}
     try:

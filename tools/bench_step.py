@@ -33,15 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PHASES = ("teacher", "reference", "student", "optimizer")
 
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_module
-
-    from megatron_sdar.config.schema import load_config
-
-    with initialize_config_module("megatron_sdar.config", version_base=None):
-        return load_config(compose("sdar", overrides=overrides))
-
-
 def _ideal(model, samples, seq_len: int, rows_per_micro: int, backward: bool) -> tuple[float, int]:
     """Seconds of a bare forward (+ Megatron cross entropy backward) over the samples' tokens laid
     end to end in rows of ``seq_len``; and the tokens computed."""
@@ -109,16 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sdar.utils.distributed import destroy, init_process_group
     from megatron_sdar.utils.stats import mean_ci
 
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from megatron_sdar.config.schema import ConfigError
+    from megatron_sdar.config.schema import ConfigError, compose_run
 
     out_dir = tempfile.mkdtemp(prefix="bench_step_")
     try:
-        run = _compose([f"trainer.output_dir={out_dir}", "trainer.sft_steps=0", "trainer.tensorboard=false",
-                        *overrides])
-    except (ConfigError, HydraException, OmegaConfBaseException) as exc:
+        run = compose_run([f"trainer.output_dir={out_dir}", "trainer.sft_steps=0", "trainer.tensorboard=false",
+                           *overrides])
+    except ConfigError as exc:
         print(f"bench_step: configuration error: {exc}", file=sys.stderr)
         return 2
     if run.trainer.micro_batch_tokens is None:

@@ -166,6 +166,7 @@ class TrainerConfig:
     micro_batch_tokens: Optional[int] = 4096
     eval_interval: int = 4
     eval_tasks: int = 200
+    eval_split: str = "test"  # held-out tasks evaluated: test (reported) | validation (hyperparameter choice)
     eval_greedy: bool = True  # also evaluate greedily (eval/greedy/*)
     eval_before_rl: bool = True  # evaluate at step 0 (after SFT), with and without skills
     sft_steps: int = 120
@@ -220,6 +221,33 @@ def yaml_error_line(exc: Exception) -> str:
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a YAML file"
     return f"YAML syntax error in {where}: {problem}"
+
+
+def compose_run(overrides: list[str]) -> RunConfig:
+    """The validated :class:`RunConfig` of ``python -m megatron_sdar.train <overrides>`` (the
+    embedded default, a recipe, Hydra overrides); every configuration error is one
+    :class:`ConfigError` line."""
+    from hydra import compose, initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    check_experiment(overrides)
+    try:
+        with initialize_config_module("megatron_sdar.config", version_base=None):
+            cfg = compose("sdar", overrides=list(overrides))
+    except YAMLError as exc:
+        raise ConfigError(yaml_error_line(exc)) from None
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
+        raise ConfigError(str(exc)) from None
+    return load_config(cfg)
+
+
+def config_dict(run: RunConfig) -> dict:
+    """``run`` as the plain JSON data a run's ``config.json`` holds."""
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(run)))
 
 
 def load_config(cfg: Any) -> RunConfig:
@@ -356,6 +384,10 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
         raise ConfigError(f"trainer.max_steps must be >= 0 (0: SFT warm start only), got {t.max_steps}")
     if t.sft_steps < 0 or t.eval_tasks < 0:
         raise ConfigError("trainer.sft_steps and trainer.eval_tasks must be >= 0")
+    from megatron_sdar.trainer.seeds import EVAL_SPLITS
+
+    if t.eval_split not in EVAL_SPLITS:
+        raise ConfigError(f"trainer.eval_split must be one of {', '.join(EVAL_SPLITS)}, got {t.eval_split!r}")
     if not 0.0 <= t.sft_skill_share <= 1.0:
         raise ConfigError(f"trainer.sft_skill_share must be in [0, 1], got {t.sft_skill_share}")
     if t.sft_prompt_weight < 0:

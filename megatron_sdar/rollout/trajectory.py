@@ -118,7 +118,8 @@ class TrajectoryBatch:
         return sorted(g for g, any_won in won.items() if not any_won)
 
     def summary(self) -> dict[str, Any]:
-        """Rollout metrics: success per task type, reward, turns, invalid-action rate."""
+        """Rollout metrics: success per task type, reward, turns, invalid-action rate, and the share
+        of groups whose episodes differ in success (``rollout/success_contrast_groups``)."""
         if not self.episodes:
             return {}
         n = len(self.episodes)
@@ -133,6 +134,11 @@ class TrajectoryBatch:
             "rollout/episodes": float(n),
             "rollout/response_tokens": float(self.num_response_tokens),
         }
+        by_group: dict[int, set[bool]] = {}
+        for e in self.episodes:
+            by_group.setdefault(e.group, set()).add(e.won)
+        # groups whose episodes differ in success: the ones a group-relative advantage learns success from
+        metrics["rollout/success_contrast_groups"] = sum(len(w) == 2 for w in by_group.values()) / len(by_group)
         by_type: dict[str, list[bool]] = {}
         for e in self.episodes:
             by_type.setdefault(e.task_type, []).append(e.won)

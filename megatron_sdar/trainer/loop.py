@@ -246,10 +246,10 @@ class SDARTrainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, temperature: float, with_skills: bool, prefix: str = "eval") -> dict[str, float]:
-        """Held-out tasks (the same ones for every run), one episode each. ``with_skills``: the
-        retrieved skills in the student's prompt (the teacher's view); otherwise none, except for
-        skill-in-prompt presets (the student must have internalized them). Success comes with its
-        95% Wilson interval."""
+        """Held-out tasks of ``trainer.eval_split`` (the same ones for every run), one episode each.
+        ``with_skills``: the retrieved skills in the student's prompt (the teacher's view); otherwise
+        none, except for skill-in-prompt presets (the student must have internalized them). Success
+        comes with its 95% Wilson interval."""
         from megatron_sdar.utils.stats import wilson_interval
 
         t = self.run_config.trainer
@@ -257,7 +257,7 @@ class SDARTrainer:
             return {}
         self.sync_weights()
         sees = with_skills or self.objective.student_sees_skills
-        batch = self.rollout(task_seeds.eval_seeds(t.eval_tasks), temperature=temperature, with_skills=sees,
+        batch = self.rollout(task_seeds.eval_seeds(t.eval_tasks, t.eval_split), temperature=temperature, with_skills=sees,
                              group_size=1, first_episode_id=EVAL_EPISODE_ID, student_sees_skills=sees)
         summary = batch.summary()
         out = {k.replace("rollout/", f"{prefix}/"): v for k, v in summary.items()
@@ -427,6 +427,9 @@ class SDARTrainer:
                 metrics.update(self.evaluations())
                 log(f"step {self.step}: {_success_line(metrics)}")
             self.logger.log(self.step, metrics)
+            warning = collapse_warning(metrics)
+            if warning:
+                log(f"step {self.step}: {warning}")
             bar.update(1)
             bar.set_postfix(success=f"{metrics.get('rollout/success_rate', 0):.2f}",
                             reward=f"{metrics.get('rollout/reward_mean', 0):.2f}",
@@ -477,6 +480,21 @@ class SDARTrainer:
 
 
 SFT_MODEL_DIR = "sft_model"
+COLLAPSE_ENTROPY = 0.1  # nats per action-choice token; below it the sampled actions hardly vary
+
+
+def collapse_warning(metrics: dict[str, float]) -> str | None:
+    """A warning when the policy is turning deterministic with nothing to learn from: the entropy of
+    its action-choice tokens below :data:`COLLAPSE_ENTROPY` while no group of the step differs in
+    success (so no advantage points at a success) and most episodes fail. Such a run rarely recovers:
+    it no longer samples the actions that would succeed."""
+    entropy = metrics.get("actor/action_entropy")
+    if entropy is None or entropy >= COLLAPSE_ENTROPY or metrics.get("rollout/success_contrast_groups", 1.0) > 0 \
+            or metrics.get("rollout/success_rate", 1.0) >= 0.5:
+        return None
+    return (f"warning: the policy is collapsing: action-token entropy {entropy:.3f} < {COLLAPSE_ENTROPY} with no "
+            f"group that differs in success (rollout success {metrics['rollout/success_rate']:.2f}); it may no "
+            "longer sample what succeeds (lower trainer.lr, raise algo.entropy_coef, or start from a better SFT)")
 
 
 def _success_line(metrics: dict[str, float]) -> str:

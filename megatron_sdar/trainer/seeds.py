@@ -1,15 +1,17 @@
-"""Task seeds of a run. Evaluation, SFT demonstrations, training tasks and the tokenizer's corpus
-never share a task, whatever ``trainer.seed`` is, by construction:
+"""Task seeds of a run. Test, validation, SFT demonstrations, training tasks and the tokenizer's
+corpus never share a task, whatever ``trainer.seed`` is, by construction:
 
     task seed = kind * 2**40 + trainer_seed * 2**30 + index      (index < 2**30, trainer_seed < 2**10)
 
-so two kinds, or two trainer seeds of the same kind, can never give the same seed. Evaluation
-tasks do not depend on ``trainer.seed``: every run of a comparison is scored on the same held-out
-tasks.
+so two kinds, or two trainer seeds of the same kind, can never give the same seed. The two
+evaluation splits do not depend on ``trainer.seed``: every run of a comparison is scored on the same
+held-out tasks. Hyperparameters are chosen on ``validation`` tasks (``tools/sweep.py``); ``test``
+tasks are what a run reports (``trainer.eval_split``, default ``test``).
 """
 from __future__ import annotations
 
-EVAL, SFT, TRAIN, CORPUS = 0, 1, 2, 3
+TEST, SFT, TRAIN, CORPUS, VALIDATION = 0, 1, 2, 3, 4
+EVAL_SPLITS = {"test": TEST, "validation": VALIDATION}
 _INDEX_BITS, _SEED_BITS = 30, 10
 
 
@@ -21,8 +23,11 @@ def task_seed(kind: int, index: int, trainer_seed: int = 0) -> int:
     return (kind << (_INDEX_BITS + _SEED_BITS)) + (trainer_seed << _INDEX_BITS) + index
 
 
-def eval_seeds(num_tasks: int) -> list[int]:
-    return [task_seed(EVAL, i) for i in range(num_tasks)]
+def eval_seeds(num_tasks: int, split: str = "test") -> list[int]:
+    """The first ``num_tasks`` tasks of an evaluation split (``test`` or ``validation``)."""
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"evaluation split must be one of {sorted(EVAL_SPLITS)}, got {split!r}")
+    return [task_seed(EVAL_SPLITS[split], i) for i in range(num_tasks)]
 
 
 def sft_seeds(trainer_seed: int, num_episodes: int) -> list[int]:

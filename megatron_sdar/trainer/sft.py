@@ -93,9 +93,12 @@ def build_sft_data(make_env, formatter: ChatFormatter, tokenizer, config: AgentL
 
 def run_sft(updater, data: SFTData, steps: int, batch_size: int, lr: float, seed: int, log_metrics=None,
             prompt_weight: float = 0.0) -> None:
-    """``steps`` cross-entropy steps on batches drawn without replacement (reshuffled each epoch);
-    ``prompt_weight``: weight of the language-model loss on the prompt tokens."""
+    """``steps`` cross-entropy steps on batches drawn without replacement (reshuffled each epoch), the
+    learning rate decaying from ``lr`` to 0 by a half cosine; ``prompt_weight``: weight of the
+    language-model loss on the prompt tokens."""
     from tqdm.auto import tqdm
+
+    from megatron_sdar.algo.objective import scheduled
 
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -105,7 +108,7 @@ def run_sft(updater, data: SFTData, steps: int, batch_size: int, lr: float, seed
             order += torch.randperm(len(data.samples), generator=gen).tolist()
         batch = [data.samples[i] for i in order[:batch_size]]
         del order[:batch_size]
-        metrics = updater.sft_on(batch, lr, prompt_weight)
+        metrics = updater.sft_on(batch, scheduled(lr, "cosine_decay", steps, sft_step), prompt_weight)
         bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
         if log_metrics is not None and (sft_step % 10 == 0 or sft_step == steps - 1):
             log_metrics(sft_step, metrics)

@@ -1,0 +1,140 @@
+"""Choose each method's settings on the validation split: a grid of overrides x seeds per preset,
+every run from one shared SFT start at the same budget, scored on validation tasks only.
+
+    bash tools/run.sh tools/sweep.py \
+        --grid sdar algo.distill_coef=0.01,0.1,0.3,1 \
+        --grid grpo trainer.lr=3e-4,1e-3 rollout.invalid_action_penalty=0,0.1 \
+        --seeds 10 11 12 --out outputs/sweep [--init <run>/sft_model] [hydra overrides for every run...]
+
+``--grid PRESET KEY=V1,V2,... [KEY=...]`` (Hydra's sweep syntax for the values) runs every
+combination of the listed values for that preset; give ``--grid`` once per method. Each setting is
+a variant ``PRESET:KEY=V,...`` of ``tools/compare_algos.py`` and runs exactly as it would there
+(the same run directories, reuse and stale-run refusal), but with ``trainer.eval_split=validation``:
+the test split is never read, so the choice does not leak into what is reported.
+
+Score: held-out validation success at the last step, over the seeds: the mean with its 95%
+t-interval. The best setting of each preset is the one with the highest lower end of that interval,
+so a setting must be good on every seed, not only on average: a learning rate that reaches 0.9 on
+two seeds and collapses on the third loses to a steady one of the same mean. Writes ``<out>/sweep.md`` (every setting, per
+seed and mean, the best of each preset marked), ``<out>/sweep.json`` and prints the chosen
+overrides of each preset, ready for ``megatron_sdar/config/tuned/``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+
+def expand_grid(preset: str, axes: list[str]) -> list[str]:
+    """``("sdar", ["algo.distill_coef=0.1,1", "trainer.lr=1e-3"])`` -> the variant of every
+    combination, ``["sdar:algo.distill_coef=0.1,trainer.lr=1e-3", "sdar:algo.distill_coef=1,trainer.lr=1e-3"]``."""
+    keys, values = [], []
+    for axis in axes:
+        key, sep, listed = axis.partition("=")
+        options = [v for v in listed.split(",") if v]
+        if not sep or not key or not options:
+            raise ValueError(f"--grid {preset}: {axis!r} is not KEY=V1,V2,...")
+        if key in keys:
+            raise ValueError(f"--grid {preset}: {key} is listed twice")
+        keys.append(key)
+        values.append(options)
+    if not keys:
+        return [preset]
+    return [f"{preset}:" + ",".join(f"{k}={v}" for k, v in zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def score_table(scores: dict[str, dict[str, dict[str, float]]], seeds: list[int], step: int | None) -> str:
+    """The markdown table of ``scores[preset][variant][seed] = validation success``."""
+    from megatron_sdar.utils.stats import mean_ci
+
+    lines = [f"| preset | setting | {' | '.join(f'seed {s}' for s in seeds)} | validation success at step {step} "
+             "(mean ± 95% CI) | lower end | |", "|" + " --- |" * (len(seeds) + 5)]
+    for preset, variants in scores.items():
+        best = best_variant(variants)
+        for variant, per_seed in variants.items():
+            mean, half = mean_ci(list(per_seed.values()))
+            setting = variant.partition(":")[2] or "(preset values)"
+            cells = [f"{per_seed[str(s)]:.3f}" if str(s) in per_seed else "-" for s in seeds]
+            interval = f"{mean:.3f}" + ("" if half != half else f" ± {half:.3f}")
+            lines.append(f"| {preset} | {setting} | {' | '.join(cells)} | {interval} | {lower_bound(per_seed):.3f} "
+                         f"| {'**best**' if variant == best else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def lower_bound(per_seed: dict[str, float]) -> float:
+    """The lower end of the 95% t-interval of the mean over seeds (the mean itself for one seed)."""
+    from megatron_sdar.utils.stats import mean_ci
+
+    mean, half = mean_ci(list(per_seed.values()))
+    return mean if half != half else mean - half
+
+
+def best_variant(variants: dict[str, dict[str, float]]) -> str:
+    """The setting with the highest lower end of its 95% interval over seeds: good on every seed,
+    not only on average (a setting that collapses on one seed in three loses to a steady one of the
+    same mean); the first listed among equals."""
+    bounds = {v: lower_bound(s) for v, s in variants.items() if s}
+    return max(bounds, key=lambda v: (bounds[v], -list(variants).index(v)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", nargs="+", action="append", required=True, metavar="PRESET KEY=V1,V2",
+                        help="a preset and the values to try for each key (repeat --grid per preset)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[10, 11, 12])
+    parser.add_argument("--sft-seed", type=int, default=0, help="trainer.seed of the shared SFT run")
+    parser.add_argument("--out", default="outputs/sweep")
+    parser.add_argument("--init", default=None, help="HF checkpoint every run starts from (default: SFT first)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run (the budget)")
+    args = parser.parse_args(argv)
+
+    from megatron_sdar.algo.objective import PRESETS
+    from megatron_sdar.trainer.comparison import exit_code_of_errors, final_success, run_variants, shared_start
+
+    grids: dict[str, list[str]] = {}
+    for preset, *axes in args.grid:
+        if preset not in PRESETS:
+            parser.error(f"--grid: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        if preset in grids:
+            parser.error(f"--grid: {preset} is given twice (list every key of a preset in one --grid)")
+        try:
+            grids[preset] = expand_grid(preset, axes)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds has repeats: {args.seeds}")
+    out = Path(args.out)
+
+    def log(message: str) -> None:
+        print(f"[sweep] {message}", flush=True)
+
+    def sweep() -> int:
+        init, _ = shared_start(out, args.init, args.sft_seed, args.overrides, "validation", log)
+        specs = [spec for variants in grids.values() for spec in variants]
+        results = run_variants(out, specs, args.seeds, init, args.overrides, "validation", log)
+        scores = {preset: {spec: {seed: final_success(rows) for seed, rows in results[spec].items() if rows}
+                           for spec in variants} for preset, variants in grids.items()}
+        steps = {max(r["step"] for r in rows) for runs in results.values() for rows in runs.values() if rows}
+        if not steps:
+            print("sweep: error: no run evaluated anything (trainer.eval_tasks=0?)", file=sys.stderr)
+            return 2
+        table = score_table(scores, args.seeds, max(steps))
+        chosen = {preset: best_variant(variants) for preset, variants in scores.items()}
+        (out / "sweep.md").write_text(table)
+        (out / "sweep.json").write_text(json.dumps({"seeds": args.seeds, "step": max(steps), "init": init,
+                                                    "overrides": args.overrides, "scores": scores, "best": chosen},
+                                                   indent=2))
+        print(table, flush=True)
+        for preset, spec in chosen.items():
+            log(f"best {preset}: {spec.partition(':')[2] or '(preset values)'}")
+        log(f"{out / 'sweep.md'}, {out / 'sweep.json'}")
+        return 0
+
+    return exit_code_of_errors("sweep", sweep)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
