@@ -149,3 +149,19 @@ def test_sweep_grid_and_choice():
     table = score_table(scores, [0, 1, 2], 12)
     assert "| grpo | lr=2 | 0.700 | 0.650 | 0.750 | 0.700 ± 0.124 | 0.576 | **best** |" in table
     assert "| grpo | lr=4 | 0.200 | - | - | 0.200 | 0.200 |  |" in table
+
+
+def test_summary_pairs_every_step_by_seed():
+    from megatron_sdar.trainer.comparison import summarize
+
+    def rows(*values):
+        return [{"step": step, "eval/success_rate": v, "eval/num_tasks": 200.0} for step, v in zip((0, 6, 12), values)]
+
+    summary = {"grpo": {"0": rows(0.2, 0.5, 0.8), "1": rows(0.2, 0.6, 0.8), "2": rows(0.2, 0.4, 0.9)},
+               "sdar": {"0": rows(0.2, 0.7, 0.7), "1": rows(0.2, 0.8, 0.9), "2": rows(0.2, 0.6, 0.8)}}
+    table = summarize(summary, "grpo")
+    assert "| variant | seeds | step 0 | step 6 | step 12 | minus grpo at step 6 | minus grpo at step 12 |" in table
+    # step 6: +0.2 on every seed (an interval of zero width excludes 0); step 12: -0.1, +0.1, -0.1
+    assert "| sdar | 3 | 0.200 ± 0.000 | 0.700 ± 0.248 | 0.800 ± 0.248 | +0.200 ± 0.000 | -0.033 ± 0.287 (inside the noise) |" \
+        in table
+    assert "| grpo | 3 | 0.200 ± 0.000 | 0.500 ± 0.248 | 0.833 ± 0.143 | - | - |" in table

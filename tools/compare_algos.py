@@ -18,8 +18,8 @@
 3. ``<out>/summary.json``: variant -> seed (a string) -> the run's evaluation rows (``step``,
    ``eval/success_rate``, ``eval/num_tasks``; the step-0 row of the shared start also
    ``eval/with_skills/success_rate``). ``<out>/summary.md``: the mean +- 95% t-interval over seeds
-   at each evaluated step, and each variant's difference from the first one at the last step (paired
-   by seed, marked when the interval includes 0). ``<out>/comparison.png``: the means with shaded
+   at each evaluated step, and at each step after the start each variant's difference from the first
+   one (paired by seed, marked when its interval includes 0). ``<out>/comparison.png``: the means with shaded
    95% bands.
 
 Evaluation is on the test split (``--split validation`` scores the validation split instead, as

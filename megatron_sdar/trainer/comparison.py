@@ -202,31 +202,34 @@ def final_success(rows: list[dict]) -> float | None:
 
 def summarize(summary: dict[str, dict[str, list[dict]]], baseline: str) -> str:
     """The markdown table of a comparison: per variant the mean +- 95% t-interval over seeds at each
-    evaluated step, and at the last step the difference from ``baseline`` paired by seed."""
+    evaluated step, then at each step after the start the difference from ``baseline`` paired by
+    seed, marked when its interval includes 0."""
     from megatron_sdar.utils.stats import mean_ci
 
+    def cell(values: list[float], signed: bool = False, verdict: bool = False) -> str:
+        if not values:
+            return "-"
+        mean, half = mean_ci(values)
+        text = f"{mean:+.3f}" if signed else f"{mean:.3f}"
+        if half != half:
+            return text
+        return text + f" ± {half:.3f}" + (" (inside the noise)" if verdict and abs(mean) <= half else "")
+
     steps = sorted({row["step"] for runs in summary.values() for rows in runs.values() for row in rows})
-    last = steps[-1] if steps else None
-    head = ["variant", "seeds", *[f"step {s}" for s in steps], f"minus {baseline} at step {last}"]
+    later = [s for s in steps if s > 0]
+    head = ["variant", "seeds", *[f"step {s}" for s in steps], *[f"minus {baseline} at step {s}" for s in later]]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     base = {seed: {r["step"]: r["eval/success_rate"] for r in rows} for seed, rows in summary.get(baseline, {}).items()}
     for variant, runs in summary.items():
         by_seed = {seed: {r["step"]: r["eval/success_rate"] for r in rows} for seed, rows in runs.items()}
         cells = [variant, str(len(runs))]
-        for step in steps:
-            values = [v[step] for v in by_seed.values() if step in v]
-            mean, half = mean_ci(values)
-            cells.append("-" if not values else f"{mean:.3f}" + ("" if half != half else f" ± {half:.3f}"))
-        paired = [v[last] - base[s][last] for s, v in by_seed.items() if last in v and last in base.get(s, {})]
-        if variant == baseline or not paired:
-            cells.append("-")
-        else:
-            mean, half = mean_ci(paired)
-            verdict = "" if half != half else (" (inside the noise)" if abs(mean) <= half else "")
-            cells.append(f"{mean:+.3f}" + ("" if half != half else f" ± {half:.3f}") + verdict)
+        cells += [cell([v[step] for v in by_seed.values() if step in v]) for step in steps]
+        for step in later:
+            paired = [v[step] - base[s][step] for s, v in by_seed.items() if step in v and step in base.get(s, {})]
+            cells.append("-" if variant == baseline else cell(paired, signed=True, verdict=True))
         lines.append("| " + " | ".join(cells) + " |")
     n_tasks = {int(r.get("eval/num_tasks", 0)) for runs in summary.values() for rows in runs.values() for r in rows}
     lines.append("")
     lines.append(f"Held-out success on {', '.join(map(str, sorted(n_tasks)))} tasks per evaluation; mean ± half-width "
-                 "of the 95% t-interval over seeds; the difference is paired by seed.")
+                 "of the 95% t-interval over seeds; the differences are paired by seed.")
     return "\n".join(lines) + "\n"
