@@ -100,7 +100,7 @@ def allow_sequence_parallel_torch_norm() -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# megatron-core 0.19: optimizer state in checkpoints (used by megatron_sdar.trainer.checkpointing)
+# megatron-core 0.19: optimizer state in checkpoints (used by megatron_sdar.checkpoint.training)
 # ------------------------------------------------------------------------------------------------
 def check_uniform_param_dtype(policy) -> None:
     """Refuse models whose parameters mix dtypes, before any collective (checkpoint save and load).

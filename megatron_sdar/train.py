@@ -5,13 +5,15 @@
     torchrun --nproc-per-node 8 -m megatron_sdar.train experiment=alfworld_qwen2_5_7b
     python -m megatron_sdar.train experiment=alfworld_qwen2_5_7b --dry-run   # on a login node
 
-``--dry-run`` validates everything that needs no GPU, prints the layout, the per-GPU memory plan and
-the exact TransformerConfig / DDP / optimizer / vLLM arguments (last line: one JSON object), and
-builds nothing. It plans for ``WORLD_SIZE`` ranks, else the recipe's ``slurm.nodes x
+``--dry-run`` validates everything that needs no GPU, prints the layout, the per-GPU memory plan,
+the exact TransformerConfig / DDP / optimizer / vLLM arguments and every trainer / rollout / env
+setting that differs from its YAML group's default (last line: one JSON object), and builds
+nothing. It plans for ``WORLD_SIZE`` ranks, else the recipe's ``slurm.nodes x
 slurm.gpus_per_node``; the model directory needs only its ``config.json``.
 
-Config groups (``megatron_sdar/config``): model, algo (the SDAR presets), env, parallel, rollout,
-trainer, and ``experiment=<recipe>``. The configuration is validated before anything is built.
+Config groups (``megatron_sdar/config``, where every value lives): model, algo (the SDAR presets),
+env, parallel, rollout, trainer, and ``experiment=<recipe>``. The configuration is validated once,
+when it is composed, before anything is built; an error is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from megatron_sdar.config.schema import ConfigError, compose_run
+    from megatron_sdar.config.schema import ConfigError, check_output_dir, compose_run
 
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in args):
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = [a for a in args if a != "--dry-run"]
     try:
         run = compose_run(args)
+        check_output_dir(run)  # a second run into a run directory would overwrite the first
         if dry:
             from megatron_sdar.trainer.launch import dry_run
 

@@ -7,29 +7,21 @@ from pathlib import Path
 
 
 def recipe_names() -> list[str]:
-    import megatron_sdar.config as config_pkg
+    from megatron_sdar.config.schema import recipe_names as names
 
-    return sorted(p.stem for p in (Path(config_pkg.__file__).parent / "experiment").glob("*.yaml"))
+    return names()
 
 
 def recipe_model_config(recipe: str) -> dict:
-    """The HF ``config.json`` of a recipe's model, from ``model.arch`` and ``model.architecture``."""
+    """The HF ``config.json`` of a recipe's model: its ``model.architecture`` block (config.json's own
+    keys), ``model_type`` from ``model.arch``, and the values a Qwen config states besides the shape."""
     from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
 
     with initialize_config_module("megatron_sdar.config", version_base=None):
         model = compose("sdar", overrides=[f"experiment={recipe}"]).model
-    a = model.architecture
-    cfg = {"model_type": model.arch, "hidden_size": a.hidden, "num_hidden_layers": a.layers,
-           "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "head_dim": a.head_dim,
-           "intermediate_size": a.ffn, "vocab_size": a.vocab, "tie_word_embeddings": a.tied_embeddings,
-           "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-           "torch_dtype": "bfloat16"}
-    if model.arch == "qwen3":
-        cfg["attention_bias"] = bool(a.qkv_bias)
-    if model.arch == "qwen3_moe":
-        cfg.update(num_experts=a.num_experts, num_experts_per_tok=a.experts_per_token,
-                   moe_intermediate_size=a.moe_ffn_hidden, norm_topk_prob=True, decoder_sparse_step=1)
-    return cfg
+    return {"max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+            "torch_dtype": "bfloat16", **OmegaConf.to_container(model.architecture), "model_type": model.arch}
 
 
 def recipe_model_dir(recipe: str, root: Path) -> Path:

@@ -63,34 +63,35 @@ def make_inputs(dtype_name, seed=0):
     return student.to(dtype), teacher.to(dtype), targets, w_lp, w_ent, w_div
 
 
-def _compute_all(dtype_name, tp_group, tp_rank, tp_size, device="cpu"):
-    """Every op on this rank's shard; returns values and the gradient shards (float64, on CPU)."""
+def _compute_all(dtype_name, tp_group, tp_rank, tp_size, device="cpu", kernel="eager"):
+    """Every op on this rank's shard with the chunk kernels of ``kernel``; returns values and the
+    gradient shards (float64, on CPU)."""
     student, teacher, targets, w_lp, w_ent, w_div = (t.to(device) for t in make_inputs(dtype_name))
     shard = slice(tp_rank * V // tp_size, (tp_rank + 1) * V // tp_size)
     out = {}
     s = student[:, shard].clone().requires_grad_(True)
-    lp, ent = vocab_parallel_logprobs_entropy(s, targets, tp_group, chunk_size=CHUNK)
+    lp, ent = vocab_parallel_logprobs_entropy(s, targets, tp_group, chunk_size=CHUNK, kernel=kernel)
     (lp * w_lp + ent * w_ent).sum().backward()
     out["logprobs"], out["entropy"], out["grad_lp_ent"] = lp.double(), ent.double(), s.grad.double()
     t_lp, t_ids = vocab_parallel_topk(teacher[:, shard], 5, tp_group, chunk_size=CHUNK)
     out["topk_lp"], out["topk_ids"] = t_lp.double(), t_ids
     for kind in KINDS:
         s = student[:, shard].clone().requires_grad_(True)
-        div = vocab_parallel_divergence(s, teacher[:, shard], kind, tp_group, chunk_size=CHUNK)
+        div = vocab_parallel_divergence(s, teacher[:, shard], kind, tp_group, chunk_size=CHUNK, kernel=kernel)
         (div * w_div).sum().backward()
         out[f"div_{kind}"], out[f"grad_div_{kind}"] = div.double(), s.grad.double()
         s = student[:, shard].clone().requires_grad_(True)
-        div = topk_tail_divergence(s, t_lp, t_ids, kind, tp_group, chunk_size=CHUNK)
+        div = topk_tail_divergence(s, t_lp, t_ids, kind, tp_group, chunk_size=CHUNK, kernel=kernel)
         (div * w_div).sum().backward()
         out[f"topk_{kind}"], out[f"grad_topk_{kind}"] = div.double(), s.grad.double()
     return {k: v.detach().cpu() for k, v in out.items()}
 
 
-def _tp_worker(dtype_name):
+def _tp_worker(dtype_name, kernel="eager"):
     from megatron.core import parallel_state as ps
 
-    return _compute_all(dtype_name, ps.get_tensor_model_parallel_group(),
-                        ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    return _compute_all(dtype_name, ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(),
+                        ps.get_tensor_model_parallel_world_size(), kernel=kernel)
 
 
 def _assert_close(got, ref, tol, what):
@@ -133,21 +134,48 @@ def _check_against_reference(per_rank, dtype_name):
                       f"grad topk {kind}")
 
 
-@pytest.mark.parametrize("fused", ["0", "1"], ids=["eager", "fused"])
+@pytest.mark.parametrize("kernel", ["eager", "compile"])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_single_process_matches_float64_reference(dtype_name, fused, monkeypatch):
-    monkeypatch.setenv("MEGATRON_SDAR_FUSED_OBJECTIVE", fused)  # torch.compile'd kernels or eager
-    _check_against_reference([_compute_all(dtype_name, None, 0, 1)], dtype_name)
+def test_single_process_matches_float64_reference(dtype_name, kernel):
+    _check_against_reference([_compute_all(dtype_name, None, 0, 1, kernel=kernel)], dtype_name)
+
+
+def test_kernel_is_an_objective_field():
+    """``algo.kernel`` chooses the chunk kernels (no environment variable): the objective runs the
+    compiled ones under ``compile`` (and nothing compiled under ``eager``), with the same loss and
+    gradient; a bad value is refused."""
+    from megatron_sdar.algo import fused_kernels
+    from megatron_sdar.algo.objective import ObjectiveInputs, SDARObjective, preset
+
+    assert preset("sdar").kernel == "eager" and preset("sdar", kernel="compile").kernel == "compile"
+    gen = torch.Generator().manual_seed(5)
+    logits, targets = torch.randn(2, 6, V, generator=gen), torch.randint(0, V, (2, 6), generator=gen)
+    fused_kernels._compiled.cache_clear()
+    results = {}
+    for kernel in ("eager", "compile"):
+        x = logits.clone().requires_grad_(True)
+        objective = SDARObjective(preset("grpo", kl_coef=0.0, entropy_coef=0.1, kernel=kernel))
+        loss, _ = objective(ObjectiveInputs(student_logits=x, targets=targets, mask=torch.ones(2, 6),
+                                            advantages=torch.tensor([1.0, -1.0])))
+        loss.backward()
+        results[kernel] = (loss.detach(), x.grad, fused_kernels._compiled.cache_info().currsize)
+    assert results["eager"][2] == 0 and results["compile"][2] == 2  # log-sum-exp statistics and their gradient
+    torch.testing.assert_close(results["compile"][0], results["eager"][0])
+    torch.testing.assert_close(results["compile"][1], results["eager"][1])
+    with pytest.raises(ValueError, match=r"objective.kernel must be one of \('eager', 'compile', 'triton'\)"):
+        preset("sdar", kernel="1")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        vocab_parallel_logprobs_entropy(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long), kernel="fused")
 
 
 def _triton_interpreted(dtype_name: str) -> dict:
     import os
 
-    os.environ.update(TRITON_INTERPRET="1", MEGATRON_SDAR_FUSED_OBJECTIVE="triton")  # before triton's @jit runs
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton's @jit runs
     from megatron_sdar.algo import triton_kernels
 
     assert triton_kernels.block_size(V) * 2 < V  # several vocabulary blocks per row: the combine is exercised
-    return _compute_all(dtype_name, None, 0, 1)
+    return _compute_all(dtype_name, None, 0, 1, kernel="triton")
 
 
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
@@ -161,8 +189,8 @@ def test_triton_kernels_match_float64_reference_under_the_interpreter(dtype_name
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_triton_kernels_under_tensor_parallelism():
-    per_rank = run_distributed(_tp_worker, world_size=2, tp=2, args=("float32",), timeout=600,
-                               env={"MEGATRON_SDAR_FUSED_OBJECTIVE": "triton", "TRITON_INTERPRET": "1"})
+    per_rank = run_distributed(_tp_worker, world_size=2, tp=2, args=("float32", "triton"), timeout=600,
+                               env={"TRITON_INTERPRET": "1"})
     _check_against_reference(per_rank, "float32")
 
 
@@ -181,8 +209,7 @@ def test_tensor_parallel_matches_float64_reference(tp):
         per_rank = run_distributed(_tp_worker, world_size=tp, tp=tp, args=("bfloat16",))
         _check_against_reference(per_rank, "bfloat16")
         # the fused (torch.compile) kernels combine per-rank statistics differently: check them too
-        per_rank = run_distributed(_tp_worker, world_size=tp, tp=tp, args=("float32",),
-                                   env={"MEGATRON_SDAR_FUSED_OBJECTIVE": "1"})
+        per_rank = run_distributed(_tp_worker, world_size=tp, tp=tp, args=("float32", "compile"))
         _check_against_reference(per_rank, "float32")
 
 

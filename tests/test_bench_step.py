@@ -17,7 +17,7 @@ def test_bench_step_reports_every_phase_and_ratio(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_step.py"), "--repeats", "1", "--json", str(out),
                            "model.tiny.layers=2", "rollout.tasks_per_step=2", "rollout.group_size=2",
-                           "rollout.max_turns=2", "rollout.max_response_tokens=12"],
+                           "env.max_turns=2", "rollout.max_response_tokens=12"],
                           capture_output=True, text=True, timeout=900, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -23,7 +23,8 @@ def _step(model_dir: str, root: str, parallel: dict, save: bool):
     from megatron_sdar.algo.objective import preset
     from megatron_sdar.models.architecture import QwenArchitecture
     from megatron_sdar.models.exporter import iter_hf_weights
-    from megatron_sdar.trainer.checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
+    from megatron_sdar.checkpoint.resume import find_latest_checkpoint
+    from megatron_sdar.checkpoint.training import load_checkpoint, save_checkpoint
     from megatron_sdar.trainer.launch import transformer_overrides
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
     from megatron_sdar.trainer.update import PolicyUpdate

@@ -102,7 +102,33 @@ def test_dry_run_prints_the_plan_for_every_recipe(stand_ins, capsys, fp8):
         assert any("skipped" in line and "Transformer Engine" in line for line in lines)
 
 
-def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, monkeypatch):
+def test_dry_run_prints_the_settings_that_differ_from_the_defaults(stand_ins, capsys):
+    """``--dry-run`` names every trainer, rollout and env value that differs from its YAML group's
+    default (config/trainer/default.yaml, rollout/default.yaml, env/<env>.yaml): a recipe's warm
+    start (no SFT: RL from the released model), learning rate, command-line overrides; the JSON
+    line holds them too. SFT on search (no demonstrations) is refused in one line."""
+    from megatron_sdar.config.schema import config_dict, group_defaults
+
+    overrides = stand_ins["search_qwen2_5_7b"]
+    lines, report = _dry_run(capsys, *overrides, "rollout.temperature=0.7")
+    (line,) = [x for x in lines if x.startswith("settings that differ from the defaults")]
+    changed = report["settings_differing_from_defaults"]
+    assert "trainer.sft_steps=0" in line and changed["trainer.sft_steps"] == 0
+    assert changed["trainer.lr"] == 1e-6 and "trainer.lr=1e-06" in line
+    assert changed["rollout.temperature"] == 0.7 and changed["rollout.action_format"] == "text"
+    assert changed["env.skills_dir"] == overrides[2].split("=", 1)[1]
+    run = config_dict(_compose(*overrides, "rollout.temperature=0.7"))
+    for group, defaults in group_defaults("search").items():  # exactly the values that differ
+        for key, value in run[group].items():
+            assert (f"{group}.{key}" in changed) == (defaults[key] != value), (group, key)
+    assert "trainer.sft_lr" not in changed and "env.max_turns" not in changed  # as in the groups
+    assert main([*overrides, "trainer.sft_steps=5", "--dry-run"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "megatron-sdar: configuration error: trainer.sft_steps=5: the SFT warm start imitates demonstrations, and "
+        "env 'search' has none (no scripted or oracle plan); set trainer.sft_steps=0"]
+
+
+def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, monkeypatch, tmp_path):
     overrides = stand_ins["alfworld_qwen2_5_7b"]
     monkeypatch.setenv("WORLD_SIZE", "16")
     _, report = _dry_run(capsys, *overrides)
@@ -116,12 +142,12 @@ def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, mon
     err = capsys.readouterr().err
     assert "WORLD_SIZE='eight'" in err and "must be integers" in err and "Traceback" not in err
     monkeypatch.delenv("WORLD_SIZE")
-    monkeypatch.setenv("MEGATRON_SDAR_FUSED_OBJECTIVE", "cuda")  # not a kernel switch value
-    assert main([*overrides, "--dry-run"]) == 2
+    assert main([*overrides, "algo.kernel=cuda", "--dry-run"]) == 2  # not one of the objective's kernels
     err = capsys.readouterr().err
-    assert "MEGATRON_SDAR_FUSED_OBJECTIVE='cuda'" in err and "Traceback" not in err
-    monkeypatch.delenv("MEGATRON_SDAR_FUSED_OBJECTIVE")
-    assert main(["--dry-run"]) == 2  # the embedded default has no model directory to plan
+    assert err.strip() == ("megatron-sdar: configuration error: algo: objective.kernel must be one of "
+                           "('eager', 'compile', 'triton'), got 'cuda'"), err
+    # the embedded default has no model directory to plan (an output directory that holds no run)
+    assert main(["--dry-run", f"trainer.output_dir={tmp_path / 'run'}"]) == 2
     assert "--dry-run plans a recipe's model: set model.hf_path" in capsys.readouterr().err
 
 
@@ -149,4 +175,22 @@ def test_bf16_without_transformer_engine_is_refused_before_anything_runs(tmp_pat
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "model.dtype=bfloat16 needs Transformer Engine's layer spec" in proc.stderr
     assert "use model.dtype=float32 here" in proc.stderr and "Traceback" not in proc.stderr
-    assert not (tmp_path / "sft_model").exists()  # refused before the warm start
+    assert list(tmp_path.iterdir()) == []  # refused before anything is built (not even the base model)
+
+
+def test_min_lr_null_keeps_the_rate_constant_and_a_value_decays_to_it(stand_ins):
+    """``trainer.min_lr``: null (the default) keeps the learning rate constant after warmup; any
+    value, 0 included, is where the cosine over ``trainer.max_steps`` ends."""
+    from megatron_sdar.trainer.launch import dry_run_world_size, launch_plan
+
+    recipe = next(iter(stand_ins.values()))
+    h100 = dict(te_available=lambda: True, capability=lambda: (9, 0))
+    schedules = {}
+    for min_lr in ("null", "0", "1e-7"):
+        run = _compose(*recipe, "trainer.lr=1e-6", "trainer.warmup_steps=0", "trainer.max_steps=10",
+                       f"trainer.min_lr={min_lr}")
+        optim = launch_plan(run, dry_run_world_size(run), run.model.hf_path, **h100).optim
+        schedules[min_lr] = [optim.lr_at(step) for step in (0, 5, 10)]
+    assert schedules["null"] == [1e-6, 1e-6, 1e-6]
+    assert schedules["0"] == pytest.approx([1e-6, 0.5e-6, 0.0], abs=1e-18)
+    assert schedules["1e-7"] == pytest.approx([1e-6, 0.55e-6, 1e-7], rel=1e-12)

@@ -215,6 +215,32 @@ def test_layout_validation():
         run_distributed(_hang_on_rank_one, world_size=3, tp=2)
 
 
+def _layouts_read_back():
+    from megatron.core import parallel_state as ps
+
+    from megatron_sdar.utils.distributed import initialize_megatron_parallel
+    from megatron_sdar.utils.parallel_dims import ParallelDims
+
+    initialized = ParallelDims.current()  # set up by the launcher's ParallelDims.initialize
+    ps.destroy_model_parallel()
+    initialize_megatron_parallel(tp=2)  # the same sizes, set up without a ParallelDims
+    return initialized, ParallelDims.current()
+
+
+@pytest.mark.multiproc
+def test_current_layout_carries_its_flags():
+    """``ParallelDims.current()`` is the layout the process was initialized with, flags included
+    (what the passes plan micro-batches from); a state set up otherwise has only its sizes."""
+    from megatron_sdar.utils.parallel_dims import ParallelDims
+
+    per_rank = run_distributed(_layouts_read_back, world_size=2, tp=2, sequence_parallel=True, recompute="selective",
+                               distributed_optimizer=True, timeout=120)
+    for initialized, direct in per_rank:
+        assert initialized == ParallelDims(tp=2, sequence_parallel=True, recompute="selective",
+                                           distributed_optimizer=True)
+        assert direct == ParallelDims(tp=2)
+
+
 def _unpicklable_result():
     return torch.ones(2, requires_grad=True) * 2  # a non-leaf tensor cannot cross processes
 

@@ -253,7 +253,7 @@ def _moe_layout_check(model_dirs: dict, tokens: torch.Tensor, ckpt: str | None, 
     ``target="first"`` and the logits of a checkpoint converted at another layout."""
     import torch.distributed as dist
 
-    from megatron_sdar.models.checkpoint import load_model_checkpoint, read_checkpoint_model_info
+    from megatron_sdar.checkpoint.model import load_model_checkpoint, read_checkpoint_model_info
     from megatron_sdar.models.exporter import iter_hf_weights
     from megatron_sdar.models.hf_loader import load_hf_weights
     from megatron_sdar.models.hf_writer import write_hf_checkpoint

@@ -4,6 +4,7 @@ import pytest
 
 from megatron_sdar.envs.household import HouseholdEnv
 from megatron_sdar.testing import run_distributed
+from tests.configs import loop_config
 
 LOGPROB_BOUND = 1e-3  # fp32 on CPU; larger means a resharding bug
 
@@ -49,7 +50,7 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
 
     from megatron_sdar.envs import make
     from megatron_sdar.models.architecture import QwenArchitecture
-    from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, EpisodeSpec, MegatronWeightSource,
+    from megatron_sdar.rollout import (AgentLoop, EpisodeSpec, MegatronWeightSource,
                                        RolloutEngine, RolloutEngineConfig, TrajectoryBatch)
     from megatron_sdar.algo.objective import preset
     from megatron_sdar.skills import SkillBank, SkillRetriever, builtin_skill_dir
@@ -66,7 +67,7 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1 + 0.05 * torch.randn_like(p))
-    engine = RolloutEngine(model_dir, RolloutEngineConfig(tp=1, max_model_len=512, bucket_mb=0.25))
+    engine = RolloutEngine(model_dir, RolloutEngineConfig(tp=1, max_model_len=512))
     source = MegatronWeightSource(policy.model, arch, bucket_mb=0.25)
     import logging
 
@@ -77,8 +78,9 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     stats = engine.sync_weights(source)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     retriever = SkillRetriever(SkillBank.from_dir(builtin_skill_dir("household")), mode="keyword")
-    config = AgentLoopConfig(max_turns=3, history_window=2, max_prompt_tokens=400, max_response_tokens=12,
-                             action_pattern=None, progress=False)
+    config = loop_config(max_turns=3, history_window=2, max_prompt_tokens=400, max_response_tokens=12,
+                         action_pattern=None, action_format="text", context_position="start", restate_task=False,
+                         progress=False)
     loop = AgentLoop(engine, tokenizer, config, retriever)
     groups = 2 * dist.get_world_size()
     specs = []
@@ -186,29 +188,30 @@ def test_rollout_tp2_training_with_rollout_tp1(tiny_qwen2):
 
 
 def test_parse_action_and_config_errors():
-    from megatron_sdar.rollout import AgentLoopConfig, parse_action
+    from megatron_sdar.rollout import parse_action
 
-    pattern = AgentLoopConfig().action_pattern
+    pattern = loop_config().action_pattern
     assert parse_action("<think>x</think><action> go to  desk 1 </action>", pattern) == "go to desk 1"
     assert parse_action("<action>a</action> then <action>b</action>", pattern) == "b"
     assert parse_action("go to desk 1", pattern) is None
     assert parse_action("<action>  </action>", pattern) is None
     assert parse_action("  look \n", None) == "look"
     with pytest.raises(ValueError, match="capture group"):
-        AgentLoopConfig(action_pattern=r"<action>.*</action>")
+        loop_config(action_pattern=r"<action>.*</action>")
     with pytest.raises(ValueError, match="not a valid regex"):
-        AgentLoopConfig(action_pattern=r"<action>(")
+        loop_config(action_pattern=r"<action>(")
     with pytest.raises(ValueError, match="overlong"):
-        AgentLoopConfig(overlong="drop")
+        loop_config(overlong="drop")
 
 
 def test_chat_formatter_history_window_and_context(tmp_path):
     from megatron_sdar.models.tiny import build_tokenizer
-    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter
+    from megatron_sdar.rollout import ChatFormatter
     from megatron_sdar.rollout.agent_loop import EpisodeState
 
     tok = build_tokenizer(tmp_path)
-    fmt = ChatFormatter(tok, AgentLoopConfig(history_window=2))
+    fmt = ChatFormatter(tok, loop_config(history_window=2, action_format="text", context_position="start",
+                                         restate_task=False))
     state = EpisodeState("Room. Your task is to: heat egg.", "You arrive at fridge 1.", ["look", "open fridge 1"],
                          history=[("go to a", "obs a"), ("go to b", "obs b"), ("go to fridge 1", "You arrive.")])
     text = fmt.user_content(state, 2)
@@ -227,10 +230,10 @@ def test_chat_formatter_history_window_and_context(tmp_path):
 def test_index_action_format(tmp_path):
     """Small models may answer with the number of an admissible action; the loop maps it back."""
     from megatron_sdar.models.tiny import build_tokenizer
-    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter, parse_action
+    from megatron_sdar.rollout import ChatFormatter, parse_action
     from megatron_sdar.rollout.agent_loop import EpisodeState
 
-    config = AgentLoopConfig(action_format="index")
+    config = loop_config(action_format="index", context_position="start", restate_task=False)
     fmt = ChatFormatter(build_tokenizer(tmp_path), config)
     state = EpisodeState("Room. Your task is to: cool egg.", "Room.", ["go to fridge 1", "look"])
     text = fmt.user_content(state, 1)
@@ -241,7 +244,7 @@ def test_index_action_format(tmp_path):
     for bad in ("<action>3</action>", "<action>0</action>", "<action>look</action>", "no tags"):
         assert fmt.resolve(parse_action(bad, config.action_pattern), state) is None
     with pytest.raises(ValueError, match="show_admissible_actions"):
-        AgentLoopConfig(action_format="index", show_admissible_actions=False)
+        loop_config(action_format="index", show_admissible_actions=False)
 
 
 def test_prefix_action_format(tmp_path):
@@ -249,10 +252,10 @@ def test_prefix_action_format(tmp_path):
     demonstrations use the shortest prefix naming their action; a reply that is no prefix is passed
     on as written (the environment rejects it)."""
     from megatron_sdar.models.tiny import build_tokenizer
-    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter, parse_action
+    from megatron_sdar.rollout import ChatFormatter, parse_action
     from megatron_sdar.rollout.agent_loop import EpisodeState
 
-    config = AgentLoopConfig(action_format="prefix")
+    config = loop_config(action_format="prefix", context_position="start", restate_task=False)
     fmt = ChatFormatter(build_tokenizer(tmp_path), config)
     admissible = ["go to drawer 1", "go to drawer 2", "go to fridge 1", "take egg 1 from drawer 1", "look"]
     state = EpisodeState("Room. Your task is to: cool egg.", "Room.", admissible)
@@ -270,20 +273,20 @@ def test_prefix_action_format(tmp_path):
                         "go to drawer": "go to drawer 1", "go": "go to drawer 1", "dance": "dance"}
     assert fmt.resolve(parse_action("no tags", config.action_pattern), state) is None
     with pytest.raises(ValueError, match="show_admissible_actions"):
-        AgentLoopConfig(action_format="prefix", show_admissible_actions=False)
+        loop_config(action_format="prefix", show_admissible_actions=False)
 
 
 def test_context_position(tmp_path):
     """Privileged context goes first, or last before the reply instruction; the student's
     messages never carry it."""
     from megatron_sdar.models.tiny import build_tokenizer
-    from megatron_sdar.rollout import AgentLoopConfig, ChatFormatter
+    from megatron_sdar.rollout import ChatFormatter
     from megatron_sdar.rollout.agent_loop import FORMAT_REMINDER, EpisodeState
 
     state = EpisodeState("Room. Your task is to: cool egg.", "Room.", ["go to fridge 1"])
     tokenizer = build_tokenizer(tmp_path)
     for position in ("start", "end"):
-        fmt = ChatFormatter(tokenizer, AgentLoopConfig(context_position=position))
+        fmt = ChatFormatter(tokenizer, loop_config(context_position=position, action_format="text", restate_task=False))
         student = fmt.messages(fmt.user_content(state, 1))
         teacher = fmt.teacher_messages(student, "Eggs live in the fridge.")[-1]["content"]
         block = "Skills that may help:\nEggs live in the fridge."
@@ -292,10 +295,10 @@ def test_context_position(tmp_path):
         assert teacher == expected and block not in student[-1]["content"]
         assert fmt.messages(fmt.user_content(state, 1), "Eggs live in the fridge.")[-1]["content"] == teacher
     # the restated task stays last, after the context, before the reply instruction
-    fmt = ChatFormatter(tokenizer, AgentLoopConfig(context_position="end", restate_task=True))
+    fmt = ChatFormatter(tokenizer, loop_config(context_position="end", restate_task=True, action_format="text"))
     state.task = "cool egg."
     teacher = fmt.messages(fmt.user_content(state, 1), "Eggs live in the fridge.")[-1]["content"]
     assert teacher.endswith("Skills that may help:\nEggs live in the fridge.\n\nTask: cool egg.\n\n" + FORMAT_REMINDER)
     assert fmt.user_content(state, 1).endswith("go to fridge 1\n\nTask: cool egg.\n\n" + FORMAT_REMINDER)
     with pytest.raises(ValueError, match="context_position"):
-        AgentLoopConfig(context_position="middle")
+        loop_config(context_position="middle")

@@ -110,7 +110,7 @@ def _shards() -> list[int]:
 
 def _save_runs(model_dir: str, root: str, names: list[str]) -> dict:
     """Uninterrupted runs: 2 steps, save (for tp1: also after step 1, and step 2 twice), step 3."""
-    from megatron_sdar.trainer.checkpointing import save_checkpoint
+    from megatron_sdar.checkpoint.training import save_checkpoint
 
     out = {}
     for name in names:
@@ -138,7 +138,8 @@ def _resume_runs(root: str, model_dir: str, names: list[str]) -> dict:
     import numpy as np
     import torch
 
-    from megatron_sdar.trainer.checkpointing import find_latest_checkpoint, load_checkpoint
+    from megatron_sdar.checkpoint.resume import find_latest_checkpoint
+    from megatron_sdar.checkpoint.training import load_checkpoint
 
     out = {}
     for name in names:
@@ -156,10 +157,10 @@ def _reshard_and_errors(root: str, model_dir: str, bad: dict) -> dict:
     a model-only load as the control, and the errors."""
     import torch
 
+    from megatron_sdar.checkpoint.model import CheckpointFormatError, load_model_checkpoint
+    from megatron_sdar.checkpoint.training import IncompatibleCheckpointError, load_checkpoint, save_checkpoint
     from megatron_sdar.models.architecture import QwenArchitecture
-    from megatron_sdar.models.checkpoint import CheckpointFormatError, load_model_checkpoint
     from megatron_sdar.models.precision import PrecisionSettings
-    from megatron_sdar.trainer.checkpointing import IncompatibleCheckpointError, load_checkpoint, save_checkpoint
     from megatron_sdar.trainer.policy import OptimConfig, build_policy
 
     out = {"resume_tp1": _resume_runs(root, model_dir, ["tp1"])["tp1"]}
@@ -206,10 +207,10 @@ def model_dir(tmp_path_factory):
 
 def _fake_complete_checkpoint(path: Path) -> None:
     """A marker-only 'complete' checkpoint of an earlier step, for pruning to delete."""
-    from megatron_sdar.trainer.checkpointing import FORMAT_NAME, FORMAT_VERSION
+    from megatron_sdar.checkpoint.model import TRAIN_FORMAT_NAME, TRAIN_FORMAT_VERSION
 
     path.mkdir(parents=True)
-    (path / "complete.json").write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": {}}))
+    (path / "complete.json").write_text(json.dumps({"format": TRAIN_FORMAT_NAME, "version": TRAIN_FORMAT_VERSION, "files": {}}))
     (path / "trainer_state.json").write_text("{}")
 
 
@@ -327,14 +328,14 @@ def test_keep_last_same_step_replacement_and_leftovers(saved):
     two = saved["root"] / "dp2_distopt" / "step_00000002"
     assert (two / "rng" / "rank_00001.pt").is_file()
     # the model part reads like a model-only checkpoint (tools/convert_checkpoint.py can export it)
-    from megatron_sdar.models.checkpoint import read_checkpoint_model_info
+    from megatron_sdar.checkpoint.model import read_checkpoint_model_info
 
     assert read_checkpoint_model_info(root / "step_00000002").arch.num_layers > 0
 
 
 @pytest.mark.multiproc
 def test_find_latest_skips_corrupt_incomplete_and_temporary(saved, tmp_path):
-    from megatron_sdar.trainer.checkpointing import find_latest_checkpoint
+    from megatron_sdar.checkpoint.resume import find_latest_checkpoint
 
     root = tmp_path / "run"
     shutil.copytree(saved["root"] / "tp1", root)
@@ -377,7 +378,7 @@ def _skip_bad_checkpoints(model_dir: str, root: str) -> dict:
     one whose weights are NaN (valid checksums): each is skipped for the previous one."""
     import torch
 
-    from megatron_sdar.trainer.checkpointing import load_latest_checkpoint, save_checkpoint
+    from megatron_sdar.checkpoint.training import load_latest_checkpoint, save_checkpoint
 
     out = {}
     root = Path(root)
@@ -434,3 +435,21 @@ def test_training_checkpoint_exports_a_complete_hf_directory(saved, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(tokenizer) > 100 and tokenizer.chat_template
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+def test_the_checkpoint_package_is_one_place_below_the_trainer_and_the_config():
+    """Everything about checkpoints is in megatron_sdar/checkpoint/ (nothing left at the old paths),
+    and it imports neither the trainer nor the config (config validation imports it)."""
+    import subprocess
+    import sys
+
+    import megatron_sdar
+
+    root = Path(megatron_sdar.__file__).parent
+    for old in ("trainer/checkpointing.py", "models/checkpoint.py", "utils/integrity.py", "utils/rng.py"):
+        assert not (root / old).exists(), old
+    probe = ("import sys, pkgutil, importlib, megatron_sdar.checkpoint as c\n"
+             "for m in pkgutil.iter_modules(c.__path__): importlib.import_module(f'megatron_sdar.checkpoint.{m.name}')\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('megatron_sdar.trainer', 'megatron_sdar.config'))))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=root.parent)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr[-2000:]

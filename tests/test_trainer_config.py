@@ -24,18 +24,21 @@ def test_default_is_the_tiny_cpu_run():
 @pytest.mark.parametrize("name", ["grpo", "opsd", "grpo_opsd", "sdar", "sdar_full", "skill_grpo", "rlsd", "skill_sd",
                                   "hdpo"])
 def test_every_preset_composes(name):
-    """``algo=<name>`` holds every field of the preset (one source: PRESETS), and a config that names
-    only the preset (a plain dict, an older config.json with nulls) gets the same values."""
+    """``algo=<name>`` holds every field of the preset (one source: PRESETS), and a complete config
+    whose ``algo`` names only the preset (an older config.json, its unset fields null) gets the same
+    values."""
     import dataclasses
 
     from megatron_sdar.algo.objective import preset
-    from megatron_sdar.config.schema import load_config
+    from megatron_sdar.config.schema import config_dict, load_config
+    from tests.configs import embedded_run
 
     objective = _compose(f"algo={name}", "~tuned").objective()  # the preset alone (no chosen settings)
     assert objective == preset(name)
-    assert load_config({"algo": {"name": name}}).objective() == preset(name)
+    complete = config_dict(embedded_run())
+    assert load_config({**complete, "algo": {"name": name}}).objective() == preset(name)
     nulls = {f.name: None for f in dataclasses.fields(objective)}
-    assert load_config({"algo": {"name": name, **nulls}}).objective() == preset(name)
+    assert load_config({**complete, "algo": {"name": name, **nulls}}).objective() == preset(name)
 
 
 def test_algo_group_is_made_from_the_presets():
@@ -134,13 +137,13 @@ def test_yaml_syntax_error_in_a_recipe_is_one_line(capsys):
 
 
 def test_resume_pointed_at_a_run_directory_names_the_checkpoint(tmp_path, capsys):
-    from megatron_sdar.trainer.checkpointing import FORMAT_NAME, FORMAT_VERSION
+    from megatron_sdar.checkpoint.model import TRAIN_FORMAT_NAME, TRAIN_FORMAT_VERSION
 
     run = tmp_path / "run"
     for step in (4, 8):
         ckpt = run / "checkpoints" / f"step_{step:08d}"
         ckpt.mkdir(parents=True)
-        (ckpt / "complete.json").write_text(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, "files": {}}))
+        (ckpt / "complete.json").write_text(json.dumps({"format": TRAIN_FORMAT_NAME, "version": TRAIN_FORMAT_VERSION, "files": {}}))
         (ckpt / "trainer_state.json").write_text("{}")
     (run / "checkpoints" / "step_00000012").mkdir()  # a save that did not finish
     err = _fails_in_one_line([f"trainer.resume={run}"], capsys)

@@ -58,9 +58,10 @@ def _train(updater, samples, step: int = 0) -> dict:
     return updater.train_on(samples, step, teacher=teacher)
 
 
-def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None = None):
-    """One full step; ``parallel``: ``parallel`` group fields (sequence parallelism, recomputation,
-    the distributed optimizer), turned into model and optimizer settings as the main job does."""
+def _one_step(model_dir: str, algo: str, rescues: int = 0, micro_batch_tokens: int | None = None):
+    """One full step on the process's layout (:meth:`ParallelDims.current`: its sizes and flags,
+    sequence parallelism, recomputation, the distributed optimizer), turned into model and optimizer
+    settings as the main job does; ``micro_batch_tokens``: sequence packing."""
     import torch.distributed as dist
 
     from megatron_sdar.algo.objective import preset
@@ -73,9 +74,7 @@ def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None
     from megatron_sdar.trainer.launch import transformer_overrides
     from megatron_sdar.utils.parallel_dims import ParallelDims
 
-    parallel = dict(parallel or {})
-    micro_batch_tokens = parallel.pop("micro_batch_tokens", None)  # sequence packing
-    dims = ParallelDims(**parallel)  # dp is not needed for the model and optimizer settings
+    dims = ParallelDims.current()
     arch = QwenArchitecture.from_hf_config(model_dir)
     # adam_eps 1e-3: the first Adam update lr * g / (|g| + eps) is then a smooth function of the
     # gradient, so weights compare at the precision of the gradients
@@ -92,7 +91,8 @@ def _one_step(model_dir: str, algo: str, rescues: int = 0, parallel: dict | None
     metrics["teacher_scored"] = len(teacher_indices(samples, objective))
     # numpy: pickled by value (tensors would travel as shared-memory handles of an exiting process)
     weights = {name: t.numpy().copy() for name, t in iter_hf_weights(policy.model, arch, target="first")}
-    return {"metrics": metrics, "weights": weights if dist.get_rank() == 0 else None}
+    return {"metrics": metrics, "weights": weights if dist.get_rank() == 0 else None, "dims": dims,
+            "sequence_parallel": policy.config.sequence_parallel, "recompute": policy.config.recompute_granularity}
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +116,21 @@ def _compare_layouts(tiny_model, algo, layouts, rescues=0):
     assert moved > 1e-4, moved  # the step changed the weights
     for world, tp, pp, cp, *more in layouts:
         vpp, parallel = more if more else (None, {})
-        results = run_distributed(_one_step, world_size=world, tp=tp, pp=pp, cp=cp, vpp=vpp, ep=parallel.get("ep", 1),
-                                  args=(tiny_model, algo, rescues, {"tp": tp, "pp": pp, "cp": cp, "vpp": vpp, **parallel}),
+        flags = {k: v for k, v in parallel.items() if k != "micro_batch_tokens"}  # ep and the layout's flags
+        results = run_distributed(_one_step, world_size=world, tp=tp, pp=pp, cp=cp, vpp=vpp, **flags,
+                                  args=(tiny_model, algo, rescues, parallel.get("micro_batch_tokens")),
                                   timeout=300, env={"OMP_NUM_THREADS": "1"})
         layout = f"{algo} world={world} tp={tp} pp={pp} cp={cp} vpp={vpp} {parallel}"
         for rank, result in enumerate(results):
+            # the layout the step ran: ParallelDims.current() carries the flags to the model
+            dims = result["dims"]
+            assert (dims.tp, dims.pp, dims.cp, dims.vpp, dims.ep, dims.sequence_parallel, dims.recompute,
+                    dims.distributed_optimizer) == (tp, pp, cp, vpp, flags.get("ep", 1),
+                                                    flags.get("sequence_parallel", False),
+                                                    flags.get("recompute", "none"),
+                                                    flags.get("distributed_optimizer", False)), (layout, dims)
+            assert result["sequence_parallel"] == dims.sequence_parallel, layout
+            assert result["recompute"] == (None if dims.recompute == "none" else dims.recompute), layout
             for key in COMPARED:
                 assert key in result["metrics"], f"{layout} rank {rank}: {sorted(result['metrics'])}"
                 got, want = result["metrics"][key], ref_metrics[key]

@@ -17,10 +17,17 @@ def _hdpo_trainer_checks(out: str):
     from megatron_sdar.trainer.teacher import TeacherBatch
 
     overrides = [*TINY_RUN_OVERRIDES, "algo=hdpo", "trainer.sft_steps=0", "trainer.eval_tasks=0",
-                 "rollout.tasks_per_step=2", "rollout.group_size=2", "rollout.max_turns=2", f"trainer.output_dir={out}"]
+                 "rollout.tasks_per_step=2", "rollout.group_size=2", "env.max_turns=2", f"trainer.output_dir={out}"]
     run = compose_run(overrides)
     trainer = SDARTrainer(run)
-    result = {}
+    import contextlib
+    import io
+
+    from megatron_sdar.utils.logging import log
+
+    with contextlib.redirect_stdout(io.StringIO()) as line:
+        log("built")
+    result = {"log_line": line.getvalue()}  # the trainer's lines name the preset that runs
     try:
         trainer.sync_weights()
         seeds = task_seeds.train_seeds(run.trainer.seed, 0, 2)
@@ -78,6 +85,7 @@ def _hdpo_trainer_checks(out: str):
 def test_hdpo_rescues_cliff_groups_through_the_engine(tmp_path):
     result = run_distributed(_hdpo_trainer_checks, world_size=1, args=(str(tmp_path / "hdpo"),), init="process_group",
                              timeout=600)[0]
+    assert result["log_line"] == "[hdpo] built\n"
     assert result["cliffs"] == result["cliffs_by_hand"] and result["cliffs"], result["cliffs"]  # untrained: all fail
     assert result["rescue_episodes"] == 2 * len(result["cliffs"]) and result["unchanged"]
     assert result["same_skills"] and result["teacher_prompt_has_skills"] and result["student_prompt_has_none"]

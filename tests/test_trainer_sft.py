@@ -15,14 +15,15 @@ from tests.test_envs_household import embedded_world
 def sft_setup(tmp_path_factory):
     from megatron_sdar.envs.household import HouseholdConfig, corpus_text
     from megatron_sdar.models.tiny import build_tokenizer
-    from megatron_sdar.rollout.agent_loop import AgentLoopConfig, ChatFormatter
+    from megatron_sdar.rollout.agent_loop import ChatFormatter
+    from tests.configs import loop_config
     from megatron_sdar.trainer import seeds
 
     world = HouseholdConfig(**embedded_world())
     tokenizer = build_tokenizer(tmp_path_factory.mktemp("sft_tok"), vocab_size=768,
                                 extra_text=corpus_text(world, seeds.corpus_seeds(20)))
-    config = AgentLoopConfig(max_turns=10, history_window=1, max_prompt_tokens=1024, action_format="prefix",
-                             context_position="end")
+    config = loop_config(max_turns=10, history_window=1, max_prompt_tokens=1024, action_format="prefix",
+                         context_position="end", restate_task=False)
     return world, tokenizer, config, ChatFormatter(tokenizer, config)
 
 

@@ -50,10 +50,11 @@ def test_teacher_sequences_keep_the_response_and_map_back_to_the_step():
 
 def test_teacher_prompt_is_rendered_from_the_stored_messages(tmp_path):
     from megatron_sdar.models.tiny import build_tokenizer
-    from megatron_sdar.rollout.agent_loop import CONTEXT_HEADER, AgentLoopConfig, ChatFormatter
+    from megatron_sdar.rollout.agent_loop import CONTEXT_HEADER, ChatFormatter
+    from tests.configs import loop_config
 
     tokenizer = build_tokenizer(tmp_path, vocab_size=400, extra_text="pick up the red cup in the kitchen")
-    formatter = ChatFormatter(tokenizer, AgentLoopConfig(context_position="start"))
+    formatter = ChatFormatter(tokenizer, loop_config(context_position="start", action_format="text", restate_task=False))
     messages = formatter.messages("You are in the kitchen. Pick up the cup.")
     prompt = formatter.encode(messages)
     skill = "Cups are kept in the kitchen."

@@ -1,14 +1,18 @@
 """MetricsLogger (metrics.jsonl, TensorBoard, resume truncation, non-finite values, rank != 0
-writes nothing) and the training / comparison plots."""
+writes nothing), the console's progress bars and log prefix, and the training / comparison plots."""
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import sys
+import time
 
 import pytest
 
-from megatron_sdar.utils.logging import METRICS_FILE, MetricsLogger, read_metrics
+from megatron_sdar.utils.logging import (METRICS_FILE, PROGRESS_INTERVAL_S, MetricsLogger, log, progress,
+                                         read_metrics, set_log_prefix)
 from megatron_sdar.utils.plots import plot_comparison, plot_training
 
 
@@ -102,3 +106,82 @@ def test_plots_training_and_comparison(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000, (png, len(data))
     with pytest.raises(ValueError, match="at least one run"):
         plot_comparison({}, tmp_path / "png" / "none.png")
+
+
+def _bar_loop(bar, updates: int, sleep_s: float = 0.0) -> None:
+    """What the rollout bar does every turn: an update and a postfix (which asks tqdm to redraw)."""
+    for i in range(updates):
+        bar.update(1)
+        bar.set_postfix(live=updates - i, tok_s=f"{1000 + i}")
+        if sleep_s:
+            time.sleep(sleep_s)
+    bar.close()
+
+
+def test_progress_to_a_file_is_a_line_every_interval_not_every_redraw():
+    from tqdm import tqdm
+
+    # tqdm itself, as the bars were: every set_postfix is a \r redraw into the file
+    raw = io.StringIO()
+    _bar_loop(tqdm(total=2000, desc="rollout", file=raw, dynamic_ncols=True), 2000)
+    assert raw.getvalue().count("\r") >= 2000 and len(raw.getvalue()) > 100_000
+    # the helper, 2000 fast updates (well inside one interval): the final line only
+    out = io.StringIO()
+    _bar_loop(progress(total=2000, desc="rollout", unit="turn", file=out), 2000)
+    assert PROGRESS_INTERVAL_S >= 5
+    assert "\r" not in out.getvalue() and out.getvalue().count("\n") == 1 and len(out.getvalue()) < 200
+    assert out.getvalue().startswith("rollout: 100% 2000/2000 [") and "live=1" in out.getvalue()
+    # a bar that is not left and ends within an interval (a short rollout) writes nothing
+    out = io.StringIO()
+    _bar_loop(progress(total=500, desc="rollout", file=out, leave=False), 500)
+    assert out.getvalue() == ""
+    # a longer loop: one line per interval at most, plus the final one
+    out = io.StringIO()
+    start = time.monotonic()
+    _bar_loop(progress(total=60, desc="sft", unit="step", file=out, interval=0.1), 60, sleep_s=0.01)
+    elapsed = time.monotonic() - start
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and out.getvalue().endswith("\n")
+    assert 2 <= len(lines) <= elapsed / 0.1 + 1, (elapsed, lines)
+    assert [line.split()[2] for line in lines][-1] == "60/60"
+    assert [line.split()[2] for line in lines].count("60/60") == 1  # the final count once
+    counts = [int(line.split()[2].split("/")[0]) for line in lines]
+    assert counts == sorted(counts) and counts[0] < 60  # progress shown on the way, not only at the end
+
+
+def test_progress_on_a_terminal_is_a_redrawn_bar():
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    with os.fdopen(slave, "w") as tty:
+        _bar_loop(progress(total=3, desc="sft", file=tty), 3)
+    os.set_blocking(master, False)
+    written = os.read(master, 65536).decode()
+    os.close(master)
+    assert written.count("\rsft:") >= 2 and "sft: 100%" in written and "3/3" in written  # redrawn in place
+
+
+def test_progress_iterates_and_is_silent_off_rank_zero(monkeypatch):
+    out = io.StringIO()
+    assert list(progress(range(5), desc="sft", file=out)) == list(range(5))
+    assert out.getvalue().startswith("sft: 100% 5/5 [")
+    monkeypatch.setenv("RANK", "1")
+    out = io.StringIO()
+    assert list(progress(range(5), desc="sft", file=out)) == list(range(5)) and out.getvalue() == ""
+
+
+def test_log_lines_name_the_preset(capsys, monkeypatch, tmp_path):
+    from megatron_sdar.config.schema import compose_run
+    from megatron_sdar.testing import TINY_RUN_OVERRIDES
+
+    for preset in ("grpo", "hdpo"):
+        set_log_prefix(compose_run([*TINY_RUN_OVERRIDES, f"algo={preset}", f"trainer.output_dir={tmp_path}"]).algo.name)
+        log("step 3: success 0.50")
+        assert capsys.readouterr().out == f"[{preset}] step 3: success 0.50\n"
+    monkeypatch.setenv("RANK", "1")  # no process group: the RANK variable decides
+    log("only rank 0 prints")
+    assert capsys.readouterr().out == ""
+    set_log_prefix("sdar")

@@ -1,7 +1,7 @@
 """FP8 vs BF16 training-step time and loss of a mid-size Qwen-shaped model (GPU + Transformer Engine).
 
-    python tools/bench_fp8.py                                    # 1.3B-ish: hidden 2048, 16 layers
-    python tools/bench_fp8.py --recipe delayed --hidden 4096 --layers 8 --seq 4096 --steps 20
+    bash tools/run.sh tools/bench_fp8.py                         # 1.3B-ish: hidden 2048, 16 layers
+    bash tools/run.sh tools/bench_fp8.py --recipe delayed --hidden 4096 --layers 8 --seq 4096 --steps 20
 
 Random weights and tokens, Adam (megatron-core), same initial weights for both precisions; prints
 the median step time, tokens/s and the loss after each step for BF16 and for FP8. CPU: exits with
@@ -14,9 +14,6 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def run(args: argparse.Namespace, fp8_kwargs: dict) -> dict:

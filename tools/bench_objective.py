@@ -1,6 +1,6 @@
 """Benchmark the vocabulary-parallel objective against the naive and the peer way.
 
-    python tools/bench_objective.py [--tokens 4096] [--vocab 151936] [--device cpu|cuda]
+    bash tools/run.sh tools/bench_objective.py [--tokens 4096] [--vocab 151936] [--device cpu|cuda]
 
 Each variant runs forward + backward in a fresh process (CPU) so its peak memory is its own:
 peak RSS (CPU) or ``torch.cuda.max_memory_allocated`` (GPU), minus the inputs and the gradient
@@ -9,10 +9,11 @@ Variants:
 
 * ``ours_logprobs_entropy``: :func:`vocab_parallel_logprobs_entropy` (chunked custom autograd);
 * ``ours_reverse_kl``: :func:`vocab_parallel_divergence` (exact full-vocabulary reverse KL);
-  both with the fused ``torch.compile`` kernels (``--eager`` for the eager chunk kernels; one
-  untimed warm-up call absorbs the compilation);
+  both with the fused ``torch.compile`` kernels (the objective's ``kernel="compile"``; ``--eager``
+  for the eager chunk kernels; one untimed warm-up call absorbs the compilation);
 * ``triton_logprobs_entropy`` / ``triton_reverse_kl``: the same with the Triton kernels
-  (:mod:`megatron_sdar.algo.triton_kernels`; GPU, or the interpreter with ``TRITON_INTERPRET=1``);
+  (``kernel="triton"``, :mod:`megatron_sdar.algo.triton_kernels`; GPU, or the interpreter with
+  ``TRITON_INTERPRET=1``);
 * ``megatron_cross_entropy``: Megatron-Core's ``vocab_parallel_cross_entropy`` (the plain
   vocab-parallel cross entropy that the trainer would otherwise use);
 * ``naive_logprobs_entropy`` / ``naive_reverse_kl``: ``log_softmax`` of student (and teacher)
@@ -45,7 +46,8 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_variant(variant: str, tokens: int, vocab: int, device: str, repeats: int) -> dict:
+def run_variant(variant: str, tokens: int, vocab: int, device: str, repeats: int, eager: bool = False) -> dict:
+    """One variant, timed; ``eager``: the ``ours_*`` variants with the eager chunk kernels."""
     import torch
 
     torch.manual_seed(0)
@@ -68,16 +70,18 @@ def run_variant(variant: str, tokens: int, vocab: int, device: str, repeats: int
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
     from megatron_sdar.algo import vocab_parallel_divergence, vocab_parallel_logprobs_entropy
 
+    kernel = "triton" if variant.startswith("triton") else "eager" if eager else "compile"
+
     def step():
         x = student.detach().requires_grad_(True)
         if variant == "megatron_cross_entropy":
             # Megatron's layout is [s, b, V]; its function modifies nothing we reuse
             loss = vocab_parallel_cross_entropy(x[:, None, :], targets[:, None]).sum()
         elif variant in ("ours_logprobs_entropy", "triton_logprobs_entropy"):
-            lp, ent = vocab_parallel_logprobs_entropy(x, targets)
+            lp, ent = vocab_parallel_logprobs_entropy(x, targets, kernel=kernel)
             loss = lp.sum() + 0.01 * ent.sum()
         elif variant in ("ours_reverse_kl", "triton_reverse_kl"):
-            loss = vocab_parallel_divergence(x, teacher, "reverse_kl").sum()
+            loss = vocab_parallel_divergence(x, teacher, "reverse_kl", kernel=kernel).sum()
         elif variant == "naive_logprobs_entropy":
             ls = torch.log_softmax(x.float(), -1)
             loss = ls.gather(-1, targets[:, None]).sum() - 0.01 * (ls.exp() * ls).sum()
@@ -130,7 +134,7 @@ def main() -> None:
             cap = int(args.naive_cap_gb * 2**30) + 8 * 2**30  # + the CUDA-build libraries' mappings
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
         try:
-            result = run_variant(args._child, args.tokens, args.vocab, args.device, args.repeats)
+            result = run_variant(args._child, args.tokens, args.vocab, args.device, args.repeats, args.eager)
         except (MemoryError, RuntimeError) as exc:
             if "memory" not in str(exc).lower() and not isinstance(exc, MemoryError):
                 raise
@@ -139,16 +143,14 @@ def main() -> None:
         print("RESULT " + json.dumps(result), flush=True)
         return
 
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
-               MEGATRON_SDAR_FUSED_OBJECTIVE="0" if args.eager else "1")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())))
     results = []
     for variant in args.variants.split(","):
         cmd = [sys.executable, __file__, "--tokens", str(args.tokens), "--vocab", str(args.vocab),
                "--device", args.device, "--repeats", str(args.repeats), "--naive-cap-gb",
-               str(args.naive_cap_gb), "--_child", variant]
+               str(args.naive_cap_gb), "--_child", variant] + (["--eager"] if args.eager else [])
         print(f"running {variant} ...", file=sys.stderr, flush=True)
-        child_env = dict(env, MEGATRON_SDAR_FUSED_OBJECTIVE="triton") if variant.startswith("triton") else env
-        out = subprocess.run(cmd, capture_output=True, text=True, env=child_env)
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             results.append(dict(variant=variant, error=f"exit {out.returncode}: {out.stderr.strip()[-300:]}"))

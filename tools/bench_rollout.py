@@ -52,7 +52,7 @@ def main() -> int:
                                 num_key_value_heads=max(1, heads // 2), intermediate_size=2 * args.hidden)
     arch = QwenArchitecture.from_hf_config(model_dir)
     policy = build_policy(arch, OptimConfig(), hf_dir=model_dir)
-    engine = RolloutEngine(model_dir, RolloutEngineConfig(max_model_len=1024, bucket_mb=args.bucket_mb))
+    engine = RolloutEngine(model_dir, RolloutEngineConfig(max_model_len=1024))
     source = MegatronWeightSource(policy.model, arch, bucket_mb=args.bucket_mb)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
@@ -64,8 +64,12 @@ def main() -> int:
         sent.append(([list(p) for p in prompts], list(seeds or [])))
         return original_generate(prompts, sampling, seeds=seeds)
 
-    config = AgentLoopConfig(max_turns=args.turns, max_response_tokens=args.response_tokens,
-                             max_prompt_tokens=900, action_pattern=None, progress=False)
+    # the benchmark's own workload, every field given: free-text actions, no pattern, 4 history pairs
+    config = AgentLoopConfig(max_turns=args.turns, history_window=4, max_prompt_tokens=900,
+                             max_response_tokens=args.response_tokens, temperature=1.0, action_pattern=None,
+                             invalid_action_penalty=0.1, show_admissible_actions=True, action_format="text",
+                             context_position="start", restate_task=False, step_timeout_s=60.0, seed=0,
+                             progress=False)
     loop = AgentLoop(engine, tokenizer, config)
     engine.generate = recording_generate
 

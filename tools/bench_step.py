@@ -1,6 +1,6 @@
 """One SDAR step and one GRPO step on the same trajectory batch, each phase against its ideal.
 
-    python tools/bench_step.py [--device cpu|cuda] [--repeats 2] [--json out.json] [main-job overrides ...]
+    bash tools/run.sh tools/bench_step.py [--device cpu|cuda] [--repeats 2] [--json out.json] [main-job overrides ...]
 
 The main job's trainer is built from the embedded default (plus the overrides, e.g.
 ``model.hf_path=outputs/sdar/sft_model`` for a trained policy's turn lengths), one rollout step
@@ -27,8 +27,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHASES = ("teacher", "reference", "student", "optimizer")
 
@@ -66,8 +64,10 @@ def _ideal(model, samples, seq_len: int, rows_per_micro: int, backward: bool) ->
 def _step(updater, samples, teacher, step: int) -> dict[str, float]:
     import torch
 
+    from megatron_sdar.utils.device import on_gpu
+
     updater.train_on(samples, step, teacher=teacher)
-    if torch.cuda.is_available() and not os.environ.get("MEGATRON_SDAR_FORCE_CPU"):
+    if on_gpu():
         torch.cuda.synchronize()
     return updater.pass_metrics()
 
@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MASTER_PORT", str(29300 + os.getpid() % 500))
 
     from megatron_sdar.algo.objective import preset
+    from megatron_sdar.config.schema import ConfigError, compose_run
     from megatron_sdar.trainer import seeds as task_seeds
     from megatron_sdar.trainer.batch import samples_from_trajectories
     from megatron_sdar.trainer.loop import SDARTrainer
@@ -99,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_sdar.trainer.update import PolicyUpdate
     from megatron_sdar.utils.distributed import destroy, init_process_group
     from megatron_sdar.utils.stats import mean_ci
-
-    from megatron_sdar.config.schema import ConfigError, compose_run
 
     out_dir = tempfile.mkdtemp(prefix="bench_step_")
     try:
@@ -117,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         r, t = run.rollout, run.trainer
         phases: dict[str, float] = {}
         started = time.perf_counter()
-        trainer._synced_updates = -2  # force a sync
-        trainer.sync_weights()
+        trainer.sync_weights(force=True)  # vLLM has the weights it was built from: time a sync anyway
         phases["weight_sync_seconds"] = time.perf_counter() - started
         started = time.perf_counter()
         batch = trainer.rollout(task_seeds.train_seeds(t.seed, 0, r.tasks_per_step), temperature=r.temperature, with_skills=True,
@@ -127,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         samples = samples_from_trajectories(batch)
         pad = int(trainer.tokenizer.pad_token_id or 0)
         updaters = {
-            name: PolicyUpdate(trainer.policy, preset(algo, kl_coef=run.algo.kl_coef), t.micro_batch_size,
-                               pad, trainer.reference_dir, micro_batch_tokens=tokens)
+            name: PolicyUpdate(trainer.policy, preset(algo, kl_coef=run.algo.kl_coef, kernel=run.algo.kernel),
+                               t.micro_batch_size, pad, trainer.reference_dir, micro_batch_tokens=tokens)
             for name, algo, tokens in (("sdar_packed", "sdar", t.micro_batch_tokens),
                                        ("grpo_packed", "grpo", t.micro_batch_tokens),
                                        ("sdar_padded", "sdar", None))}
@@ -145,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 if repeat:
                     runs[name].append(result)
         report = {name: _best(results) for name, results in runs.items()}
-        student_layout = updaters["sdar_packed"]._layout(samples)
+        student_layout = updaters["sdar_packed"].pass_layout(samples)
         model = trainer.policy.model[0]
         ideal = {}
         for key, sequences, backward in (("student_fwd_bwd", samples, True), ("student_fwd", samples, False),

@@ -4,7 +4,8 @@
 #   PY=$(bash tools/bootstrap.sh | tail -1)
 #
 # The venv lives outside the checkout, keyed by a hash of requirements/cpu.lock (and of this
-# script's install recipe), so every checkout and every CI run on the machine reuses it. All
+# script's install recipe), so every checkout and every CI run on the machine reuses it. It holds
+# the dependencies only: tools/run.sh runs the calling checkout's own code (PYTHONPATH). All
 # progress goes to stderr; the last line on stdout is the absolute path of the venv's python.
 # Environment: MEGATRON_SDAR_CACHE (default ~/.cache/megatron-sdar), MEGATRON_SDAR_PYTHON
 # (a python3.12 to build from).
@@ -86,10 +87,15 @@ else
   log "reusing $VENV"
 fi
 
-# The venv is shared between checkouts (a CI clone, a worktree): point the editable install here.
-installed=$(cd / && "$PY" -c 'import megatron_sdar, os; print(os.path.dirname(os.path.dirname(os.path.abspath(megatron_sdar.__file__))))' 2>/dev/null || true)
-if [ "$installed" != "$ROOT" ]; then
-  pip_step "installing megatron-sdar (editable) from $ROOT" \
-    "$PY" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
-fi
+# The venv is shared between checkouts (a CI clone, a worktree) and holds no install of
+# megatron-sdar: tools/run.sh puts the calling checkout first on PYTHONPATH. An install left by an
+# older bootstrap (an editable one re-pointed to whichever checkout bootstrapped last) is removed.
+for site in "$VENV"/lib/python3*/site-packages; do
+  if compgen -G "$site/megatron_sdar*" >/dev/null || compgen -G "$site/__editable__*megatron_sdar*" >/dev/null; then
+    pip_step "removing the install of megatron-sdar an older bootstrap left in the shared venv" \
+      "$PY" -m pip uninstall -y megatron-sdar
+    rm -rf "$site"/__editable__*megatron_sdar* "$site"/megatron_sdar-*.dist-info "$site"/megatron_sdar.egg-link \
+      "$site"/megatron_sdar
+  fi
+done
 echo "$PY"

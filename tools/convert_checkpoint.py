@@ -1,16 +1,21 @@
 """Convert Qwen2 / Qwen2.5 / Qwen3 checkpoints between Hugging Face and Megatron-Core.
 
     # HF -> Megatron distributed checkpoint (loadable at any TP/PP later)
-    python tools/convert_checkpoint.py hf-to-megatron --hf HF_DIR --out CKPT_DIR
-    torchrun --nproc-per-node 4 tools/convert_checkpoint.py hf-to-megatron --hf HF_DIR --out CKPT_DIR --tp 2 --pp 2
+    bash tools/run.sh tools/convert_checkpoint.py hf-to-megatron --hf HF_DIR --out CKPT_DIR
+    bash tools/run.sh -m torch.distributed.run --nproc-per-node 4 tools/convert_checkpoint.py hf-to-megatron \
+        --hf HF_DIR --out CKPT_DIR --tp 2 --pp 2
 
     # Megatron distributed checkpoint -> HF directory (safetensors, config, tokenizer)
-    python tools/convert_checkpoint.py megatron-to-hf --ckpt CKPT_DIR --out HF_DIR [--hf-config HF_SOURCE_DIR]
-    torchrun --nproc-per-node 2 tools/convert_checkpoint.py megatron-to-hf --ckpt CKPT_DIR --out HF_DIR --tp 2
+    bash tools/run.sh tools/convert_checkpoint.py megatron-to-hf --ckpt CKPT_DIR --out HF_DIR [--hf-config HF_SOURCE_DIR]
+    bash tools/run.sh -m torch.distributed.run --nproc-per-node 2 tools/convert_checkpoint.py megatron-to-hf \
+        --ckpt CKPT_DIR --out HF_DIR --tp 2
 
-Each rank reads only the parts of the input it owns; the HF export streams one tensor at a time
-to rank 0, which writes it in place into pre-laid-out safetensors shards. ``--tp`` defaults to
-WORLD_SIZE / pp. Paths are checked before anything heavy is imported.
+(``tools/run.sh`` runs the environment's python with this checkout importable; any python that can
+import ``megatron_sdar`` will do.) Each rank reads only the parts of the input it owns; the HF export
+streams one tensor at a time to rank 0, which writes it in place into pre-laid-out safetensors
+shards. ``--tp`` defaults to WORLD_SIZE / pp. Paths and the checkpoint's description are checked
+before a model is built. The libraries' warnings (Transformer Engine / Apex fallbacks, deprecations)
+are not shown.
 
 Safety: the output is written into a temporary sibling directory and renamed into place at the
 end, so a failed conversion leaves an existing output as it was; ``--force`` replaces a non-empty
@@ -23,14 +28,18 @@ without. Every user error exits with code 2 and one line.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Libraries whose import-time and build-time notices (Transformer Engine / Apex fallbacks, deprecations,
+# torch's "No CUDA runtime is found") say nothing a user of this tool can act on.
+QUIET_LIBRARIES = r"(megatron|torch|transformer_engine|apex)(\.|$)"
 
 
 class UsageError(Exception):
@@ -83,8 +92,8 @@ def _check_output(out: Path, force: bool, inputs: list[Path | None]) -> None:
 def _check_inputs(args: argparse.Namespace) -> None:
     """Fail fast, before torch/megatron are imported, on missing or wrong directories."""
     from megatron_sdar.models.architecture import QwenArchitecture, UnsupportedConfigError
-    from megatron_sdar.models.checkpoint import (CheckpointFormatError, has_tokenizer, read_checkpoint_model_info,
-                                                 resolve_checkpoint_dir)
+    from megatron_sdar.checkpoint.model import (CheckpointFormatError, has_tokenizer, read_checkpoint_model_info,
+                                                resolve_checkpoint_dir)
 
     if args.pp < 1 or (args.tp is not None and args.tp < 1):
         raise UsageError("--tp and --pp must be >= 1")
@@ -194,7 +203,7 @@ def hf_to_megatron(args) -> None:
     import torch.distributed as dist
 
     from megatron_sdar.models.architecture import QwenArchitecture
-    from megatron_sdar.models.checkpoint import save_model_checkpoint
+    from megatron_sdar.checkpoint.model import save_model_checkpoint
     from megatron_sdar.models.hf_loader import load_hf_weights
     from megatron_sdar.models.megatron_model import build_model
 
@@ -214,11 +223,11 @@ def megatron_to_hf(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from megatron_sdar.models.checkpoint import (CheckpointFormatError, load_model_checkpoint, nonfinite_parameters,
-                                                 verify_checkpoint)
+    from megatron_sdar.checkpoint.integrity import MARKER_FILE
+    from megatron_sdar.checkpoint.model import (CheckpointFormatError, load_model_checkpoint, nonfinite_parameters,
+                                                verify_checkpoint)
     from megatron_sdar.models.hf_export import export_hf
     from megatron_sdar.models.megatron_model import build_model
-    from megatron_sdar.utils.integrity import MARKER_FILE
 
     info = args.info
     arch = info.arch
@@ -250,9 +259,30 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
+@contextlib.contextmanager
+def quiet_libraries():
+    """Within: the libraries' Python warnings (:data:`QUIET_LIBRARIES`) are ignored and log records
+    below ERROR are dropped, so that the tool's output is its own (an error: one line on stderr)."""
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=QUIET_LIBRARIES)
+        # torch's deprecation of the ShardedTensor that megatron's checkpoints use (raised through our CPU shim)
+        warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with quiet_libraries():
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     start = time.monotonic()
     try:
         _check_inputs(args)

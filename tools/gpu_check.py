@@ -1,6 +1,6 @@
 """The GPU check: every GPU-only path, run once, in one summary table (``tools/gpu_check.sh`` runs it).
 
-    python tools/gpu_check.py [--out DIR] [--budget-s 420] [--allow-cpu]
+    PYTHONPATH=. python tools/gpu_check.py [--out DIR] [--budget-s 420] [--allow-cpu]
 
 Checks, each in its own process with its own time limit (a hang or a crash costs that check only):
 

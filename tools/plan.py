@@ -1,12 +1,22 @@
 """Per-GPU memory planner for SDAR training layouts (estimates; see megatron_sdar/utils/memory_plan.py).
 
-    python tools/plan.py --model qwen2_5_72b_instruct --tp 8 --pp 4 --dp 2 --recompute full \\
+    bash tools/run.sh tools/plan.py --experiment alfworld_qwen2_5_72b         # a recipe's layout
+    bash tools/run.sh tools/plan.py --experiment alfworld_qwen2_5_7b parallel.tp=4 rollout.gpu_memory_utilization=0.3
+    bash tools/run.sh tools/plan.py --model qwen2_5_72b_instruct --tp 8 --pp 4 --dp 2 --recompute full \\
         --seq-len 2560 --gpu-memory-utilization 0.3 --rollout-tp 8
-    python tools/plan.py --model path/to/hf_dir_or_config.json --tp 2 --precision fp8
-    python tools/plan.py --experiment alfworld_qwen2_5_72b       # a recipe's layout
-    python tools/plan.py --all-recipes                           # the README table
+    bash tools/run.sh tools/plan.py --model path/to/hf_dir_or_config.json --tp 2 --precision fp8
+    bash tools/run.sh tools/plan.py --all-recipes                             # the README table
 
-Exit status 2 when a planned layout does not fit (``--gpu-gib``, default an H100 80GB).
+A run is composed exactly as ``python -m megatron_sdar.train <overrides>`` composes it (the
+positional arguments are its Hydra overrides; the layout and precision flags become overrides too)
+and validated, except that nothing is downloaded: the model's shape comes from its ``config.json``
+when ``model.hf_path`` holds one, else from the model YAML's ``architecture:`` block, and the skill
+set is not read. ``--experiment``: the recipe's layout, world size (``slurm``) and workload.
+``--model``: the model alone, with the layout and workload of the flags (one sequence of
+``--seq-len`` tokens per micro-batch, no vLLM unless ``--gpu-memory-utilization``).
+
+Exit status 2 when a planned layout does not fit (``--gpu-gib``, default an H100 80GB), 1 on an
+invalid configuration or layout (one line).
 """
 from __future__ import annotations
 
@@ -16,22 +26,21 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from megatron_sdar.utils.memory_plan import (  # noqa: E402
-    H100_GIB, KERNELS, PRECISIONS, PlanError, Rollout, Workload, estimate, format_estimate, load_model_shape,
-    load_recipe, recipe_table,
+from megatron_sdar.utils.memory_plan import (
+    H100_GIB, KERNELS, PRECISIONS, PlanError, Rollout, Workload, compose_plan, estimate, format_estimate,
+    recipe_table,
 )
-from megatron_sdar.utils.parallel_dims import RECOMPUTE, ParallelDims  # noqa: E402
+from megatron_sdar.utils.parallel_dims import RECOMPUTE
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="model yaml name, yaml path, HF config.json or HF directory")
-    src.add_argument("--experiment", help="experiment recipe name or path (layout from its yaml)")
+    src.add_argument("--model", help="model config name (config/model/<name>.yaml), HF directory or its config.json")
+    src.add_argument("--experiment", help="recipe name (config/experiment/<name>.yaml)")
     src.add_argument("--all-recipes", action="store_true", help="markdown table of every recipe")
-    lay = p.add_argument_group("layout (with --experiment: overrides)")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, as for python -m megatron_sdar.train")
+    lay = p.add_argument_group("layout (overrides of the parallel group; --dp sets the world size tp*pp*cp*dp)")
     for key in ("tp", "pp", "cp", "dp", "ep", "etp", "vpp"):
         lay.add_argument(f"--{key}", type=int)
     lay.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
@@ -42,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     wl.add_argument("--teacher-extra-tokens", type=int, help="privileged-context tokens in front (teacher)")
     wl.add_argument("--micro-batch-size", type=int)
     wl.add_argument("--global-batch-size", type=int)
-    wl.add_argument("--precision", choices=PRECISIONS)
+    wl.add_argument("--precision", choices=PRECISIONS, help="model.dtype / model.fp8 (fp8: model.fp8=tensorwise)")
     wl.add_argument("--kernels", choices=KERNELS, help="fused (GPU) or unfused (CPU local spec)")
     wl.add_argument("--no-reference", action="store_true", help="no frozen KL reference model on the GPU")
     ro = p.add_argument_group("rollout engine (vLLM)")
@@ -64,33 +73,56 @@ def _set(obj, **values):
     return replace(obj, **{k: v for k, v in values.items() if v is not None})
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The composition's overrides: the source, the layout / precision / rollout flags, then the
+    positional Hydra overrides (which win)."""
+    if args.experiment:
+        out = [f"experiment={args.experiment}"]
+    else:
+        path = Path(args.model)
+        if path.name == "config.json":
+            path = path.parent
+        if path.is_dir():  # an HF directory: the embedded default's model entry pointed at it
+            out = [f"model.hf_path={path}", f"model.name={path.resolve().name}", "model.dtype=bfloat16"]
+        else:
+            out = [f"model={args.model}"]
+    flags = {"parallel.tp": args.tp, "parallel.pp": args.pp, "parallel.cp": args.cp, "parallel.ep": args.ep,
+             "parallel.vpp": args.vpp, "parallel.sequence_parallel": args.sequence_parallel,
+             "parallel.distributed_optimizer": args.distributed_optimizer, "parallel.recompute": args.recompute,
+             "rollout.tp": args.rollout_tp, "rollout.gpu_memory_utilization": args.gpu_memory_utilization,
+             "model.fp8_rollout": args.rollout_fp8}
+    out += [f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+            for key, value in flags.items() if value is not None]
+    if args.precision:
+        out += {"bf16": ["model.dtype=bfloat16", "model.fp8=null"], "fp32": ["model.dtype=float32", "model.fp8=null"],
+                "fp8": ["model.dtype=bfloat16", "model.fp8=tensorwise"]}[args.precision]
+    return out + list(args.overrides)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
+    capacity, overhead = args.gpu_gib, args.overhead_gib + args.baseline_gb
     try:
         if args.all_recipes:
-            print(recipe_table(overhead_gib=args.overhead_gib + args.baseline_gb, capacity_gib=args.gpu_gib))
+            print(recipe_table(overhead_gib=overhead, capacity_gib=capacity))
             return 0
-        if args.experiment:
-            recipe = load_recipe(args.experiment)
-            shape, layout, work, rollout = (load_model_shape(recipe.model), recipe.layout, recipe.workload,
-                                            recipe.rollout)
-        else:
-            shape, layout, work, rollout = load_model_shape(args.model), ParallelDims(), Workload(), Rollout()
-        layout = _set(layout, tp=args.tp, pp=args.pp, cp=args.cp, dp=args.dp, ep=args.ep, etp=args.etp,
-                      vpp=args.vpp, sequence_parallel=args.sequence_parallel,
-                      distributed_optimizer=args.distributed_optimizer, recompute=args.recompute)
+        plan = compose_plan(_overrides(args), dp=args.dp if args.dp or args.experiment else 1)
+        layout, work, rollout = _set(plan.layout, etp=args.etp), plan.workload, plan.rollout
+        if args.model:  # the model alone: the workload and the engine of the flags, not the default run's
+            work = Workload(precision=work.precision)
+            rollout = Rollout(gpu_memory_utilization=args.gpu_memory_utilization or 0.0, tp=rollout.tp,
+                              fp8=rollout.fp8)
         work = _set(work, seq_len=args.seq_len, teacher_extra_tokens=args.teacher_extra_tokens,
-                    micro_batch_size=args.micro_batch_size, precision=args.precision, kernels=args.kernels,
+                    micro_batch_size=args.micro_batch_size, kernels=args.kernels,
                     reference_model=False if args.no_reference else None)
         gbs = args.global_batch_size
         if gbs is None and work.global_batch_size % (work.micro_batch_size * layout.dp):
             gbs = work.micro_batch_size * layout.dp  # the default batch must divide; one micro-batch per rank
         work = _set(work, global_batch_size=gbs)
-        rollout = _set(rollout, gpu_memory_utilization=args.gpu_memory_utilization, tp=args.rollout_tp,
-                       fp8=args.rollout_fp8, sleeps=args.rollout_sleeps)
-        est = estimate(shape, layout, work, rollout, capacity_gib=args.gpu_gib,
-                       overhead_gib=args.overhead_gib + args.baseline_gb)
-    except PlanError as exc:
+        rollout = _set(rollout, sleeps=args.rollout_sleeps)
+        est = estimate(plan.arch, layout, work, rollout, name=plan.model, capacity_gib=capacity,
+                       overhead_gib=overhead)
+    except PlanError as exc:  # a configuration or layout error: one line
         print(f"plan.py: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(est.as_dict(), indent=1) if args.json else format_estimate(est))

@@ -6,4 +6,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PY=$(bash "$ROOT/tools/bootstrap.sh" | tail -1)
 cd "$ROOT"
+# The environment is shared by every checkout on the machine and holds no copy of megatron-sdar:
+# this checkout's code is what runs (and what its subprocesses import: they inherit PYTHONPATH).
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 exec "$PY" "$@"

@@ -24,8 +24,6 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 GIB = 1024**3
 
 
@@ -94,13 +92,15 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def planned_gib(args: argparse.Namespace) -> float:
-    from megatron_sdar.utils.memory_plan import Workload, estimate, shape_from_hf_config
+    from megatron_sdar.models.architecture import QwenArchitecture
+    from megatron_sdar.utils.memory_plan import Workload, estimate
     from megatron_sdar.utils.parallel_dims import ParallelDims
 
-    shape = shape_from_hf_config(_hf_config(args), name="validation")
+    arch = QwenArchitecture.from_hf_config(_hf_config(args))  # the model the child builds
     work = Workload(seq_len=args.seq, micro_batch_size=args.mbs, global_batch_size=args.mbs, precision="fp32",
                     kernels="unfused", reference_model=False, teacher_pass=False)
-    est = estimate(shape, ParallelDims(distributed_optimizer=False), work, capacity_gib=1e6, overhead_gib=0.0)
+    est = estimate(arch, ParallelDims(distributed_optimizer=False), work, name="validation", capacity_gib=1e6,
+                   overhead_gib=0.0)
     return est.total
 
 

@@ -6,9 +6,10 @@ The eager kernels in :mod:`megatron_sdar.algo.vocab_parallel` take ~5-10 passes 
 (backward) each. They work on **local** statistics (max over this rank's shard); the caller
 combines ranks with :func:`rescale_to_global_max` (rescaling by ``exp(m_local - m_global)``).
 
-Switch: ``MEGATRON_SDAR_FUSED_OBJECTIVE`` = ``1`` / ``compile`` (these ``torch.compile`` kernels) or
-``triton`` (the Triton kernels of :mod:`megatron_sdar.algo.triton_kernels`: a ``rows x vocabulary
-blocks`` grid); unset / ``0``: the eager kernels (the default, and the fallback). Measured at
+Chosen by the objective's ``kernel`` field (``algo.kernel``, :data:`KERNELS`): ``compile`` (these
+``torch.compile`` kernels), ``triton`` (the Triton kernels of :mod:`megatron_sdar.algo.triton_kernels`:
+a ``rows x vocabulary blocks`` grid) or ``eager`` (the eager kernels of
+:mod:`~megatron_sdar.algo.vocab_parallel`; the default, and the fallback). Measured at
 4,096 x 151,936: on CPU the compiled kernels are ~2-3x faster than the eager ones (after a one-time
 ~15 s compilation per process); on an H100 they were *slower* than the eager kernels at the default
 128-token chunk (a row-per-program reduction over 128 rows leaves most SMs idle), which is what the
@@ -17,32 +18,23 @@ Triton kernels' block grid addresses; they stay opt-in until they are timed on a
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
 
-_ENV = "MEGATRON_SDAR_FUSED_OBJECTIVE"
+KERNELS = ("eager", "compile", "triton")  # the objective's ``kernel`` choices
 
 
-def backend() -> str:
-    """``"eager"``, ``"compile"`` or ``"triton"`` (from ``MEGATRON_SDAR_FUSED_OBJECTIVE``)."""
-    value = os.environ.get(_ENV, "0")
-    if value in ("", "0", "false", "False"):
-        return "eager"
-    if value in ("1", "true", "True", "compile"):
-        return "compile"
-    if value == "triton":
-        return "triton"
-    raise ValueError(f"{_ENV}={value!r}: use 0 (eager), 1 / compile (torch.compile) or triton")
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is one of :data:`KERNELS`, else a ValueError naming them."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
 
 
-def use_fused(device: torch.device) -> bool:
-    return backend() != "eager"
-
-
-def _kernel(name: str):
-    if backend() == "triton":
+def _kernel(name: str, kernel: str):
+    """The fused ``name`` of ``kernel`` ("compile" or "triton")."""
+    if kernel == "triton":
         from megatron_sdar.algo import triton_kernels
 
         return getattr(triton_kernels, name)
@@ -98,24 +90,24 @@ def _compiled(name: str):
         return fn
 
 
-def lse_stats(z):
-    return _kernel("lse_stats")(z)
+def lse_stats(kernel, z):
+    return _kernel("lse_stats", kernel)(z)
 
 
-def kl_stats(z_out, z_in):
-    return _kernel("kl_stats")(z_out, z_in)
+def kl_stats(kernel, z_out, z_in):
+    return _kernel("kl_stats", kernel)(z_out, z_in)
 
 
-def logprob_entropy_grad(out, z, log_norm, linear, entropy_coef):
-    _kernel("logprob_entropy_grad")(out, z, log_norm, linear, entropy_coef)
+def logprob_entropy_grad(kernel, out, z, log_norm, linear, entropy_coef):
+    _kernel("logprob_entropy_grad", kernel)(out, z, log_norm, linear, entropy_coef)
 
 
-def reverse_kl_grad(out, zs, zt, log_norm_s, offset, grad_div):
-    _kernel("reverse_kl_grad")(out, zs, zt, log_norm_s, offset, grad_div)
+def reverse_kl_grad(kernel, out, zs, zt, log_norm_s, offset, grad_div):
+    _kernel("reverse_kl_grad", kernel)(out, zs, zt, log_norm_s, offset, grad_div)
 
 
-def forward_kl_grad(out, zs, zt, log_norm_s, log_norm_t, grad_div):
-    _kernel("forward_kl_grad")(out, zs, zt, log_norm_s, log_norm_t, grad_div)
+def forward_kl_grad(kernel, out, zs, zt, log_norm_s, log_norm_t, grad_div):
+    _kernel("forward_kl_grad", kernel)(out, zs, zt, log_norm_s, log_norm_t, grad_div)
 
 
 def rescale_to_global_max(local_max, global_max, sums, linear=None):

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdar.algo.aggregation import LOSS_AGG_MODES, LossNormalizers, Segments, aggregate, check_mask, masked_moments
+from megatron_sdar.algo.fused_kernels import KERNELS
 from megatron_sdar.algo.gates import GATES, compute_gate, gated_distillation, skill_sd_distillation
 from megatron_sdar.algo.grpo import KL_ESTIMATORS, kl_penalty, ppo_clip_loss, rlsd_token_advantages, truncated_is_weights
 from megatron_sdar.algo.vocab_parallel import (
@@ -96,8 +97,8 @@ class ObjectiveConfig:
     cliff_rescue: bool = False
     # where the knobs reach beyond the loss (read by rollout and trainer)
     student_sees_skills: bool = False
-    teacher_weights: str = "rollout"  # or "current"
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    kernel: str = "eager"  # the vocabulary chunks' kernels: eager, compile (torch.compile) or triton
 
     def validate(self) -> "ObjectiveConfig":
         def choice(name, options):
@@ -112,7 +113,7 @@ class ObjectiveConfig:
         choice("distill_schedule", SCHEDULES)
         choice("rlsd_schedule", SCHEDULES)
         choice("distill_term", DISTILL_TERMS)
-        choice("teacher_weights", ("rollout", "current"))
+        choice("kernel", KERNELS)
         if self.estimator == "sampled" and self.divergence != "reverse_kl":
             raise ValueError(
                 "objective.divergence applies to estimator 'full' or 'topk'; the sampled-token "
@@ -302,7 +303,7 @@ class SDARObjective:
         # the vocabulary-wide work only on the tokens some term reads (prompts are most of a row)
         rows = token_rows(mask, distill_mask)
         logprobs, entropy = on_rows(
-            rows, lambda z, t: vocab_parallel_logprobs_entropy(z, t, g.tp, cfg.chunk_size),
+            rows, lambda z, t: vocab_parallel_logprobs_entropy(z, t, g.tp, cfg.chunk_size, cfg.kernel),
             inputs.student_logits, inputs.targets)
         old = inputs.old_logprobs if inputs.old_logprobs is not None else logprobs.detach()
         adv = inputs.advantages
@@ -391,9 +392,11 @@ class SDARObjective:
         if cfg.estimator == "full":
             if inputs.teacher_logits is None:
                 raise ValueError("estimator 'full' needs teacher_logits")
-            return on_rows(rows, lambda s, t: vocab_parallel_divergence(s, t, cfg.divergence, tp, cfg.chunk_size),
+            return on_rows(rows, lambda s, t: vocab_parallel_divergence(s, t, cfg.divergence, tp, cfg.chunk_size,
+                                                                        cfg.kernel),
                            inputs.student_logits, inputs.teacher_logits)
         if inputs.teacher_topk_logprobs is None or inputs.teacher_topk_ids is None:
             raise ValueError("estimator 'topk' needs teacher_topk_logprobs and teacher_topk_ids")
-        return on_rows(rows, lambda s, lp, ids: topk_tail_divergence(s, lp, ids, cfg.divergence, tp, cfg.chunk_size),
+        return on_rows(rows, lambda s, lp, ids: topk_tail_divergence(s, lp, ids, cfg.divergence, tp, cfg.chunk_size,
+                                                                     kernel=cfg.kernel),
                        inputs.student_logits, inputs.teacher_topk_logprobs, inputs.teacher_topk_ids)

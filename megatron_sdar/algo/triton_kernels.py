@@ -11,9 +11,9 @@ algebra as :func:`~megatron_sdar.algo.fused_kernels.rescale_to_global_max` acros
 gradients are elementwise over the same grid.
 
 Tested against the eager kernels and the float64 reference on CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``, small shapes; tests/test_algo_triton.py); timed on a GPU by
+(``TRITON_INTERPRET=1``, small shapes; tests/test_algo_vocab_parallel.py); timed on a GPU by
 ``tools/bench_objective.py --device cuda`` (variants ``triton_*``). Selected with
-``MEGATRON_SDAR_FUSED_OBJECTIVE=triton``.
+``algo.kernel=triton``.
 """
 from __future__ import annotations
 

@@ -23,6 +23,9 @@ Formulas (``z`` logits of one token, ``logZ = log sum_j exp z_j``, ``p = softmax
   ``pS_k (a_k - sum_j pS_j a_j)`` with ``a_j = 1/2 (log pS_j - log M_j)``.
 
 The teacher never receives a gradient.
+
+``kernel`` (the objective's ``algo.kernel``): the per-chunk kernels, ``eager`` (the torch ops here),
+``compile`` or ``triton`` (:mod:`megatron_sdar.algo.fused_kernels`; JSD is always eager).
 """
 from __future__ import annotations
 
@@ -125,19 +128,19 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     """Gathered log-probs ``[n, k]`` at global ids ``indices [n, k]`` plus entropy ``[n]``."""
 
     @staticmethod
-    def forward(ctx, logits, indices, tp_group, chunk_size):
+    def forward(ctx, logits, indices, tp_group, chunk_size, kernel):
         n, v_local = logits.shape
         vocab_start, vocab_end = _vocab_range(v_local, tp_group)
         logprobs = torch.empty(indices.shape, dtype=torch.float32, device=logits.device)
         entropy = torch.empty(n, dtype=torch.float32, device=logits.device)
         log_norm = torch.empty(n, dtype=torch.float32, device=logits.device)
-        use_fused = fused.use_fused(logits.device)
+        use_fused = kernel != "eager"
         work = None if use_fused else _Workspace(min(chunk_size, n), v_local, logits.device)
         has_inf = False
         for s, e in _chunks(n, chunk_size):
             z = logits[s:e].float()
             if use_fused:
-                local_max, local_sum, local_lin = fused.lse_stats(z)
+                local_max, local_sum, local_lin = fused.lse_stats(kernel, z)
                 zmax = _all_reduce(local_max.clone(), dist.ReduceOp.MAX, tp_group)
                 sums = torch.stack(fused.rescale_to_global_max(local_max, zmax, local_sum, local_lin), -1)
             else:
@@ -155,7 +158,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             entropy[s:e] = torch.log(stats[:, 0]) - stats[:, 1] / stats[:, 0]
             log_norm[s:e] = lz
         ctx.save_for_backward(logits, indices, log_norm, entropy)
-        ctx.tp_group, ctx.chunk_size, ctx.has_inf = tp_group, chunk_size, has_inf
+        ctx.tp_group, ctx.chunk_size, ctx.has_inf, ctx.kernel = tp_group, chunk_size, has_inf, kernel
         ctx.mark_non_differentiable(indices)
         return logprobs, entropy
 
@@ -165,7 +168,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n, v_local = logits.shape
         vocab_start, vocab_end = _vocab_range(v_local, ctx.tp_group)
         grad_logits = torch.empty_like(logits)
-        use_fused = fused.use_fused(logits.device)
+        use_fused = ctx.kernel != "eager"
         work = None if use_fused else _Workspace(min(ctx.chunk_size, n), v_local, logits.device)
         for s, e in _chunks(n, ctx.chunk_size):
             glp = (grad_logprobs[s:e].float() if grad_logprobs is not None
@@ -174,7 +177,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
                 g_h = (grad_entropy[s:e].float() if grad_entropy is not None
                        else torch.zeros(e - s, device=logits.device))
                 g = grad_logits[s:e]  # written in place by the compiled kernel
-                fused.logprob_entropy_grad(g, logits[s:e].float(), log_norm[s:e],
+                fused.logprob_entropy_grad(ctx.kernel, g, logits[s:e].float(), log_norm[s:e],
                                            glp.sum(-1) + g_h * entropy[s:e], g_h)
                 local = (indices[s:e] >= vocab_start) & (indices[s:e] < vocab_end)
                 g.scatter_add_(-1, (indices[s:e] - vocab_start).clamp(0, v_local - 1),
@@ -198,7 +201,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             g.scatter_add_(-1, (indices[s:e] - vocab_start).clamp(0, v_local - 1), glp * local)
             if g.data_ptr() != grad_logits[s:e].data_ptr():
                 grad_logits[s:e] = g
-        return grad_logits, None, None, None
+        return grad_logits, None, None, None, None
 
 
 def _flatten_logits(logits: torch.Tensor, index: torch.Tensor, index_name: str):
@@ -228,6 +231,7 @@ def vocab_parallel_logprobs_entropy(
     targets: torch.Tensor,
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    kernel: str = "eager",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of ``targets`` and the entropy, from vocabulary-sharded logits.
 
@@ -236,6 +240,7 @@ def vocab_parallel_logprobs_entropy(
         targets: ``[...]`` global token ids.
         tp_group: the tensor-parallel group the vocabulary is sharded over (None: not sharded).
         chunk_size: tokens per chunk; bounds every fp32 temporary to ``chunk_size x V_local``.
+        kernel: the per-chunk kernels, ``eager``, ``compile`` or ``triton``.
 
     Returns:
         ``(logprobs, entropy)``, both ``[...]`` fp32, identical on every TP rank.
@@ -245,7 +250,8 @@ def vocab_parallel_logprobs_entropy(
         raise ValueError(f"targets must be a tensor of token ids, got {type(targets).__name__}")
     flat_logits, flat_targets = _flatten_logits(logits, targets.unsqueeze(-1), "targets")
     _check_ids_in_vocab(flat_targets, logits.shape[-1], tp_group, "targets")
-    logprobs, entropy = _VocabParallelLogProbs.apply(flat_logits, flat_targets, tp_group, chunk_size)
+    logprobs, entropy = _VocabParallelLogProbs.apply(flat_logits, flat_targets, tp_group, chunk_size,
+                                                     fused.check_kernel(kernel))
     return logprobs.reshape(targets.shape), entropy.reshape(targets.shape)
 
 
@@ -254,12 +260,13 @@ def vocab_parallel_gather_logprobs(
     indices: torch.Tensor,
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    kernel: str = "eager",
 ) -> torch.Tensor:
     """Log-probs ``[..., k]`` at global ids ``indices [..., k]`` (e.g. a teacher's top-k)."""
     _check_logits("logits", logits)
     flat_logits, flat_idx = _flatten_logits(logits, indices, "indices")
     _check_ids_in_vocab(flat_idx, logits.shape[-1], tp_group, "indices")
-    logprobs, _ = _VocabParallelLogProbs.apply(flat_logits, flat_idx, tp_group, chunk_size)
+    logprobs, _ = _VocabParallelLogProbs.apply(flat_logits, flat_idx, tp_group, chunk_size, fused.check_kernel(kernel))
     return logprobs.reshape(indices.shape)
 
 
@@ -308,18 +315,18 @@ class _VocabParallelDivergence(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, kind, tp_group, chunk_size):
+    def forward(ctx, student_logits, teacher_logits, kind, tp_group, chunk_size, kernel):
         n, v_local = student_logits.shape
         div = torch.empty(n, dtype=torch.float32, device=student_logits.device)
         norms = torch.empty(n, 2, dtype=torch.float32, device=student_logits.device)
-        use_fused = fused.use_fused(student_logits.device) and kind != "jsd"
+        use_fused = kernel != "eager" and kind != "jsd"
         work = None if use_fused else _Workspace(min(chunk_size, n), v_local, student_logits.device)
         has_inf = False
         for s, e in _chunks(n, chunk_size):
             zs, zt = student_logits[s:e].float(), teacher_logits[s:e].float()
             if use_fused:
                 z_out, z_in = (zs, zt) if kind == "reverse_kl" else (zt, zs)
-                m_out, sum_out, m_in, sum_in, d = fused.kl_stats(z_out, z_in)
+                m_out, sum_out, m_in, sum_in, d = fused.kl_stats(kernel, z_out, z_in)
                 maxes = _all_reduce(torch.stack([m_out, m_in]), dist.ReduceOp.MAX, tp_group)
                 scale_out = torch.exp(m_out - maxes[0])
                 sums = torch.stack([fused.rescale_to_global_max(m_out, maxes[0], sum_out),
@@ -366,7 +373,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 div[s:e] -= lzt - lzs
             norms[s:e, 0], norms[s:e, 1] = lzs, lzt
         ctx.save_for_backward(student_logits, teacher_logits, norms, div)
-        ctx.kind, ctx.tp_group, ctx.chunk_size, ctx.has_inf = kind, tp_group, chunk_size, has_inf
+        ctx.kind, ctx.tp_group, ctx.chunk_size, ctx.has_inf, ctx.kernel = kind, tp_group, chunk_size, has_inf, kernel
         return div
 
     @staticmethod
@@ -374,7 +381,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
         student_logits, teacher_logits, norms, div = ctx.saved_tensors
         n, v_local = student_logits.shape
         grad_student = torch.empty_like(student_logits)
-        use_fused = fused.use_fused(student_logits.device) and ctx.kind != "jsd"
+        use_fused = ctx.kernel != "eager" and ctx.kind != "jsd"
         work = None if use_fused else _Workspace(min(ctx.chunk_size, n), v_local, student_logits.device)
         for s, e in _chunks(n, ctx.chunk_size):
             zs, zt = student_logits[s:e].float(), teacher_logits[s:e].float()
@@ -382,11 +389,11 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 # the compiled kernel writes the gradient chunk in place (cast included)
                 if ctx.kind == "reverse_kl":
                     offset = norms[s:e, 0] - norms[s:e, 1] + div[s:e]
-                    fused.reverse_kl_grad(grad_student[s:e], zs, zt, norms[s:e, 0], offset,
-                                          grad_div[s:e].float())
+                    fused.reverse_kl_grad(ctx.kernel, grad_student[s:e], zs, zt, norms[s:e, 0],
+                                          offset, grad_div[s:e].float())
                 else:
-                    fused.forward_kl_grad(grad_student[s:e], zs, zt, norms[s:e, 0], norms[s:e, 1],
-                                          grad_div[s:e].float())
+                    fused.forward_kl_grad(ctx.kernel, grad_student[s:e], zs, zt, norms[s:e, 0],
+                                          norms[s:e, 1], grad_div[s:e].float())
                 continue
             gd = grad_div[s:e, None].float()
             a, b = work.views(e - s)
@@ -414,7 +421,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 g = _p_times(ps, a_js - mean_a) * gd
             if g.data_ptr() != grad_student[s:e].data_ptr():
                 grad_student[s:e] = g
-        return grad_student, None, None, None, None
+        return grad_student, None, None, None, None, None
 
 
 def vocab_parallel_divergence(
@@ -423,6 +430,7 @@ def vocab_parallel_divergence(
     kind: str = "reverse_kl",
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    kernel: str = "eager",
 ) -> torch.Tensor:
     """Exact full-vocabulary divergence per token, both inputs vocabulary-sharded ``[..., V_local]``.
 
@@ -442,7 +450,7 @@ def vocab_parallel_divergence(
     v_local = student_logits.shape[-1]
     div = _VocabParallelDivergence.apply(
         student_logits.reshape(-1, v_local), teacher_logits.detach().reshape(-1, v_local),
-        kind, tp_group, chunk_size,
+        kind, tp_group, chunk_size, fused.check_kernel(kernel),
     )
     return div.reshape(student_logits.shape[:-1])
 
@@ -455,6 +463,7 @@ def topk_tail_divergence(
     tp_group: Optional[dist.ProcessGroup] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     eps: float = 1e-6,
+    kernel: str = "eager",
 ) -> torch.Tensor:
     """Divergence over the teacher's top-k tokens plus one tail bucket, per token ``[...]``.
 
@@ -472,7 +481,7 @@ def topk_tail_divergence(
             f"teacher_topk_logprobs shape {tuple(teacher_topk_logprobs.shape)} != teacher_topk_ids "
             f"shape {tuple(teacher_topk_ids.shape)}"
         )
-    student_lp = vocab_parallel_gather_logprobs(student_logits, teacher_topk_ids, tp_group, chunk_size)
+    student_lp = vocab_parallel_gather_logprobs(student_logits, teacher_topk_ids, tp_group, chunk_size, kernel)
     teacher_lp = teacher_topk_logprobs.detach().float()
 
     def with_tail(lp):

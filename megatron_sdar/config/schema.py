@@ -1,17 +1,22 @@
 """Typed configuration of a training run (the Hydra config groups of ``megatron_sdar/config``).
 
-The values come from the YAML files of the config groups; the defaults below mirror the embedded
-default (tiny model, household world, CPU) for code that builds a config without Hydra.
+The values live in one place, the YAML files of the config groups (``model/``, ``env/``,
+``parallel/``, ``rollout/``, ``trainer/``; the ``algo`` group is made from the objective's
+:data:`~megatron_sdar.algo.objective.PRESETS`). The dataclasses below hold the types and the checks,
+not a second set of defaults: a field that a group's YAML sets has no default here
+(``tests/test_config_sources.py`` fails otherwise), so a config is built by Hydra composition
+(:func:`compose_run`) or from a complete mapping (a run's ``config.json``, :func:`load_config`).
 
-``load_config(cfg)`` turns Hydra's DictConfig into :class:`RunConfig` and validates everything that
-can be checked before a model is built (parallel layout vs heads/layers/world size, files,
-option values): a bad config fails in a second with a message naming the key, not in a collective
-ten minutes later.
+:func:`load_config` turns the composed config into :class:`RunConfig` and runs :func:`validate`
+once: everything that can be checked before a model is built (ranges, option values, the layout
+against the model's heads and layers, files, the skill set); :func:`check_layout` adds the checks
+that need the world size where it is known (the trainer, ``--dry-run``). A bad config fails in a
+second with one line naming the key, not in a collective ten minutes later.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Optional
@@ -23,28 +28,30 @@ class ConfigError(ValueError):
     """The run configuration is invalid (raised before anything is built)."""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TinyModelConfig:
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    ffn: int = 384
-    vocab: int = 768
-    init_std: float = 0.02  # std of every weight matrix at initialization
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    vocab: int
+    init_std: float  # std of every weight matrix at initialization
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
-    name: str = "tiny"
-    hf_path: Optional[str] = None  # HF checkpoint directory; None: build the tiny model
-    arch: str = "qwen2"
-    dtype: str = "float32"
-    fp8: Optional[str] = None
-    fp8_rollout: bool = False
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
-    # architecture numbers of the recipe's model, read by tools/plan.py (the trainer reads config.json)
-    architecture: Optional[dict] = None
+    name: str
+    hf_path: Optional[str]  # HF checkpoint directory; null: build the tiny model
+    arch: str
+    dtype: str
+    fp8: Optional[str]
+    fp8_rollout: bool
+    tiny: Optional[TinyModelConfig]  # the tiny model's shape (null for an HF checkpoint)
+    # the shape keys of the model's config.json under their own names (QwenArchitecture.from_architecture_block):
+    # the memory planner's stand-in for a checkpoint not downloaded (the trainer reads config.json;
+    # null for the tiny model)
+    architecture: Optional[dict]
 
 
 @dataclass
@@ -91,112 +98,113 @@ def _complete_algo(algo: Any) -> Any:
     return {**preset_fields(name), "name": name, **given}
 
 
-def _embedded_world() -> dict:
-    return {"rooms": ["kitchen"], "task_types": ["pick_and_place", "clean", "heat", "cool"],
-            "num_receptacles": [6, 6], "num_distractors": [1, 2], "placement": "homes", "home_prob": 0.9,
-            "closed_share": 0.75, "turn_slack": 1}
-
-
-@dataclass
+@dataclass(kw_only=True)
 class EnvConfig:
-    name: str = "household"
-    max_turns: int = 10
-    kwargs: dict = field(default_factory=_embedded_world)
-    skills_dir: Optional[str] = None
-    retrieval: str = "keyword"
-    skills_top_k: int = 1
-    step_timeout_s: float = 60.0
+    name: str
+    max_turns: int  # the episode length: the environment's turn budget, and the agent loop's
+    kwargs: dict  # the environment's own options (make(name, **kwargs))
+    skills_dir: Optional[str]  # null: the environment's built-in skill set
+    retrieval: str
+    skills_top_k: int
+    step_timeout_s: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    ep: int = 1
-    vpp: Optional[int] = None
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = False
-    recompute: str = "none"
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    vpp: Optional[int]
+    sequence_parallel: bool
+    distributed_optimizer: bool
+    recompute: str
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RolloutConfig:
-    tp: int = 1
-    group_size: int = 8
-    tasks_per_step: int = 4
-    max_turns: int = 10
-    history_window: int = 1
-    max_prompt_tokens: int = 1024
-    max_response_tokens: int = 12
-    temperature: float = 1.0
-    eval_temperature: float = 1.0
-    action_pattern: Optional[str] = "<action>(.*?)</action>"
-    invalid_action_penalty: float = 0.1
-    show_admissible_actions: bool = True
-    action_format: str = "prefix"
-    context_position: str = "start"
-    restate_task: bool = False
-    gpu_memory_utilization: float = 0.4
-    cpu_kv_cache_gib: float = 1.0
-    bucket_mb: float = 256.0
+    tp: int
+    group_size: int
+    tasks_per_step: int
+    history_window: int
+    max_prompt_tokens: int
+    max_response_tokens: int
+    temperature: float
+    eval_temperature: float
+    action_pattern: Optional[str]
+    invalid_action_penalty: float
+    show_admissible_actions: bool
+    action_format: str
+    context_position: str
+    restate_task: bool
+    gpu_memory_utilization: float
+    cpu_kv_cache_gib: float
+    bucket_mb: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainerConfig:
-    max_steps: int = 8
-    output_dir: str = "outputs/sdar"
-    save_interval: int = 4
-    keep_last: int = 2
-    resume: Optional[str] = None
-    verify_checkpoints: bool = True  # checksums + finite weights before a resume (false: skip)
+    max_steps: int
+    output_dir: str
+    save_interval: int
+    keep_last: int
+    resume: Optional[str]  # null | auto | <checkpoint dir>
+    verify_checkpoints: bool  # checksums + finite weights before a resume (false: skip)
     # distributed optimizer's state: fully_reshardable (resumes at any TP/PP/VPP/DP; gathers each
     # model-parallel shard's state over DP while saving) | dp_reshardable (no gather; DP changes only)
-    optimizer_sharding: str = "fully_reshardable"
-    seed: int = 0
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 2
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    clip_grad: float = 1.0
-    micro_batch_size: int = 8
+    optimizer_sharding: str
+    seed: int
+    lr: float
+    min_lr: Optional[float]  # null: constant after warmup; a value: cosine decay to it over max_steps
+    warmup_steps: int
+    weight_decay: float
+    adam_beta1: float
+    adam_beta2: float
+    clip_grad: float
+    micro_batch_size: int
     # pack samples into micro-batches of at most this many tokens (null: micro_batch_size padded rows)
-    micro_batch_tokens: Optional[int] = 4096
-    eval_interval: int = 4
-    eval_tasks: int = 200
-    eval_split: str = "test"  # held-out tasks evaluated: test (reported) | validation (hyperparameter choice)
-    eval_greedy: bool = True  # also evaluate greedily (eval/greedy/*)
-    eval_before_rl: bool = True  # evaluate at step 0 (after SFT), with and without skills
-    sft_steps: int = 120
-    sft_lr: float = 1e-3
-    sft_batch_size: int = 16
-    sft_episodes: int = 400
-    sft_skill_share: float = 0.5  # share of demonstrations with a (randomly drawn) skill in the prompt
-    sft_prompt_weight: float = 0.5  # language-model loss on the prompt tokens, relative to the response's
-    sft_skill_turn_repeats: int = 2  # extra copies of each skill demonstration's deciding (first) turn
-    export_hf: bool = True
-    tensorboard: bool = True
-    wandb_project: Optional[str] = None
-    plot: bool = True
+    micro_batch_tokens: Optional[int]
+    eval_interval: int
+    eval_tasks: int
+    eval_split: str  # held-out tasks evaluated: test (reported) | validation (hyperparameter choice)
+    eval_greedy: bool  # also evaluate greedily (eval/greedy/*)
+    eval_before_rl: bool  # evaluate at step 0 (after SFT), with and without skills
+    sft_steps: int  # 0: no warm start (RL from the model as it is)
+    sft_lr: float
+    sft_batch_size: int
+    sft_episodes: int
+    sft_skill_share: float  # share of demonstrations with a (randomly drawn) skill in the prompt
+    sft_prompt_weight: float  # language-model loss on the prompt tokens, relative to the response's
+    sft_skill_turn_repeats: int  # extra copies of each skill demonstration's deciding (first) turn
+    export_hf: bool
+    tensorboard: bool
+    wandb_project: Optional[str]
+    plot: bool
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    algo: AlgoConfig = field(default_factory=AlgoConfig)
-    env: EnvConfig = field(default_factory=EnvConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    slurm: Optional[dict] = None  # read by slurm/ and tools/plan.py; ignored by the trainer
+    model: ModelConfig
+    algo: AlgoConfig
+    env: EnvConfig
+    parallel: ParallelConfig
+    rollout: RolloutConfig
+    trainer: TrainerConfig
+    slurm: Optional[dict] = None  # a recipe's cluster, read by slurm/ and tools/plan.py; ignored by the trainer
 
     def objective(self) -> ObjectiveConfig:
         return self.algo.objective()
 
 
 CONFIG_DIR = Path(__file__).parent
+#: keys that moved, for the one line that refuses an override of the old one
+MOVED_KEYS = {"rollout.max_turns": "the episode length is env.max_turns: the environment's turn budget, where the "
+                                   "agent loop also stops"}
+
+
+def recipe_names() -> list[str]:
+    """The recipes, ``experiment=<name>``: the files of ``config/experiment/``."""
+    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
 def check_experiment(overrides: list[str]) -> None:
@@ -204,7 +212,7 @@ def check_experiment(overrides: list[str]) -> None:
     treats the group as optional and would silently run the default instead."""
     import difflib
 
-    recipes = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+    recipes = recipe_names()
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or key.lstrip("+~") != "experiment" or value in ("", "null"):
@@ -223,13 +231,16 @@ def yaml_error_line(exc: Exception) -> str:
     return f"YAML syntax error in {where}: {problem}"
 
 
-def compose_run(overrides: list[str]) -> RunConfig:
+def compose_run(overrides: list[str], *, need_files: bool = True) -> RunConfig:
     """The validated :class:`RunConfig` of ``python -m megatron_sdar.train <overrides>`` (the
     embedded default, a recipe, Hydra overrides); every configuration error is one
-    :class:`ConfigError` line."""
+    :class:`ConfigError` line. ``need_files=False`` (the memory planner, ``tools/plan.py``): the
+    run's downloads and directories are not read (the model's shape comes from the model YAML's
+    ``architecture:`` block when ``model.hf_path`` has no ``config.json``; the skill set and the
+    resume checkpoint are not checked); every other check runs."""
     from hydra import compose, initialize_config_module
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
     from yaml import YAMLError
 
     check_experiment(overrides)
@@ -239,8 +250,12 @@ def compose_run(overrides: list[str]) -> RunConfig:
     except YAMLError as exc:
         raise ConfigError(yaml_error_line(exc)) from None
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
-        raise ConfigError(str(exc)) from None
-    return load_config(cfg)
+        key = getattr(exc.__cause__, "full_key", None)
+        if isinstance(exc.__cause__, ConfigAttributeError) and key:  # an override of a key no group has
+            where = MOVED_KEYS.get(key, f"the keys are those of the YAML groups in {CONFIG_DIR}")
+            raise ConfigError(f"{key} is not a configuration key ({where})") from None
+        raise ConfigError(" ".join(str(exc).split())) from None
+    return load_config(cfg, need_files=need_files)
 
 
 def config_dict(run: RunConfig) -> dict:
@@ -250,10 +265,11 @@ def config_dict(run: RunConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(run)))
 
 
-def load_config(cfg: Any) -> RunConfig:
-    """Hydra DictConfig / plain dict -> validated :class:`RunConfig` (unknown keys are errors)."""
+def load_config(cfg: Any, *, need_files: bool = True) -> RunConfig:
+    """Hydra DictConfig / plain dict -> validated :class:`RunConfig` (unknown keys are errors;
+    ``need_files``: see :func:`compose_run`)."""
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     try:
         schema = OmegaConf.structured(RunConfig)
@@ -263,32 +279,47 @@ def load_config(cfg: Any) -> RunConfig:
             plain["algo"] = _complete_algo(plain["algo"])
         merged = OmegaConf.merge(schema, plain)
         run: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except MissingMandatoryValue as exc:  # a mapping without some field: the YAML groups hold every value
+        raise ConfigError(f"invalid configuration: {exc.full_key} is not set (build a config with compose_run, "
+                          "or load a run's complete config.json)") from None
     except OmegaConfBaseException as exc:
         raise ConfigError(f"invalid configuration: {exc}".replace("\n", "; ")) from None
-    heads, kv_heads, layers = model_shape(run.model)
-    validate(run, num_heads=heads, num_kv_heads=kv_heads, num_layers=layers)
+    heads, kv_heads, layers = model_shape(run.model, need_checkpoint=need_files)
+    validate(run, num_heads=heads, num_kv_heads=kv_heads, num_layers=layers, need_files=need_files)
     return run
 
 
-def model_shape(model: ModelConfig) -> tuple[int, int, int]:
-    """(attention heads, KV heads, layers) of the configured model, without building it; the
-    model directory's ``config.json`` must parse and describe a supported Qwen model."""
+def model_shape(model: ModelConfig, *, need_checkpoint: bool = True) -> tuple[int, int, int]:
+    """(attention heads, KV heads, layers) of the configured model, without building it (see
+    :func:`model_architecture`)."""
     if model.hf_path is None:
+        if model.tiny is None:
+            raise ConfigError("model.hf_path and model.tiny are both null: set model.hf_path (an HF checkpoint) or "
+                              "model.tiny (the built-in tiny model's shape, model=tiny)")
         return model.tiny.heads, model.tiny.kv_heads, model.tiny.layers
-    arch = hf_architecture(model.hf_path)
+    arch = model_architecture(model, need_checkpoint=need_checkpoint)
     return arch.num_attention_heads, arch.num_key_value_heads, arch.num_layers
 
 
-def hf_architecture(hf_path: str):
-    """:class:`QwenArchitecture` of ``model.hf_path``, or :class:`ConfigError` naming the file."""
+def model_architecture(model: ModelConfig, *, need_checkpoint: bool = True):
+    """:class:`QwenArchitecture` of ``model``: the ``config.json`` of ``model.hf_path``, which must
+    parse and describe a supported Qwen model; when it is absent and ``need_checkpoint`` is false,
+    the model YAML's ``architecture:`` block. :class:`ConfigError` naming the file otherwise."""
     from megatron_sdar.models.architecture import QwenArchitecture, UnsupportedConfigError
 
-    path = Path(hf_path) / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"model.hf_path={hf_path!r} has no config.json (download the checkpoint first)")
+    if model.hf_path is None:
+        raise ConfigError("model.hf_path is null (the built-in tiny model, built at start-up): no architecture "
+                          "to read before the run")
+    path = Path(model.hf_path) / "config.json"
+    if not path.is_file() and (need_checkpoint or model.architecture is None):
+        raise ConfigError(f"model.hf_path={model.hf_path!r} has no config.json (download the checkpoint first)")
     try:
-        return QwenArchitecture.from_hf_config(path)
+        if path.is_file():
+            return QwenArchitecture.from_hf_config(path)
+        return QwenArchitecture.from_architecture_block(model.arch, model.architecture)
     except ValueError as exc:  # json.JSONDecodeError and UnsupportedConfigError are ValueErrors
+        if not path.is_file():
+            raise ConfigError(f"model.architecture (model {model.name!r}): {exc}") from None
         kind = "is not a supported model" if isinstance(exc, UnsupportedConfigError) else "does not parse"
         raise ConfigError(f"model.hf_path: {path} {kind}: {exc}") from None
 
@@ -309,7 +340,7 @@ def skills_dir_of(env: "EnvConfig") -> Optional[Path]:
 def _check_resume(resume: str) -> None:
     """``trainer.resume`` is null, ``auto`` or a complete checkpoint directory (cheap checks:
     marker, file sizes; checksums are verified when it is loaded)."""
-    from megatron_sdar.trainer.checkpointing import complete_checkpoints, is_complete_checkpoint
+    from megatron_sdar.checkpoint.resume import complete_checkpoints, is_complete_checkpoint, read_complete_checkpoint
 
     path = Path(resume)
     if not path.exists():
@@ -327,12 +358,23 @@ def _check_resume(resume: str) -> None:
                 "a complete checkpoint (it holds none)"
             raise ConfigError(f"trainer.resume={resume!r} is a run directory, not a checkpoint: pass {hint}, or "
                               f"trainer.resume=auto with trainer.output_dir={path if root != path else path.parent}")
-    from megatron_sdar.trainer.checkpointing import _read_complete_checkpoint
-
     try:
-        _read_complete_checkpoint(path)
+        read_complete_checkpoint(path)
     except ValueError as exc:
         raise ConfigError(f"trainer.resume: {exc}") from None
+
+
+def check_output_dir(run: RunConfig) -> None:
+    """``trainer.output_dir`` can take this run: not a file, and no run in it unless resuming.
+    The state of the disk, not of the configuration: ``train`` (and its ``--dry-run``) call it
+    after :func:`compose_run`, before anything is built; tools that only read a configuration
+    (the planner, the tests, ``compare_algos``' staleness check) do not."""
+    from megatron_sdar.checkpoint.resume import RunDirectoryError, check_run_directory
+
+    try:
+        check_run_directory(run.trainer.output_dir, run.trainer.resume)
+    except RunDirectoryError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _positive(section: str, obj: Any, *names: str) -> None:
@@ -342,38 +384,52 @@ def _positive(section: str, obj: Any, *names: str) -> None:
             raise ConfigError(f"{section}.{name} must be >= 1, got {value}")
 
 
-def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Optional[int] = None,
-             num_kv_heads: Optional[int] = None, num_layers: Optional[int] = None) -> RunConfig:
-    """Checks that need no model. ``world_size``/heads/layers, when known, check the layout."""
+def validate(run: RunConfig, num_heads: Optional[int] = None, num_kv_heads: Optional[int] = None,
+             num_layers: Optional[int] = None, need_files: bool = True) -> RunConfig:
+    """Every check of ``run`` that needs neither the world size nor a built model: ranges, option
+    values, the layout against the model's heads/layers (when given), files and the skill set.
+    :func:`load_config` runs it once per composed config; :func:`check_layout` adds what depends on
+    the world size. It imports no engine or model code (vLLM, Megatron), so an error is the only
+    line printed. ``need_files=False``: the skill set and the resume checkpoint are not read.
+    Whether ``trainer.output_dir`` already holds a run is :func:`check_output_dir`'s."""
     p, r, t, m, e = run.parallel, run.rollout, run.trainer, run.model, run.env
     _positive("parallel", p, "tp", "pp", "cp", "ep")
     if p.vpp is not None and p.vpp < 1:
         raise ConfigError(f"parallel.vpp must be >= 1 or null, got {p.vpp}")
     from megatron_sdar.utils.parallel_dims import LayoutError, ParallelDims
 
-    try:  # the layout's own checks; with the world size and the model's shape when they are known
-        dims = ParallelDims.from_config(p, world_size if world_size is not None else p.tp * p.pp * p.cp)
+    try:  # the layout's own checks against the model's shape; dp needs the world size (check_layout)
+        dims = ParallelDims.from_config(p, p.tp * p.pp * p.cp)
         shape = None if num_heads is None else SimpleNamespace(heads=num_heads, kv_heads=num_kv_heads,
                                                                  layers=num_layers)
-        dims.check(shape, world_known=world_size is not None)
+        dims.check(shape, world_known=False)
     except LayoutError as exc:
         raise ConfigError(f"parallel: {exc}") from None
-    _positive("rollout", r, "tp", "group_size", "tasks_per_step", "max_turns", "max_prompt_tokens",
-              "max_response_tokens")
-    if r.history_window < 0:
-        raise ConfigError(f"rollout.history_window must be >= 0, got {r.history_window}")
-    if r.temperature <= 0 or r.eval_temperature < 0:
-        raise ConfigError("rollout.temperature must be > 0 and rollout.eval_temperature >= 0")
+    _positive("env", e, "max_turns", "skills_top_k")
+    if not e.step_timeout_s > 0:
+        raise ConfigError(f"env.step_timeout_s must be > 0, got {e.step_timeout_s}")
+    _positive("rollout", r, "tp", "group_size", "tasks_per_step")
+    if num_heads is not None and num_heads % r.tp:
+        raise ConfigError(f"rollout.tp={r.tp} does not divide the {num_heads} attention heads")
+    if not r.temperature > 0:
+        raise ConfigError(f"rollout.temperature must be > 0, got {r.temperature}")
+    if not r.eval_temperature >= 0:
+        raise ConfigError(f"rollout.eval_temperature must be >= 0 (0: greedy), got {r.eval_temperature}")
+    if not 0 < r.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], got {r.gpu_memory_utilization}")
+    if not (r.cpu_kv_cache_gib >= 1 and float(r.cpu_kv_cache_gib).is_integer()):
+        raise ConfigError("rollout.cpu_kv_cache_gib must be a whole number of GiB >= 1 (vLLM's CPU backend reads "
+                          f"VLLM_CPU_KVCACHE_SPACE as an integer), got {r.cpu_kv_cache_gib}")
+    if not r.bucket_mb > 0:
+        raise ConfigError(f"rollout.bucket_mb must be > 0, got {r.bucket_mb}")
     from megatron_sdar.rollout.agent_loop import AgentLoopConfig
 
-    try:  # the agent loop's own checks (formats, patterns, penalty), before anything is built
-        AgentLoopConfig(action_pattern=r.action_pattern, invalid_action_penalty=r.invalid_action_penalty,
-                        show_admissible_actions=r.show_admissible_actions, action_format=r.action_format,
-                        context_position=r.context_position)
+    try:  # the agent loop's own checks (history window, token budgets, formats, pattern, penalty)
+        AgentLoopConfig.of_run(run)
     except ValueError as exc:
         raise ConfigError(f"rollout: {exc}") from None
     _positive("trainer", t, "save_interval", "keep_last", "micro_batch_size", "eval_interval", "sft_batch_size")
-    from megatron_sdar.trainer.checkpointing import OPTIMIZER_SHARDINGS
+    from megatron_sdar.checkpoint.training import OPTIMIZER_SHARDINGS
 
     if t.optimizer_sharding not in OPTIMIZER_SHARDINGS:
         raise ConfigError(f"trainer.optimizer_sharding must be one of {', '.join(OPTIMIZER_SHARDINGS)}, "
@@ -397,7 +453,26 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
     for name in ("adam_beta1", "adam_beta2"):
         if not 0.0 <= getattr(t, name) < 1.0:
             raise ConfigError(f"trainer.{name} must be in [0, 1), got {getattr(t, name)}")
-    if t.resume not in (None, "auto"):
+    for name in ("lr", "sft_lr"):
+        if not getattr(t, name) > 0:
+            raise ConfigError(f"trainer.{name} must be > 0, got {getattr(t, name)}")
+    if t.min_lr is not None and not 0.0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"trainer.min_lr must be in [0, trainer.lr={t.lr}], got {t.min_lr}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"trainer.warmup_steps must be >= 0, got {t.warmup_steps}")
+    if not t.weight_decay >= 0:
+        raise ConfigError(f"trainer.weight_decay must be >= 0, got {t.weight_decay}")
+    if not t.clip_grad > 0:
+        raise ConfigError(f"trainer.clip_grad must be > 0 (the gradient norm is clipped to it), got {t.clip_grad}")
+    if t.sft_steps > 0 and t.sft_episodes < 1:
+        raise ConfigError(f"trainer.sft_episodes must be >= 1 when trainer.sft_steps > 0, got {t.sft_episodes}")
+    from megatron_sdar.trainer.seeds import TEST, task_seed
+
+    try:  # every task seed of the run comes from the seed layout, which holds a bounded trainer.seed
+        task_seed(TEST, 0, t.seed)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}, the range of the task-seed layout (trainer/seeds.py)") from None
+    if need_files and t.resume not in (None, "auto"):
         _check_resume(t.resume)
     if m.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
@@ -419,17 +494,72 @@ def validate(run: RunConfig, world_size: Optional[int] = None, num_heads: Option
     if e.name not in available_envs():
         raise ConfigError(f"env.name={e.name!r} is not registered; available: {available_envs()}")
     objective = run.objective()  # preset and option values
+    if objective.pg_coef > 0 and r.group_size < 2:
+        raise ConfigError(f"rollout.group_size={r.group_size} with algo={run.algo.name}: its policy gradient uses the "
+                          "group-normalized advantage (reward minus the mean of the task's group), which is 0 in a "
+                          "group of one episode; set rollout.group_size >= 2")
+    if t.sft_steps > 0:
+        from megatron_sdar.trainer.sft import has_demonstrations
+
+        if has_demonstrations(e.name, dict(e.kwargs)) is False:
+            raise ConfigError(f"trainer.sft_steps={t.sft_steps}: the SFT warm start imitates demonstrations, and env "
+                              f"{e.name!r} has none (no scripted or oracle plan); set trainer.sft_steps=0")
     skills = skills_dir_of(e)
     if skills is None and (objective.needs_teacher or objective.student_sees_skills):
         raise ConfigError(f"algo={run.algo.name} needs skills but env {e.name!r} has no built-in skill set: "
                           "set env.skills_dir")
-    if skills is not None:
+    if skills is not None and need_files:
         try:
             SkillBank.from_dir(skills)
         except (OSError, ValueError) as exc:  # SkillBankError is a ValueError
             raise ConfigError(f"env.skills_dir: {exc}") from None
-    if world_size is not None and world_size % r.tp:
-        raise ConfigError(f"rollout.tp={r.tp} does not divide the world size {world_size}")
-    if num_heads is not None and num_heads % r.tp:
-        raise ConfigError(f"rollout.tp={r.tp} does not divide the {num_heads} attention heads")
     return run
+
+
+def check_layout(run: RunConfig, world_size: int) -> "ParallelDims":
+    """The checks that need the world size, where it is known (the trainer's process group, the
+    cluster ``--dry-run`` plans for): ``dp = world / (tp*pp*cp)`` whole, expert parallelism within
+    it, ``rollout.tp`` dividing the world. Returns the layout. Everything else was checked once by
+    :func:`validate` when the config was composed."""
+    from megatron_sdar.utils.parallel_dims import LayoutError, ParallelDims
+
+    try:
+        dims = ParallelDims.from_config(run.parallel, world_size).check(world_known=True)
+    except LayoutError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
+    if world_size % run.rollout.tp:
+        raise ConfigError(f"rollout.tp={run.rollout.tp} does not divide the world size {world_size}")
+    return dims
+
+
+GROUPS_WITH_DEFAULTS = ("trainer", "rollout", "env")
+
+
+def group_defaults(env_name: str) -> dict[str, dict]:
+    """The values of the YAML group options a run starts from, before any recipe or override:
+    ``trainer/default.yaml``, ``rollout/default.yaml`` and ``env/<env_name>.yaml`` (resolved)."""
+    from omegaconf import OmegaConf
+
+    files = {"trainer": CONFIG_DIR / "trainer" / "default.yaml", "rollout": CONFIG_DIR / "rollout" / "default.yaml",
+             "env": CONFIG_DIR / "env" / f"{env_name}.yaml"}
+    return {group: OmegaConf.to_container(OmegaConf.load(path), resolve=True) if path.is_file() else {}
+            for group, path in files.items()}
+
+
+def settings_differing_from_defaults(run: RunConfig) -> dict[str, Any]:
+    """Every ``trainer``, ``rollout`` and ``env`` value of ``run`` that differs from its YAML group's
+    (:func:`group_defaults`): what a recipe or the command line changed, e.g.
+    ``{"trainer.sft_steps": 0, "trainer.lr": 1e-06, ...}`` (nested mappings by their dotted keys)."""
+    defaults = group_defaults(run.env.name)
+    values = config_dict(run)
+
+    def flat(data: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(data, dict) and data:
+            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}.{key}").items()}
+        return {prefix: data}
+
+    out: dict[str, Any] = {}
+    for group in GROUPS_WITH_DEFAULTS:
+        given, default = flat(values[group], group), flat(defaults[group], group)
+        out.update({key: value for key, value in given.items() if key not in default or default[key] != value})
+    return out

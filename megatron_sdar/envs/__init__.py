@@ -14,9 +14,9 @@ from megatron_sdar.envs.base import (
     normalize_command,
 )
 from megatron_sdar.envs.batch import EnvBatch
-from megatron_sdar.envs.registry import available_envs, make, register
+from megatron_sdar.envs.registry import available_envs, env_class, make, register
 
 __all__ = [
     "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "EnvBatch", "EnvError", "StepResult", "TextEnv",
-    "available_envs", "make", "normalize_command", "register",
+    "available_envs", "env_class", "make", "normalize_command", "register",
 ]

@@ -32,14 +32,18 @@ _BUILTIN: dict[str, str] = {
 _REGISTRY: dict[str, EnvFactory | str] = dict(_BUILTIN)
 
 
-def _webshop(**kwargs: Any) -> TextEnv:
+def _webshop_class(**kwargs: Any) -> type[TextEnv]:
     if "base_url" in kwargs:
         from megatron_sdar.envs.webshop_http import WebShopHTTPEnv
 
-        return WebShopHTTPEnv(**kwargs)
+        return WebShopHTTPEnv
     from megatron_sdar.envs.webshop import LocalWebShopEnv
 
-    return LocalWebShopEnv(**kwargs)
+    return LocalWebShopEnv
+
+
+def _webshop(**kwargs: Any) -> TextEnv:
+    return _webshop_class(**kwargs)(**kwargs)
 
 
 _REGISTRY["webshop"] = _webshop
@@ -56,6 +60,20 @@ def register(name: str, factory: EnvFactory) -> None:
 
 def available_envs() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def env_class(name: str, **kwargs: Any) -> type[TextEnv] | None:
+    """The class ``make(name, **kwargs)`` builds, without building it (its module is imported);
+    None for a registered factory that is not a class (what it builds is known when it runs)."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown environment {name!r}; available: {available_envs()}")
+    factory = _REGISTRY[name]
+    if factory is _webshop:
+        return _webshop_class(**kwargs)
+    if isinstance(factory, str):
+        module, attr = factory.split(":")
+        factory = getattr(importlib.import_module(module), attr)
+    return factory if isinstance(factory, type) else None
 
 
 def make(name: str, **kwargs: Any) -> TextEnv:

@@ -6,8 +6,9 @@
 * :mod:`.hf_loader`: ``load_hf_weights`` (each rank reads only its safetensors slices).
 * :mod:`.exporter`: ``iter_hf_weights`` (full HF tensors from a TP/PP-sharded model, one at a time).
 * :mod:`.hf_writer`: streaming safetensors writer for HF export.
-* :mod:`.checkpoint`: Megatron distributed checkpoints (save/load at any layout) plus HF assets.
 * :mod:`.tiny`: tiny random Qwen models for tests and the CPU default run.
+
+Checkpoints (model-only and training) live in :mod:`megatron_sdar.checkpoint`.
 
 Submodules are imported on use: importing this package pulls in neither torch nor megatron.
 """

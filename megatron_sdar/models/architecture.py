@@ -31,6 +31,16 @@ SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe")
 _PLANNED_MODEL_TYPES = ("qwen2_moe",)
 # rope types whose frequencies Megatron-Core computes exactly like transformers
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn")
+# every config.json key from_hf_config reads (the rest of a config.json is ignored)
+HF_CONFIG_KEYS = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+    "tie_word_embeddings", "attention_bias", "attention_dropout", "initializer_range", "dtype", "torch_dtype",
+    "use_sliding_window", "layer_types", "mlp_bias", "rope_theta", "rope_scaling", "rope_parameters",
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers", "shared_expert_intermediate_size",
+    "n_shared_experts", "num_shared_experts",
+})
 
 
 class UnsupportedConfigError(ValueError):
@@ -159,6 +169,24 @@ class QwenArchitecture:
         return getattr(torch, self.torch_dtype)
 
     # --- parsing -------------------------------------------------------------------------------
+    @classmethod
+    def from_architecture_block(cls, model_type: str, block: Mapping[str, Any]) -> "QwenArchitecture":
+        """Parse a model YAML's ``architecture:`` block: the shape keys of the model's ``config.json``
+        under their own names (``hidden_size``, ``num_hidden_layers``, ...), ``model_type`` from the
+        YAML's ``arch:``. It stands in for the ``config.json`` of a checkpoint that is not downloaded
+        (the memory planner); parsing is :meth:`from_hf_config`'s. A key ``from_hf_config`` does not
+        read (a typo) is an error, not a default."""
+        if not isinstance(block, Mapping):
+            raise UnsupportedConfigError(f"the architecture block must be a mapping of config.json keys, got {block!r}")
+        unknown = sorted(set(block) - HF_CONFIG_KEYS)
+        if unknown:
+            raise UnsupportedConfigError(f"architecture keys {unknown} are not config.json keys of a Qwen model "
+                                         f"(known: {', '.join(sorted(HF_CONFIG_KEYS))})")
+        if block.get("model_type", model_type) != model_type:
+            raise UnsupportedConfigError(f"architecture.model_type={block['model_type']!r} differs from "
+                                         f"arch={model_type!r}")
+        return cls.from_hf_config({**block, "model_type": model_type})
+
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any] | str | Path) -> "QwenArchitecture":
         """Parse an HF ``config.json`` (a dict, the file, or the directory holding it)."""

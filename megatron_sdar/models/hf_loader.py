@@ -132,9 +132,9 @@ def load_hf_weights(model_chunks, arch: QwenArchitecture, hf_dir: str | Path, *,
     files = sorted(reads_by_file)
     iterator = files
     if progress:
-        from tqdm import tqdm
+        from megatron_sdar.utils.logging import progress as progress_bar
 
-        iterator = tqdm(files, desc="loading HF shards", unit="file")
+        iterator = progress_bar(files, desc="loading HF shards", unit="file", disable=False)
     for file_name in iterator:
         with safe_open(str(index.directory / file_name), framework="pt", device="cpu") as f:
             for read in reads_by_file[file_name]:

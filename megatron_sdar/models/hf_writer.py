@@ -175,9 +175,9 @@ def write_hf_checkpoint(pairs: Iterable[tuple[str, torch.Tensor]], shapes: dict[
     writer = StreamingSafetensorsWriter(out_dir, shapes, dtype, max_shard_bytes)
     bar = None
     if progress:
-        from tqdm import tqdm
+        from megatron_sdar.utils.logging import progress as progress_bar
 
-        bar = tqdm(total=len(shapes), desc="writing HF tensors", unit="tensor")
+        bar = progress_bar(total=len(shapes), desc="writing HF tensors", unit="tensor", disable=False)
     try:
         for name, tensor in pairs:
             writer.write(name, tensor)

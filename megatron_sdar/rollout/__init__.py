@@ -2,7 +2,7 @@
 
     engine = RolloutEngine(hf_dir, RolloutEngineConfig(tp=1))
     engine.sync_weights(MegatronWeightSource(model, arch, bucket_mb=256))
-    batch = AgentLoop(engine, tokenizer, AgentLoopConfig(), retriever).run(specs)
+    batch = AgentLoop(engine, tokenizer, AgentLoopConfig.of_run(run), retriever).run(specs)  # run: compose_run(...)
 
 Names are imported on first use: the trajectory types are needed by the trainer's update code,
 which must not pay for importing vLLM (several seconds per rank).

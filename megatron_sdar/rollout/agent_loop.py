@@ -27,11 +27,13 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from megatron_sdar.envs import EnvBatch, TextEnv
-from megatron_sdar.rollout.engine import RolloutEngine, SamplingConfig
 from megatron_sdar.rollout.trajectory import Episode, TrajectoryBatch, Turn
+
+if TYPE_CHECKING:  # the engine imports vLLM: not needed to check or render a configuration
+    from megatron_sdar.rollout.engine import RolloutEngine
 
 DEFAULT_SYSTEM_PROMPT = "You are an agent acting in a text environment. Think briefly, then act."
 FORMAT_REMINDER = "Reply with your next action inside <action>...</action>."
@@ -41,9 +43,11 @@ CONTEXT_HEADER = "Skills that may help:\n"
 TASK_HEADER = "Task: "
 
 
-@dataclass
+@dataclass(kw_only=True)
 class AgentLoopConfig:
-    """The ``rollout`` knobs of the loop.
+    """The ``rollout`` knobs of the loop. The fields without a default are the run configuration's
+    (:meth:`of_run`: ``env.max_turns``, ``env.step_timeout_s``, ``trainer.seed`` and the ``rollout``
+    group); the others are the caller's.
 
     ``history_window``: (action, observation) pairs kept in the prompt. ``action_pattern``: a
     regex whose first group is the action (None: the whole stripped response is the action).
@@ -62,26 +66,41 @@ class AgentLoopConfig:
     (the goal at a fixed distance from the reply, for the same reason).
     """
 
-    max_turns: int = 50
-    history_window: int = 4
-    max_prompt_tokens: int = 2048
-    max_response_tokens: int = 512
-    temperature: float = 1.0
+    max_turns: int  # the episode length: env.max_turns
+    history_window: int
+    max_prompt_tokens: int
+    max_response_tokens: int
+    temperature: float  # 0: greedy
+    action_pattern: str | None
+    invalid_action_penalty: float
+    show_admissible_actions: bool
+    action_format: str
+    context_position: str
+    restate_task: bool
+    step_timeout_s: float  # env.step_timeout_s
+    seed: int  # trainer.seed
     top_p: float = 1.0
-    action_pattern: str | None = r"<action>(.*?)</action>"
-    invalid_action_penalty: float = 0.1
     overlong: str = "truncate_history"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     format_reminder: str = FORMAT_REMINDER
-    show_admissible_actions: bool = True
-    action_format: str = "text"
     skills_in_student_prompt: bool = False
     acts_with_privileged_context: bool = False
-    context_position: str = "start"
-    restate_task: bool = False
-    step_timeout_s: float = 60.0
-    seed: int = 0
     progress: bool = True
+
+    @classmethod
+    def of_run(cls, run: Any, **fields: Any) -> "AgentLoopConfig":
+        """The loop settings of a run configuration (a ``RunConfig``): the episode length
+        ``env.max_turns``, ``env.step_timeout_s``, ``trainer.seed`` and the ``rollout`` group's
+        fields; ``fields`` set the rest or replace one (``temperature=0.0`` for greedy evaluation)."""
+        r = run.rollout
+        values = dict(max_turns=run.env.max_turns, history_window=r.history_window,
+                      max_prompt_tokens=r.max_prompt_tokens, max_response_tokens=r.max_response_tokens,
+                      temperature=r.temperature, action_pattern=r.action_pattern,
+                      invalid_action_penalty=r.invalid_action_penalty,
+                      show_admissible_actions=r.show_admissible_actions, action_format=r.action_format,
+                      context_position=r.context_position, restate_task=r.restate_task,
+                      step_timeout_s=run.env.step_timeout_s, seed=run.trainer.seed)
+        return cls(**{**values, **fields})
 
     def __post_init__(self) -> None:
         if self.max_turns < 1:
@@ -396,6 +415,8 @@ class AgentLoop:
         for episode in episodes:
             episode.privileged_context, episode.skill_names = contexts[episode.group]
 
+        from megatron_sdar.rollout.engine import SamplingConfig
+
         sampling = SamplingConfig(temperature=config.temperature, top_p=config.top_p,
                                   max_tokens=config.max_response_tokens)
         progress = self._progress_bar(len(episodes))
@@ -485,7 +506,7 @@ class AgentLoop:
 
         if not self.config.progress or (dist.is_initialized() and dist.get_rank() != 0):
             return None
-        from tqdm.auto import tqdm
+        from megatron_sdar.utils.logging import progress
 
-        return tqdm(total=self.config.max_turns, desc=f"rollout ({episodes} episodes/rank)", unit="turn",
-                    leave=False, dynamic_ncols=True)
+        return progress(total=self.config.max_turns, desc=f"rollout ({episodes} episodes/rank)", unit="turn",
+                        leave=False, disable=False)

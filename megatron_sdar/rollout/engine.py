@@ -53,7 +53,6 @@ class RolloutEngineConfig:
     enforce_eager: bool = True
     enable_sleep_mode: bool = True
     quantization: str | None = None
-    bucket_mb: float = 256.0
     max_num_seqs: int = 256
 
     def __post_init__(self) -> None:
@@ -63,8 +62,6 @@ class RolloutEngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len < 16:
             raise ValueError(f"max_model_len must be >= 16, got {self.max_model_len}")
-        if self.bucket_mb <= 0:
-            raise ValueError(f"bucket_mb must be > 0, got {self.bucket_mb}")
 
 
 @dataclass

@@ -87,6 +87,9 @@ def run_distributed(
     cp: int = 1,
     ep: int = 1,
     vpp: int | None = None,
+    sequence_parallel: bool = False,
+    recompute: str = "none",
+    distributed_optimizer: bool = False,
     args: Sequence[Any] = (),
     kwargs: dict | None = None,
     timeout: float = 300.0,
@@ -95,9 +98,13 @@ def run_distributed(
 ) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` ranks; return results in rank order.
 
-    ``env`` adds environment variables in the workers (e.g. ``MEGATRON_SDAR_FORCE_CPU=1``).
+    ``env`` adds environment variables in the workers (e.g. ``MEGATRON_SDAR_FORCE_CPU=1``). The
+    layout's flags (``sequence_parallel``, ``recompute``, ``distributed_optimizer``) reach the
+    workers through :meth:`ParallelDims.current`, as the main job's do.
     """
-    layout = ParallelDims.for_world(world_size, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp)
+    layout = ParallelDims.for_world(world_size, tp=tp, pp=pp, cp=cp, ep=ep, vpp=vpp,
+                                    sequence_parallel=sequence_parallel, recompute=recompute,
+                                    distributed_optimizer=distributed_optimizer)
     if init not in ("megatron", "process_group", "none"):
         raise ValueError(f"init must be 'megatron', 'process_group' or 'none', got {init!r}")
     ctx = mp.get_context("spawn")

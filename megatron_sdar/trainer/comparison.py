@@ -88,6 +88,8 @@ class MainJobRun:
         return [sys.executable, "-m", "megatron_sdar.train", f"trainer.output_dir={self.run_dir}", *self.overrides]
 
     def expected_config(self) -> dict:
+        """The configuration this run would have (``trainer.resume`` is an invocation key that
+        :func:`config_differences` ignores)."""
         from megatron_sdar.config.schema import compose_run, config_dict
 
         return config_dict(compose_run(self.command[3:]))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_sdar.config.schema import ConfigError, RunConfig, validate
+from megatron_sdar.config.schema import ConfigError, RunConfig, check_layout, settings_differing_from_defaults
 from megatron_sdar.models.architecture import QwenArchitecture
 from megatron_sdar.models.megatron_model import transformer_engine_available
 from megatron_sdar.models.precision import FP8ConfigError, PrecisionSettings, resolve_precision
@@ -62,17 +62,13 @@ def transformer_overrides(p: ParallelDims) -> dict[str, Any]:
     return overrides
 
 
-def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check_hardware: bool = True,
-                **hardware_probes: Any) -> LaunchPlan:
-    """The plan of ``run`` on ``world_size`` ranks with the model of ``model_dir`` (only its
-    ``config.json`` is read). ``check_hardware=False`` skips the Transformer Engine and GPU checks
-    of FP8 (listed in ``skipped_checks``); ``hardware_probes`` (``te_available``, ``capability``)
-    replace those probes, for tests. Raises :class:`ConfigError` naming what to change."""
-    model_dir = Path(model_dir)
-    arch = QwenArchitecture.from_hf_config(model_dir)
-    validate(run, world_size=world_size, num_heads=arch.num_attention_heads,
-             num_kv_heads=arch.num_key_value_heads, num_layers=arch.num_layers)
-    m, t, p, r = run.model, run.trainer, run.parallel, run.rollout
+def check_precision(run: RunConfig, *, check_hardware: bool = True,
+                    **hardware_probes: Any) -> tuple[PrecisionSettings, list[str]]:
+    """The run's precision settings, checked against this machine (Transformer Engine, the GPU's
+    compute capability) unless ``check_hardware=False``; with the checks that were skipped.
+    Needs no model directory: the trainer runs it before it builds anything. Raises
+    :class:`ConfigError` naming what to change."""
+    m, t, p = run.model, run.trainer, run.parallel
     try:
         precision = resolve_precision(m.dtype, m.fp8, fp8_rollout=m.fp8_rollout, check_hardware=check_hardware,
                                       **hardware_probes)
@@ -93,21 +89,29 @@ def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check
         # not the row split the passes use
         raise ConfigError("trainer.micro_batch_tokens (sequence packing) with Transformer Engine and parallel.cp > 1 "
                           "is not supported: set trainer.micro_batch_tokens=null (padded micro-batches) or cp=1")
-    from megatron_sdar.algo import fused_kernels
+    return precision, skipped
 
-    try:  # read at every objective call: a bad value would otherwise stop the first step
-        fused_kernels.backend()
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    optim = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps,
-                        decay_steps=t.max_steps if 0 < t.min_lr < t.lr else None,
+
+def launch_plan(run: RunConfig, world_size: int, model_dir: str | Path, *, check_hardware: bool = True,
+                precision: tuple[PrecisionSettings, list[str]] | None = None, **hardware_probes: Any) -> LaunchPlan:
+    """The plan of ``run`` (validated when composed, its layout checked on ``world_size`` ranks by
+    :func:`~megatron_sdar.config.schema.check_layout`) with the model of ``model_dir`` (only its
+    ``config.json`` is read). ``precision``: what :func:`check_precision` gave (else it runs here,
+    with ``check_hardware`` and ``hardware_probes``: ``te_available``, ``capability``, for tests).
+    Raises :class:`ConfigError` naming what to change."""
+    model_dir = Path(model_dir)
+    arch = QwenArchitecture.from_hf_config(model_dir)
+    m, t, p, r = run.model, run.trainer, run.parallel, run.rollout
+    precision, skipped = precision or check_precision(run, check_hardware=check_hardware, **hardware_probes)
+    optim = OptimConfig(lr=t.lr, min_lr=t.min_lr or 0.0, warmup_steps=t.warmup_steps,
+                        decay_steps=t.max_steps if t.min_lr is not None else None,
                         weight_decay=t.weight_decay, adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2,
                         clip_grad=t.clip_grad, use_distributed_optimizer=p.distributed_optimizer)
     vllm = precision.vllm_kwargs()
     engine = RolloutEngineConfig(
         tp=r.tp, max_model_len=min(r.max_prompt_tokens + r.max_response_tokens, arch.max_position_embeddings),
         gpu_memory_utilization=r.gpu_memory_utilization, cpu_kv_cache_gib=r.cpu_kv_cache_gib,
-        dtype=vllm["dtype"], seed=t.seed, bucket_mb=r.bucket_mb, quantization=vllm["quantization"])
+        dtype=vllm["dtype"], seed=t.seed, quantization=vllm["quantization"])
     dims = ParallelDims.from_config(p, world_size)
     return LaunchPlan(run=run, dims=dims, model_dir=model_dir, arch=arch, precision=precision,
                       optim=optim, transformer_overrides=transformer_overrides(dims), engine=engine,
@@ -132,15 +136,10 @@ def _jsonable(value: Any) -> Any:
 
 def memory_plan(plan: LaunchPlan) -> dict[str, Any]:
     """Per-GPU memory estimate (GiB) of the plan's worst pipeline stage on an 80 GB H100."""
-    from megatron_sdar.utils.memory_plan import Rollout, estimate, shape_from_hf_config, workload_for
+    from megatron_sdar.utils.memory_plan import estimate, run_inputs
 
-    run, r, layout = plan.run, plan.run.rollout, plan.dims
-    shape = shape_from_hf_config(json.loads((plan.model_dir / "config.json").read_text()), name=plan.model_dir.name)
-    precision = "fp8" if plan.precision.enabled else ("bf16" if plan.precision.dtype == "bfloat16" else "fp32")
-    work = workload_for(r.max_prompt_tokens + r.max_response_tokens, run.trainer.micro_batch_size,
-                        r.tasks_per_step * r.group_size, layout.dp, precision)
-    est = estimate(shape, layout, work, Rollout(gpu_memory_utilization=r.gpu_memory_utilization, tp=r.tp,
-                                                fp8=plan.precision.rollout_fp8))
+    work, rollout = run_inputs(plan.run, plan.dims)  # the inputs tools/plan.py estimates from
+    est = estimate(plan.arch, plan.dims, work, rollout, name=plan.model_dir.name)
     keys = ("weights", "gradients", "optimizer", "reference", "activations", "logits", "teacher", "training",
             "vllm_pool", "overhead", "total", "capacity")
     return {**{k: round(getattr(est, k), 3) for k in keys}, "fits": est.fits, "problems": list(est.problems)}
@@ -190,14 +189,25 @@ def dry_run_world_size(run: RunConfig) -> int:
     return world
 
 
+def _override(value: Any) -> str:
+    """``value`` as a Hydra override writes it (null, true/false, lists)."""
+    return json.dumps(value) if value is None or isinstance(value, (bool, list, dict)) else str(value)
+
+
 def dry_run(run: RunConfig) -> dict[str, Any]:
-    """Validate ``run`` for its cluster without the hardware, print the plan readably and, as the
-    last line, one JSON object (:func:`dry_run_report`). Builds no model, starts no engine."""
+    """Check ``run``'s layout for its cluster without the hardware, print the plan readably (with
+    every ``trainer``, ``rollout`` and ``env`` setting that differs from its YAML group's default:
+    the recipe's warm start, learning rate, episode length...) and, as the last line, one JSON
+    object (:func:`dry_run_report` plus ``settings_differing_from_defaults``). Builds no model,
+    starts no engine."""
     if run.model.hf_path is None:
         raise ConfigError("--dry-run plans a recipe's model: set model.hf_path (a directory with its config.json)")
     world = dry_run_world_size(run)
+    check_layout(run, world)
     plan = launch_plan(run, world, run.model.hf_path, check_hardware=False)
     report = dry_run_report(plan)
+    changed = settings_differing_from_defaults(run)
+    report["settings_differing_from_defaults"] = _jsonable(changed)
     lay, mem = report["layout"], report["memory_plan_gib"]
     print(f"dry run: {run.model.hf_path} on {world} GPU(s); algo={run.algo.name}, dtype={run.model.dtype}, "
           f"fp8={run.model.fp8}, fp8_rollout={run.model.fp8_rollout}")
@@ -208,5 +218,8 @@ def dry_run(run: RunConfig) -> dict[str, Any]:
     for key in ("transformer_config", "ddp_config", "optimizer_config", "vllm_engine_args"):
         print(f"{key}: " + ", ".join(f"{k}={v}" for k, v in report[key].items()))
     print("skipped (need the GPU node): " + ", ".join(plan.skipped_checks))
+    print("settings that differ from the defaults (config/trainer/default.yaml, config/rollout/default.yaml, "
+          f"config/env/{run.env.name}.yaml): " + (", ".join(f"{k}={_override(v)}" for k, v in changed.items())
+                                                  or "none"))
     print(json.dumps(report, sort_keys=True))
     return report

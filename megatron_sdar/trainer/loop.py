@@ -13,9 +13,8 @@ One iteration (every rank runs every line; collectives keep them in lockstep):
     metrics.jsonl / TensorBoard; eval every trainer.eval_interval; checkpoint every save_interval
 
 Teacher weights are the rollout-time weights: the teacher pass runs before the update, with the
-weights vLLM sampled from (``teacher_weights="current"`` is the same thing with one update per
-rollout; the option exists for multi-update variants). Old log-probs are the student's own,
-detached (one update per rollout: the PPO ratio starts at 1).
+weights vLLM sampled from (one update per rollout: they are also the current weights). Old
+log-probs are the student's own, detached (the PPO ratio starts at 1).
 
 Determinism: task seeds, sampling seeds and environment seeds are functions of (seed, step), RNG
 states and the skill bandit are checkpointed, so a resumed run repeats the uninterrupted one.
@@ -34,14 +33,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_sdar.config.schema import ConfigError, RunConfig, validate
+from megatron_sdar.config.schema import ConfigError, RunConfig, check_layout
 from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, ChatFormatter, EpisodeSpec, MegatronWeightSource,
                                    RolloutEngine, TrajectoryBatch)
 from megatron_sdar.trainer import seeds as task_seeds
 from megatron_sdar.trainer.batch import rescue_samples, samples_from_trajectories
 from megatron_sdar.trainer.policy import Policy, build_policy
 from megatron_sdar.trainer.teacher import TeacherBatch
-from megatron_sdar.trainer.update import PolicyUpdate, log
+from megatron_sdar.trainer.update import PolicyUpdate
+from megatron_sdar.utils.logging import log, set_log_prefix
 
 EVAL_EPISODE_ID = 10_000_000  # sampling seeds of evaluation episodes, apart from training's
 RESCUE_EPISODE_ID = 20_000_000  # and of HDPO's rescue episodes
@@ -98,23 +98,26 @@ def prepare_model_dir(run: RunConfig) -> Path:
 
 
 class SDARTrainer:
-    """Builds everything from a validated :class:`RunConfig` (after the process group exists)."""
+    """Builds everything from a :class:`RunConfig` validated when it was composed (after the
+    process group exists; the layout checks that need the world size run first)."""
 
     def __init__(self, run: RunConfig) -> None:
-        from megatron.core import parallel_state as ps
         from transformers import AutoTokenizer
 
-        from megatron_sdar.trainer.launch import launch_plan
+        from megatron_sdar.trainer.launch import check_precision, launch_plan
         self.run_config = run
+        set_log_prefix(run.algo.name)  # every line names the preset that runs
         t = run.trainer
         world = dist.get_world_size()
-        validate(run, world_size=world)
+        # the checks that need this machine, before anything is built; the rest was validated with the config
+        check_layout(run, world)
+        precision = check_precision(run)
         self.output_dir = Path(t.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.objective = run.objective()
         self.model_dir = prepare_model_dir(run)
         # precision, optimizer, layout knobs and engine config: the objects a dry run prints
-        self.plan = launch_plan(run, world, self.model_dir)
+        self.plan = launch_plan(run, world, self.model_dir, precision=precision)
         self.arch = self.plan.arch
         self.plan.dims.initialize(seed=t.seed)
         self.optim = self.plan.optim
@@ -135,7 +138,6 @@ class SDARTrainer:
         self.sft_model: Path | None = None  # this run's SFT export, the KL reference once it exists
         self.resumed_from: Path | None = None
         self.logger = None
-        self._pp_last_rank = ps.is_pipeline_last_stage()
 
     # ------------------------------------------------------------------ setup helpers
     def _build_retriever(self):
@@ -171,17 +173,10 @@ class SDARTrainer:
 
     def _agent_config(self, temperature: float, student_sees_skills: bool | None = None,
                       acts_with_context: bool = False) -> AgentLoopConfig:
-        r = self.run_config.rollout
         student = self.objective.student_sees_skills if student_sees_skills is None else student_sees_skills
-        return AgentLoopConfig(
-            max_turns=r.max_turns, history_window=r.history_window, max_prompt_tokens=r.max_prompt_tokens,
-            max_response_tokens=r.max_response_tokens, temperature=temperature,  # 0: greedy
-            action_pattern=r.action_pattern, invalid_action_penalty=r.invalid_action_penalty,
-            show_admissible_actions=r.show_admissible_actions, action_format=r.action_format,
-            context_position=r.context_position, restate_task=r.restate_task,
-            skills_in_student_prompt=student and not acts_with_context,
-            acts_with_privileged_context=acts_with_context, step_timeout_s=self.run_config.env.step_timeout_s,
-            seed=self.run_config.trainer.seed)
+        return AgentLoopConfig.of_run(self.run_config, temperature=temperature,  # 0: greedy
+                                      skills_in_student_prompt=student and not acts_with_context,
+                                      acts_with_privileged_context=acts_with_context)
 
     # ------------------------------------------------------------------ rollout
     def _specs(self, seeds: list[int], group_size: int, first_episode_id: int) -> list[EpisodeSpec]:
@@ -214,10 +209,10 @@ class SDARTrainer:
         self.engine.sleep()  # GPU: vLLM's weights and KV cache make room for the passes
         return self._gather_episodes(batch)
 
-    def sync_weights(self) -> dict[str, float]:
+    def sync_weights(self, force: bool = False) -> dict[str, float]:
         """Push the policy's weights into vLLM unless it already has them (eval right before a
-        step shares the sync); returns the last sync's stats."""
-        if self._synced_updates != self.policy.steps_taken:
+        step shares the sync) or ``force`` (a benchmark timing the sync); returns the last sync's stats."""
+        if force or self._synced_updates != self.policy.steps_taken:
             self.engine.sync_weights(self.weight_source)
             self._synced_updates = self.policy.steps_taken
         return self.engine.last_sync.as_metrics()
@@ -348,7 +343,7 @@ class SDARTrainer:
                 "retriever": self.retriever.state_dict() if self.retriever is not None else None}
 
     def save(self) -> Path:
-        from megatron_sdar.trainer.checkpointing import save_checkpoint
+        from megatron_sdar.checkpoint.training import save_checkpoint
 
         path = save_checkpoint(self.output_dir / "checkpoints", self.step, self.policy, self.trainer_state(),
                                keep_last=self.run_config.trainer.keep_last, hf_assets_source=self.model_dir,
@@ -358,9 +353,11 @@ class SDARTrainer:
 
     def resume(self) -> None:
         """``trainer.resume=auto``: the newest intact checkpoint of this run (bad ones are skipped
-        with the reason); a path: that checkpoint, which must be intact."""
-        from megatron_sdar.models.checkpoint import CheckpointFormatError
-        from megatron_sdar.trainer.checkpointing import load_checkpoint, load_latest_checkpoint
+        with the reason), or, when there is none, a start from scratch with the old run's files
+        moved aside; a path: that checkpoint, which must be intact."""
+        from megatron_sdar.checkpoint.model import CheckpointFormatError
+        from megatron_sdar.checkpoint.resume import discard_run
+        from megatron_sdar.checkpoint.training import load_checkpoint, load_latest_checkpoint
 
         t = self.run_config.trainer
         if t.resume is None:
@@ -368,7 +365,10 @@ class SDARTrainer:
         if t.resume == "auto":
             found = load_latest_checkpoint(self.output_dir / "checkpoints", self.policy, verify=t.verify_checkpoints)
             if found is None:
-                log("trainer.resume=auto: no intact checkpoint yet, starting from scratch")
+                moved = discard_run(self.output_dir) if dist.get_rank() == 0 else None
+                dist.barrier()  # no rank writes into the run directory before the old run is out of the way
+                log("trainer.resume=auto: no intact checkpoint, starting from scratch"
+                    + (f"; the old run's files were moved to {moved}" if moved is not None else ""))
                 return
             path, state = found
         else:
@@ -416,10 +416,9 @@ class SDARTrainer:
             # RL starts from a fresh Adam state. Reset here, not at the end of SFT, so that the step-0
             # checkpoint holds a complete optimizer state and a resume from it resets the same way.
             self.policy.reset_optimizer()
-        from tqdm.auto import tqdm
+        from megatron_sdar.utils.logging import progress
 
-        bar = tqdm(total=t.max_steps, initial=self.step, desc="sdar", disable=dist.get_rank() != 0,
-                   dynamic_ncols=True)
+        bar = progress(total=t.max_steps, initial=self.step, desc=self.run_config.algo.name, unit="step")
         while self.step < t.max_steps:
             metrics = self.iteration(self.step)
             self.step += 1

@@ -101,11 +101,11 @@ def _gather_cp(values: torch.Tensor, ctx: ProcessGroups, layout: PassLayout) -> 
 
 
 def forward_token_values(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
-                         ctx: ProcessGroups, *, topk: int = 0, keep_logits: bool = False
+                         ctx: ProcessGroups, *, topk: int = 0, keep_logits: bool = False, kernel: str = "eager"
                          ) -> dict[str, dict[int, torch.Tensor]]:
     """No-grad pass; returns ``{"logprobs": {sample: [R]}}`` (plus ``"topk_logprobs"``/``"topk_ids"``
     ``[R, k]`` when ``topk``, and ``"logits"`` ``[R, V_local]`` when ``keep_logits``) on the last
-    pipeline stage (empty dicts elsewhere)."""
+    pipeline stage (empty dicts elsewhere). ``kernel``: the objective's vocabulary-chunk kernels."""
     out: dict[str, dict[int, torch.Tensor]] = {"logprobs": {}}
     if topk:
         out["topk_logprobs"], out["topk_ids"] = {}, {}
@@ -123,7 +123,8 @@ def forward_token_values(model: list, micro_batches: list[MicroBatch], layout: P
             full[sel] = values
             return full
 
-        logprobs, _ = vocab_parallel_logprobs_entropy(picked, mb.targets.to(logits.device)[sel], ctx.tp_group)
+        logprobs, _ = vocab_parallel_logprobs_entropy(picked, mb.targets.to(logits.device)[sel], ctx.tp_group,
+                                                      kernel=kernel)
         tables = {"logprobs": scatter(logprobs)}
         if topk:
             tables["topk_logprobs"], tables["topk_ids"] = map(scatter, vocab_parallel_topk(picked, topk, ctx.tp_group))
@@ -243,7 +244,7 @@ def student_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayou
 
 def sft_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, vocab_size: int,
              ctx: ProcessGroups, normalizers: LossNormalizers, prompt_weight: float = 0.0,
-             prompt_normalizers: LossNormalizers | None = None) -> float:
+             prompt_normalizers: LossNormalizers | None = None, kernel: str = "eager") -> float:
     """Cross-entropy on the response tokens (expert demonstrations), token-mean over the batch, plus
     ``prompt_weight`` x the token-mean cross-entropy of the prompt tokens (a language-model loss on
     the world's text, for models that start from random weights). Returns the response part."""
@@ -255,7 +256,8 @@ def sft_pass(model: list, micro_batches: list[MicroBatch], layout: PassLayout, v
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
         logits = _mask_padded_vocab(logits.float(), vocab_size, ctx.tp_group)
-        logprobs, _ = vocab_parallel_logprobs_entropy(logits, mb.targets.to(logits.device), ctx.tp_group)
+        logprobs, _ = vocab_parallel_logprobs_entropy(logits, mb.targets.to(logits.device), ctx.tp_group,
+                                                      kernel=kernel)
         loss = aggregate(-logprobs, mb.loss_mask.to(logits.device), "token-mean", normalizers, cp_group)
         total[0] += float(loss.detach())
         if prompt_weight > 0:

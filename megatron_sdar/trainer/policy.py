@@ -110,8 +110,11 @@ class Policy:
         """
         self.finish_grad_sync()
         lr = self.optim_config.lr_at(self.steps_taken) if lr is None else lr
+        # Megatron groups the parameters with lr_mult / wd_mult (norms and biases: wd_mult 0) and
+        # applies them in its own scheduler only; we drive the schedule, so we apply them here.
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.optim_config.weight_decay * group.get("wd_mult", 1.0)
         applied, grad_norm, _ = self.optimizer.step()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         if applied:

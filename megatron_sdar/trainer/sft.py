@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from megatron_sdar.rollout.agent_loop import AgentLoopConfig, ChatFormatter, EpisodeState
 from megatron_sdar.trainer.batch import TrainingSample
@@ -54,6 +53,16 @@ def _render(formatter: ChatFormatter, tokenizer, config: AgentLoopConfig, observ
             samples.append(TrainingSample(prompt + response, len(prompt), [0.0] * len(response), episode=episode))
         state.advance(action, next_observation, next_admissible)
     return samples
+
+
+def has_demonstrations(env_name: str, env_kwargs: dict) -> bool | None:
+    """Whether :func:`build_sft_data` can build demonstrations for the environment (the household
+    world's scripted ones, or an oracle plan: ``expert_actions``), from its class, without building
+    it; None when the registered factory is not a class."""
+    from megatron_sdar.envs import env_class
+
+    cls = env_class(env_name, **env_kwargs)
+    return None if cls is None else hasattr(cls, "expert_actions")
 
 
 def build_sft_data(make_env, formatter: ChatFormatter, tokenizer, config: AgentLoopConfig, seeds: list[int],
@@ -96,13 +105,12 @@ def run_sft(updater, data: SFTData, steps: int, batch_size: int, lr: float, seed
     """``steps`` cross-entropy steps on batches drawn without replacement (reshuffled each epoch), the
     learning rate decaying from ``lr`` to 0 by a half cosine; ``prompt_weight``: weight of the
     language-model loss on the prompt tokens."""
-    from tqdm.auto import tqdm
-
     from megatron_sdar.algo.objective import scheduled
+    from megatron_sdar.utils.logging import progress
 
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
-    bar = tqdm(range(steps), desc="sft", disable=dist.get_rank() != 0, dynamic_ncols=True)
+    bar = progress(range(steps), desc="sft", unit="step")
     for sft_step in bar:
         if len(order) < batch_size:
             order += torch.randperm(len(data.samples), generator=gen).tolist()

@@ -15,17 +15,13 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdar.algo.objective import ObjectiveConfig
-from megatron_sdar.trainer.batch import (TrainingSample, action_mask_table, assign_ranks, build_micro_batches,
-                                         plan_pass, rollout_logprob_table)
+from megatron_sdar.trainer.batch import (PassLayout, TrainingSample, action_mask_table, assign_ranks,
+                                         build_micro_batches, plan_pass, rollout_logprob_table)
 from megatron_sdar.trainer.passes import forward_token_values, sft_pass, student_pass
 from megatron_sdar.trainer.policy import Policy
 from megatron_sdar.trainer.teacher import TeacherBatch, teacher_indices
+from megatron_sdar.utils.logging import log
 from megatron_sdar.utils.parallel_dims import ProcessGroups
-
-
-def log(message: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"[sdar] {message}", flush=True)
 
 
 class PolicyUpdate:
@@ -45,6 +41,14 @@ class PolicyUpdate:
         self.pad_id = pad_id
         self.reference_dir = reference_dir
         self.ctx = ProcessGroups.current()
+        dims, config = self.ctx.dims, policy.config
+        if (bool(config.sequence_parallel), config.virtual_pipeline_model_parallel_size or 1) != \
+                (dims.sequence_parallel, dims.chunks):
+            raise ValueError(
+                f"the policy's TransformerConfig (sequence_parallel={config.sequence_parallel}, "
+                f"virtual_pipeline_model_parallel_size={config.virtual_pipeline_model_parallel_size}) is not the "
+                f"layout the process runs ({dims}): build the policy with "
+                "transformer_overrides(ParallelDims.current())")
         self.reference = None
         self.pass_tokens: dict[str, float] = {}
 
@@ -53,15 +57,19 @@ class PolicyUpdate:
         return assign_ranks([len(s.input_ids) for s in samples], self.ctx.dims.dp,
                             balance=self.micro_batch_tokens is not None)
 
-    def _layout(self, samples: list[TrainingSample], name: str | None = None, owners: list[int] | None = None):
+    def pass_layout(self, samples: list[TrainingSample]) -> PassLayout:
+        """This rank's :class:`~megatron_sdar.trainer.batch.PassLayout` of the student pass over
+        ``samples``: rows, their sequence length and micro-batches (what :meth:`train_on` runs)."""
+        return self._layout(samples, owners=self.owners(samples))
+
+    def _layout(self, samples: list[TrainingSample], name: str | None = None,
+                owners: list[int] | None = None) -> PassLayout:
         lengths = [len(s.input_ids) for s in samples]
-        config = self.policy.config
-        multiple = config.tensor_model_parallel_size if config.sequence_parallel else 1
-        interleaved = (config.virtual_pipeline_model_parallel_size or 1) > 1
-        layout = plan_pass(lengths, self.micro_batch_size, self.ctx.dims.dp, self.ctx.dp_rank, self.ctx.dims.cp,
-                           self.ctx.cp_rank, multiple, config.pipeline_model_parallel_size if interleaved else 1,
-                           micro_batch_tokens=self.micro_batch_tokens, owners=owners,
-                           uniform_seq_len=config.pipeline_model_parallel_size > 1)
+        dims = self.ctx.dims
+        layout = plan_pass(lengths, self.micro_batch_size, dims.dp, self.ctx.dp_rank, dims.cp, self.ctx.cp_rank,
+                           dims.tp if dims.sequence_parallel else 1,  # SP splits each row over the TP ranks
+                           dims.pp if dims.chunks > 1 else 1,  # interleaving runs micro-batches in groups of pp
+                           micro_batch_tokens=self.micro_batch_tokens, owners=owners, uniform_seq_len=dims.pp > 1)
         layout.thd = layout.packed and self.policy.uses_transformer_engine
         if name is not None:
             self.pass_tokens[f"perf/{name}_real_tokens"] = float(layout.real_tokens)
@@ -89,7 +97,8 @@ class PolicyUpdate:
         with self._timed(name):
             layout = self._layout(samples, name, owners)
             micro = build_micro_batches(samples, layout, pad_id=self.pad_id)
-            return forward_token_values(model, micro, layout, self.arch.vocab_size, self.ctx, **kwargs)
+            return forward_token_values(model, micro, layout, self.arch.vocab_size, self.ctx,
+                                        kernel=self.objective.kernel, **kwargs)
 
     def _reference_model(self) -> list:
         """The frozen reference: the policy at the start of RL (after SFT), read once."""
@@ -180,5 +189,5 @@ class PolicyUpdate:
         prompt = LossNormalizers(float(sum(s.response_start - 1 for s in samples)), float(len(samples)))
         self.policy.zero_grad()
         loss = sft_pass(self.policy.model, micro, layout, self.arch.vocab_size, self.ctx, normalizers,
-                        prompt_weight, prompt)
+                        prompt_weight, prompt, kernel=self.objective.kernel)
         return self.optimizer_step({"sft/loss": loss}, lr)

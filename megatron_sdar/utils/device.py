@@ -145,7 +145,9 @@ def vllm_device_environment(cpu_kv_cache_gib: float) -> None:
     shares those cores). Nothing on a GPU."""
     if on_gpu():
         return
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cpu_kv_cache_gib:g}")
+    # The config is the one source of the size (a VLLM_CPU_KVCACHE_SPACE left in the environment
+    # by an earlier engine must not win); vLLM reads whole GiB (validate() refuses fractions).
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(cpu_kv_cache_gib))
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 

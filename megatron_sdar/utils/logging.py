@@ -5,6 +5,12 @@
     logger.close()
     rows = read_metrics(out_dir / "metrics.jsonl")
 
+Console output: :func:`log` prints one ``[<preset>] message`` line on rank 0 (the prefix names
+the algorithm that runs, :func:`set_log_prefix`); :func:`progress` is the one progress bar of the
+trainer loop, the SFT warm start, rollouts and evaluation, and of weight loading/writing. On a
+terminal it is a redrawn tqdm bar; on anything else (a log file, a pipe) it writes whole lines,
+at most one every :data:`PROGRESS_INTERVAL_S` seconds plus the final one, never a ``\\r`` redraw.
+
 ``metrics.jsonl`` is the record of truth (plots and comparisons read it): one JSON object per
 line, ``{"step": step, **metrics}``, flushed after every line so a killed job loses nothing it
 logged. Non-finite values are written as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON
@@ -19,12 +25,110 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Iterable, Mapping
+
+from tqdm import tqdm as _tqdm
 
 METRICS_FILE = "metrics.jsonl"
 SFT_METRICS_FILE = "sft_metrics.jsonl"
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+PROGRESS_INTERVAL_S = 10.0  # seconds between two progress lines when the stream is not a terminal
+_prefix = "sdar"
+
+
+def set_log_prefix(name: str) -> None:
+    """The prefix of :func:`log`'s lines from now on: the preset that runs (``algo.name``)."""
+    global _prefix
+    _prefix = str(name)
+
+
+def log(message: str) -> None:
+    """``[<preset>] message`` on stdout, flushed, from rank 0 only."""
+    if _is_rank_zero():
+        print(f"[{_prefix}] {message}", flush=True)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+class _WholeLines:
+    """A stream that drops tqdm's bare ``\\r`` / ``\\n`` writes (clearing or ending a redrawn bar)."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        if text.strip("\r\n"):
+            self.stream.write(text.replace("\r", ""))
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+class _LineProgress(_tqdm):
+    """tqdm for a stream that is not a terminal: a refresh is one whole line, written only when
+    ``mininterval`` seconds have passed since the last one (the first one ``mininterval`` seconds
+    after the start), plus the final line of a bar that is left (``leave=True``) when it closes
+    (unless the last line already showed its final count). ``set_postfix`` and friends refresh on
+    every call; here they cannot write more often."""
+
+    _LINE_FORMAT = "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    _OPEN_FORMAT = "{desc}: {n_fmt} [{elapsed}, {rate_fmt}{postfix}]"  # no total
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._last_line: float | None = None
+        self._last_n: float | None = None  # the count the last line showed
+        self._closing = False
+        super().__init__(*args, **kwargs)
+
+    def display(self, msg: str | None = None, pos: int | None = None) -> bool:  # noqa: ARG002
+        if msg == "":  # tqdm clearing a bar that is not left: nothing to clear in a file
+            return True
+        now = self._time()
+        if self._last_line is None:  # the refresh at construction: the clock starts here
+            self._last_line = now
+            if not self._closing:
+                return True
+        if not self._closing and now - self._last_line < self.mininterval:
+            return True
+        if self._closing and self._last_n == self.n:  # the final count is already on the last line
+            return True
+        self._last_line, self._last_n = now, self.n
+        if msg is None:
+            self.bar_format = self._LINE_FORMAT if self.total else self._OPEN_FORMAT
+            msg = self.__str__()
+        self.fp.write(msg + "\n")
+        self.fp.flush()
+        return True
+
+    def close(self) -> None:
+        self._closing = True
+        super().close()
+
+
+def progress(iterable: Iterable | None = None, *, desc: str, total: float | None = None, unit: str = "it",
+             initial: float = 0, leave: bool = True, disable: bool | None = None, file: IO[str] | None = None,
+             interval: float = PROGRESS_INTERVAL_S) -> _tqdm:
+    """A tqdm progress bar (over ``iterable``, or updated by hand up to ``total``) on ``file``
+    (default stderr), on rank 0 only unless ``disable`` says otherwise. On a terminal: tqdm's
+    redrawn bar. Otherwise: whole lines, at most one per ``interval`` seconds and the final one
+    (when ``leave``): a bar shorter than ``interval`` that is not left writes nothing."""
+    file = sys.stderr if file is None else file
+    disable = not _is_rank_zero() if disable is None else disable
+    common = dict(desc=desc, total=total, unit=unit, initial=initial, leave=leave, disable=disable)
+    if _isatty(file):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, file=file, dynamic_ncols=True, **common)
+    return _LineProgress(iterable, file=_WholeLines(file), mininterval=interval, maxinterval=0, **common)
 
 
 def _is_rank_zero() -> bool:

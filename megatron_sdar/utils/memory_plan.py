@@ -1,4 +1,11 @@
-"""Per-GPU memory estimate of an SDAR training layout (the planner behind ``tools/plan.py``).
+"""Per-GPU memory estimate of an SDAR training layout (the planner behind ``tools/plan.py`` and the
+memory plan of ``--dry-run``).
+
+The model is a :class:`~megatron_sdar.models.architecture.QwenArchitecture` (the one description of
+a model's shape: its ``config.json``, or the model YAML's ``architecture:`` block where the checkpoint
+is not downloaded). A run is planned from the :class:`~megatron_sdar.config.schema.RunConfig` that
+``compose_run`` returns for the same overrides as ``python -m megatron_sdar.train``
+(:func:`compose_plan`, :func:`run_inputs`).
 
 Everything is an estimate from tensor shapes; nothing is allocated. The terms:
 
@@ -10,16 +17,17 @@ Everything is an estimate from tensor shapes; nothing is allocated. The terms:
 * **optimizer**: Adam, fp32 master copy (not for fp32 params) + two fp32 moments = 12 (or 8) bytes
   per parameter, divided by the data-parallel size (``dp * cp``; expert parameters by the
   expert-data-parallel size) when the distributed optimizer is on.
-* **reference**: the frozen reference policy of the KL term (bf16 copy of the weights).
+* **reference**: the frozen reference policy of the KL term (bf16 copy of the weights; none when
+  ``algo.kl_coef`` is 0).
 * **activations**: per layer and micro-batch the tensors autograd keeps (see
   :func:`layer_activation_bytes`), times the micro-batches a 1F1B pipeline keeps in flight (``pp``
   on the first stage, ``x (1 + (pp-1)/(pp*vpp))`` interleaved). ``recompute=full`` keeps only each
   layer's input plus one layer re-materialized; ``selective`` drops the attention score matrices.
 * **logits**: the last stage's ``[tokens, V/tp]`` logits and their gradient, plus the objective's
   ~0.1x fp32 chunk workspace (the vocabulary-parallel objective never gathers the vocabulary).
-* **teacher**: the no-grad teacher forward on the privileged-context sequence: one layer's
-  transient tensors plus its logits. It runs inside the forward step, so the dynamic peak is
-  ``activations + max(logits, teacher)``.
+* **teacher**: the no-grad teacher forward on the privileged-context sequence (objectives with a
+  teacher: ``distill_coef`` or ``rlsd_coef`` > 0): one layer's transient tensors plus its logits.
+  It runs inside the forward step, so the dynamic peak is ``activations + max(logits, teacher)``.
 * **vLLM**: the colocated rollout engine reserves ``gpu_memory_utilization`` of the GPU: its
   weights (``params / rollout_tp``, bf16 or fp8) and the KV cache in the rest. With
   ``rollout_sleeps`` the engine frees its pool while Megatron trains.
@@ -30,16 +38,18 @@ CPU model (forward, backward, Adam step); GPU numbers should be added as they ar
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Iterable, Mapping
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from megatron_sdar.models.architecture import QwenArchitecture, UnsupportedConfigError
 from megatron_sdar.utils.parallel_dims import LayoutError, ParallelDims
 
+if TYPE_CHECKING:
+    from megatron_sdar.config.schema import RunConfig
+
 GIB = 1024**3
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
 PRECISIONS = ("bf16", "fp8", "fp32")
 KERNELS = ("fused", "unfused")
 # An H100 80GB reports 81559 MiB to CUDA.
@@ -54,159 +64,58 @@ class PlanError(ValueError):
 
 
 # --------------------------------------------------------------------------------------------
-# model shape
+# parameters of a model (a QwenArchitecture: the model's config.json, or its YAML architecture block)
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelShape:
-    """The architecture numbers the estimate needs (names as in the model yaml ``architecture:``)."""
-
-    name: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    ffn: int
-    vocab: int
-    tied_embeddings: bool = False
-    qk_norm: bool = False
-    qkv_bias: bool = False
-    num_experts: int = 0
-    experts_per_token: int = 0
-    moe_ffn_hidden: int = 0
-
-    def __post_init__(self) -> None:
-        for key in ("hidden", "layers", "heads", "kv_heads", "head_dim", "vocab"):
-            if int(getattr(self, key)) <= 0:
-                raise PlanError(f"model {self.name!r}: {key} must be positive, got {getattr(self, key)!r}")
-        if self.heads % self.kv_heads:
-            raise PlanError(f"model {self.name!r}: heads={self.heads} is not a multiple of kv_heads={self.kv_heads}")
-        if self.num_experts:
-            if not 0 < self.experts_per_token <= self.num_experts or self.moe_ffn_hidden <= 0:
-                raise PlanError(f"model {self.name!r}: MoE needs 0 < experts_per_token <= num_experts "
-                                "and moe_ffn_hidden > 0")
-        elif self.ffn <= 0:
-            raise PlanError(f"model {self.name!r}: ffn must be positive for a dense model")
-
-    @property
-    def is_moe(self) -> bool:
-        return self.num_experts > 0
-
-    @property
-    def q_size(self) -> int:
-        return self.heads * self.head_dim
-
-    @property
-    def kv_size(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def attention_linear_params(self) -> int:
-        """q, k, v, o projections (+ QKV bias) of one layer, unsharded."""
-        h = self.hidden
-        bias = (self.q_size + 2 * self.kv_size) if self.qkv_bias else 0
-        return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + bias
-
-    def replicated_layer_params(self) -> int:
-        """Parameters every TP rank holds in full: the two RMSNorms, QK-norms, the MoE router."""
-        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0) + self.hidden * self.num_experts
-
-    def dense_mlp_params(self) -> int:
-        return 0 if self.is_moe else 3 * self.hidden * self.ffn
-
-    def expert_params(self) -> int:
-        """All experts of one layer (gate, up, down)."""
-        return self.num_experts * 3 * self.hidden * self.moe_ffn_hidden
-
-    def total_params(self) -> int:
-        per_layer = (self.attention_linear_params() + self.replicated_layer_params() + self.dense_mlp_params()
-                     + self.expert_params())
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return self.layers * per_layer + embeddings + self.hidden
-
-    def kv_bytes_per_token(self, dtype_bytes: float, tp: int = 1) -> float:
-        """KV cache of one token across all layers on one rollout rank (KV heads replicate past tp = kv_heads)."""
-        return 2 * self.layers * self.kv_size / min(tp, self.kv_heads) * dtype_bytes
+def is_moe(model: QwenArchitecture) -> bool:
+    return model.moe is not None
 
 
-_HF_KEYS = {  # model yaml key -> HF config.json key
-    "hidden": "hidden_size", "layers": "num_hidden_layers", "heads": "num_attention_heads",
-    "kv_heads": "num_key_value_heads", "ffn": "intermediate_size", "vocab": "vocab_size",
-    "tied_embeddings": "tie_word_embeddings", "num_experts": "num_experts",
-    "experts_per_token": "num_experts_per_tok", "moe_ffn_hidden": "moe_intermediate_size",
-}
+def attention_linear_params(model: QwenArchitecture) -> int:
+    """q, k, v, o projections (+ QKV bias) of one layer, unsharded."""
+    h, q, kv = model.hidden_size, model.q_size, model.kv_size
+    bias = (q + 2 * kv) if model.qkv_bias else 0
+    return h * (q + 2 * kv) + q * h + bias
 
 
-def shape_from_hf_config(config: Mapping[str, Any], name: str = "hf") -> ModelShape:
-    """A :class:`ModelShape` from an HF ``config.json`` dict (Qwen2/2.5/3 dense, Qwen3-MoE)."""
-    model_type = config.get("model_type")
-    if model_type not in ("qwen2", "qwen3", "qwen3_moe"):
-        raise PlanError(f"model_type={model_type!r}: the planner knows qwen2, qwen3 and qwen3_moe")
-    missing = [hf for key, hf in _HF_KEYS.items()
-               if config.get(hf) is None and key in ("hidden", "layers", "heads", "vocab")]
-    if missing:
-        raise PlanError(f"config.json lacks {', '.join(missing)}")
-    heads = int(config["num_attention_heads"])
-    moe = model_type == "qwen3_moe"
-    if moe and (config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1):
-        raise PlanError("Qwen3-MoE configs with dense layers (mlp_only_layers / decoder_sparse_step) are not planned")
-    return ModelShape(
-        name=name,
-        hidden=int(config["hidden_size"]),
-        layers=int(config["num_hidden_layers"]),
-        heads=heads,
-        kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
-        ffn=int(config.get("intermediate_size") or 0),
-        vocab=int(config["vocab_size"]),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qk_norm=model_type != "qwen2",
-        qkv_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-        num_experts=int(config.get("num_experts") or 0) if moe else 0,
-        experts_per_token=int(config.get("num_experts_per_tok") or 0) if moe else 0,
-        moe_ffn_hidden=int(config.get("moe_intermediate_size") or 0) if moe else 0,
-    )
+def replicated_layer_params(model: QwenArchitecture) -> int:
+    """Parameters every TP rank holds in full: the two RMSNorms, QK-norms, the MoE router."""
+    experts = model.moe.num_experts if model.moe else 0
+    return 2 * model.hidden_size + (2 * model.head_dim if model.qk_norm else 0) + model.hidden_size * experts
 
 
-def _read_yaml(path: Path) -> dict:
-    import yaml
-
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise PlanError(f"{path} is not a YAML mapping")
-    return data
+def dense_mlp_params(model: QwenArchitecture) -> int:
+    return 0 if is_moe(model) else 3 * model.hidden_size * model.intermediate_size
 
 
-def shape_from_model_yaml(data: Mapping[str, Any], name: str) -> ModelShape:
-    """A :class:`ModelShape` from a model yaml's ``architecture:`` block."""
-    arch = data.get("architecture")
-    if not isinstance(arch, Mapping):
-        raise PlanError(f"model config {name!r} has no 'architecture:' block with the model's numbers")
-    fields = {f for f in ModelShape.__dataclass_fields__ if f != "name"}
-    unknown = sorted(set(arch) - fields)
-    if unknown:
-        raise PlanError(f"model config {name!r}: unknown architecture keys {unknown}")
+def expert_params(model: QwenArchitecture) -> int:
+    """All experts of one layer (gate, up, down)."""
+    return model.moe.num_experts * 3 * model.hidden_size * model.moe.expert_ffn_hidden_size if model.moe else 0
+
+
+def total_params(model: QwenArchitecture) -> int:
+    per_layer = (attention_linear_params(model) + replicated_layer_params(model) + dense_mlp_params(model)
+                 + expert_params(model))
+    embeddings = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
+    return model.num_layers * per_layer + embeddings + model.hidden_size
+
+
+def kv_bytes_per_token(model: QwenArchitecture, dtype_bytes: float, tp: int = 1) -> float:
+    """KV cache of one token across all layers on one rollout rank (KV heads replicate past tp = kv_heads)."""
+    return 2 * model.num_layers * model.kv_size / min(tp, model.num_key_value_heads) * dtype_bytes
+
+
+def check_layout(model: QwenArchitecture, layout: ParallelDims) -> None:
+    """:class:`PlanError` unless ``layout`` can split ``model``: the layout's checks, then the model's
+    own (the ones the trainer and the converter apply)."""
+    shape = SimpleNamespace(heads=model.num_attention_heads, kv_heads=model.num_key_value_heads,
+                            layers=model.num_layers, is_moe=is_moe(model),
+                            num_experts=model.moe.num_experts if model.moe else 0)
     try:
-        return ModelShape(name=str(data.get("name") or name), **dict(arch))
-    except TypeError as exc:
-        raise PlanError(f"model config {name!r}: {exc}") from None
-
-
-def load_model_shape(source: str | Path) -> ModelShape:
-    """A model yaml name (``qwen2_5_7b_instruct``), a yaml path, an HF ``config.json`` or its directory."""
-    path = Path(source)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.suffix == ".json":
-        if not path.is_file():
-            raise PlanError(f"no HF config at {path}")
-        return shape_from_hf_config(json.loads(path.read_text()), name=path.parent.name)
-    if path.suffix in (".yaml", ".yml") and path.is_file():
-        return shape_from_model_yaml(_read_yaml(path), path.stem)
-    named = CONFIG_DIR / "model" / f"{source}.yaml"
-    if named.is_file():
-        return shape_from_model_yaml(_read_yaml(named), str(source))
-    known = sorted(p.stem for p in (CONFIG_DIR / "model").glob("*.yaml"))
-    raise PlanError(f"unknown model {str(source)!r}: not a file, not one of {known}")
+        layout.check(shape)
+        model.check_tensor_parallel(layout.tp)
+        model.check_expert_parallel(layout.ep, layout.expert_tp)
+    except (LayoutError, UnsupportedConfigError) as exc:
+        raise PlanError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,28 +188,29 @@ class StageParams:
         return self.dense + self.expert
 
 
-def stage_params(model: ModelShape, layout: ParallelDims, stage: int) -> StageParams:
+def stage_params(model: QwenArchitecture, layout: ParallelDims, stage: int) -> StageParams:
     """Parameters one rank of pipeline ``stage`` holds."""
     tp, pp = layout.tp, layout.pp
-    n_layers = model.layers // pp
-    attn = model.attention_linear_params() / tp
-    mlp = model.dense_mlp_params() / tp
-    expert = n_layers * model.expert_params() / (layout.ep * layout.expert_tp)
-    dense = n_layers * (attn + mlp + model.replicated_layer_params())
+    n_layers = model.num_layers // pp
+    attn = attention_linear_params(model) / tp
+    mlp = dense_mlp_params(model) / tp
+    expert = n_layers * expert_params(model) / (layout.ep * layout.expert_tp)
+    dense = n_layers * (attn + mlp + replicated_layer_params(model))
     gemm = n_layers * (attn + mlp) + expert
-    vocab_rows = math.ceil(model.vocab / tp)  # padded to a multiple of tp
+    h = model.hidden_size
+    vocab_rows = math.ceil(model.vocab_size / tp)  # padded to a multiple of tp
     first, last = stage == 0, stage == pp - 1
     if first:
-        dense += vocab_rows * model.hidden
+        dense += vocab_rows * h
     if last:
-        dense += model.hidden  # final norm
-        if not model.tied_embeddings or pp > 1:  # tied + pp>1: the last stage keeps its own copy
-            dense += vocab_rows * model.hidden
-            gemm += vocab_rows * model.hidden
+        dense += h  # final norm
+        if not model.tie_word_embeddings or pp > 1:  # tied + pp>1: the last stage keeps its own copy
+            dense += vocab_rows * h
+            gemm += vocab_rows * h
     return StageParams(dense=dense, expert=expert, gemm=gemm)
 
 
-def layer_activation_bytes(model: ModelShape, layout: ParallelDims, work: Workload, tokens: float,
+def layer_activation_bytes(model: QwenArchitecture, layout: ParallelDims, work: Workload, tokens: float,
                            recompute: str | None = None) -> float:
     """Bytes autograd keeps for one layer on ``tokens`` tokens of one micro-batch on one rank.
 
@@ -316,25 +226,25 @@ def layer_activation_bytes(model: ModelShape, layout: ParallelDims, work: Worklo
     recompute = layout.recompute if recompute is None else recompute
     a, t = work.act_bytes, layout.tp
     sp = t if layout.sequence_parallel else 1
-    h = model.hidden
+    h, heads = model.hidden_size, model.num_attention_heads
     if recompute == "full":
         return tokens * h * a / sp
     total = 4 * tokens * h * a / sp
     total += tokens * (2 * model.q_size + 2 * model.kv_size) * a / t
-    total += tokens * model.heads / t * 4  # softmax log-sum-exp (fp32)
+    total += tokens * heads / t * 4  # softmax log-sum-exp (fp32)
     if work.kernels == "unfused":
         total += 2 * tokens * h * a / sp  # torch RMSNorm keeps its normalized input too
         total += tokens * (model.q_size + 2 * model.kv_size) * a / t  # v is a view: the fused QKV output stays
         if recompute != "selective":
             seq = tokens / work.micro_batch_size
-            total += work.micro_batch_size * model.heads / t * seq * seq * (2 * a + 1)  # probs, dropout copy, mask
-    if model.is_moe:
-        k, fe, et = model.experts_per_token, model.moe_ffn_hidden, layout.expert_tp
-        total += 2 * tokens * k * h * a + 3 * tokens * k * fe * a / et + tokens * model.num_experts * 4
+            total += work.micro_batch_size * heads / t * seq * seq * (2 * a + 1)  # probs, dropout copy, mask
+    if model.moe:
+        k, fe, et = model.moe.num_experts_per_token, model.moe.expert_ffn_hidden_size, layout.expert_tp
+        total += 2 * tokens * k * h * a + 3 * tokens * k * fe * a / et + tokens * model.moe.num_experts * 4
         if work.kernels == "unfused":
             total += tokens * k * fe * a / et
     else:
-        f = model.ffn
+        f = model.intermediate_size
         total += 3 * tokens * f * a / t
         if work.kernels == "unfused":
             total += tokens * f * a / t
@@ -373,7 +283,7 @@ class Estimate:
         return asdict(self)
 
 
-def _stage_estimate(model: ModelShape, layout: ParallelDims, work: Workload, stage: int) -> dict[str, float]:
+def _stage_estimate(model: QwenArchitecture, layout: ParallelDims, work: Workload, stage: int) -> dict[str, float]:
     p = stage_params(model, layout, stage)
     fp32 = work.precision == "fp32"
     weight_b = 4.0 if fp32 else 2.0
@@ -387,14 +297,14 @@ def _stage_estimate(model: ModelShape, layout: ParallelDims, work: Workload, sta
     reference = p.total * weight_b if work.reference_model else 0.0
 
     tokens = work.micro_batch_size * work.seq_len / layout.cp
-    layers = model.layers // layout.pp
+    layers = model.num_layers // layout.pp
     pp, vpp = layout.pp, layout.vpp or 1
     in_flight = min(pp - stage, work.microbatches(layout))
     if vpp > 1 and stage == 0:
         in_flight_layers = layers * in_flight * (1 + (pp - 1) / (pp * vpp))
     else:
         in_flight_layers = layers * in_flight
-    edge = tokens * model.hidden * work.act_bytes / (layout.tp if layout.sequence_parallel else 1)
+    edge = tokens * model.hidden_size * work.act_bytes / (layout.tp if layout.sequence_parallel else 1)
 
     def acts(recompute: str) -> float:
         stored = in_flight_layers * layer_activation_bytes(model, layout, work, tokens, recompute)
@@ -402,7 +312,7 @@ def _stage_estimate(model: ModelShape, layout: ParallelDims, work: Workload, sta
             stored += layer_activation_bytes(model, layout, work, tokens, "none")
         return stored + 2 * edge
 
-    v_local = math.ceil(model.vocab / layout.tp)
+    v_local = math.ceil(model.vocab_size / layout.tp)
     last = stage == pp - 1
     logits = tokens * v_local * (2 * work.act_bytes + 4 * OBJECTIVE_LOGITS_EXTRA) if last else 0.0
     teacher = 0.0
@@ -417,14 +327,12 @@ def _stage_estimate(model: ModelShape, layout: ParallelDims, work: Workload, sta
                 activations_full_recompute=acts("full"), logits=logits, teacher=teacher)
 
 
-def estimate(model: ModelShape, layout: ParallelDims, work: Workload, rollout: Rollout | None = None, *,
-             capacity_gib: float = H100_GIB, overhead_gib: float = 3.0) -> Estimate:
-    """Per-GPU memory of the worst pipeline stage (see the module docstring for every term)."""
+def estimate(model: QwenArchitecture, layout: ParallelDims, work: Workload, rollout: Rollout | None = None, *,
+             name: str = "model", capacity_gib: float = H100_GIB, overhead_gib: float = 3.0) -> Estimate:
+    """Per-GPU memory of the worst pipeline stage of ``model`` (named ``name`` in the report; see the
+    module docstring for every term)."""
     rollout = rollout or Rollout()
-    try:
-        layout.check(model)
-    except LayoutError as exc:
-        raise PlanError(str(exc)) from None
+    check_layout(model, layout)
     work.check(layout)
     rollout.check()
     stages = {0, layout.pp - 1}
@@ -444,9 +352,9 @@ def estimate(model: ModelShape, layout: ParallelDims, work: Workload, rollout: R
     vllm_weights = vllm_kv = 0.0
     kv_tokens = 0
     if pool:
-        vllm_weights = model.total_params() / rollout.tp * (1.0 if rollout.fp8 else 2.0)
+        vllm_weights = total_params(model) / rollout.tp * (1.0 if rollout.fp8 else 2.0)
         vllm_kv = pool - vllm_weights - VLLM_WORKSPACE_GIB * GIB
-        per_token = model.kv_bytes_per_token(2.0, rollout.tp)
+        per_token = kv_bytes_per_token(model, 2.0, rollout.tp)
         kv_tokens = max(0, int(vllm_kv // per_token))
         if vllm_kv <= 0:
             problems.append(f"vLLM weights ({vllm_weights / GIB:.1f} GiB at rollout tp={rollout.tp}) do not fit "
@@ -463,20 +371,23 @@ def estimate(model: ModelShape, layout: ParallelDims, work: Workload, rollout: R
         problems.append(f"needs {total / GIB:.1f} GiB per GPU > {capacity_gib:.1f} GiB")
     g = {k: v / GIB for k, v in parts.items()}
     return Estimate(
-        model=model.name, layout=asdict(layout), stage=stage,
-        params_billion=model.total_params() / 1e9,
+        model=name, layout=asdict(layout), stage=stage,
+        params_billion=total_params(model) / 1e9,
         training=train_bytes / GIB, vllm_pool=pool / GIB, vllm_weights=vllm_weights / GIB,
         vllm_kv_cache=max(vllm_kv, 0.0) / GIB, vllm_kv_tokens=kv_tokens, overhead=overhead_gib,
         total=total / GIB, capacity=capacity_gib, fits=not problems, problems=problems, **g)
 
 
 # --------------------------------------------------------------------------------------------
-# recipes (experiment yaml files)
+# runs: what ``python -m megatron_sdar.train <overrides>`` would run (the same composition)
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Recipe:
-    name: str
+    """The planner's inputs for one composed run."""
+
+    name: str  # the recipe (or the model when no recipe is selected)
     model: str
+    arch: QwenArchitecture
     layout: ParallelDims
     workload: Workload
     rollout: Rollout
@@ -484,57 +395,65 @@ class Recipe:
     gpus_per_node: int
 
 
-def _experiment_model(data: Mapping[str, Any], name: str) -> str:
-    for entry in data.get("defaults") or []:
-        if isinstance(entry, Mapping):
-            for key, value in entry.items():
-                if key.replace("override", "").strip().lstrip("/") == "model":
-                    return str(value)
-    raise PlanError(f"experiment {name!r} does not select a model in its defaults list")
-
-
-def workload_for(seq_len: int, micro_batch_size: int, episodes: int, dp: int, precision: str) -> Workload:
+def workload_for(seq_len: int, micro_batch_size: int, episodes: int, dp: int, precision: str, **rest: Any) -> Workload:
     """The workload of one step of ``episodes`` (tasks x group): one sample per turn, the number of
     turns unknown, so one step's episodes rounded up to a multiple of ``micro_batch_size * dp``."""
     step = micro_batch_size * dp
     return Workload(seq_len=seq_len, micro_batch_size=micro_batch_size,
-                    global_batch_size=max(step, -(-episodes // step) * step), precision=precision)
+                    global_batch_size=max(step, -(-episodes // step) * step), precision=precision, **rest)
 
 
-def load_recipe(source: str | Path) -> Recipe:
-    """Read an experiment yaml (a name under ``config/experiment`` or a path) into planner inputs."""
-    path = Path(source)
-    if not path.is_file():
-        path = CONFIG_DIR / "experiment" / f"{source}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
-        raise PlanError(f"unknown experiment {str(source)!r}: not one of {known}")
-    data = _read_yaml(path)
-    name = path.stem
-    par, ro, tr, sl = (data.get(k) or {} for k in ("parallel", "rollout", "trainer", "slurm"))
-    model_data = (data.get("model") or {})
-    nodes, gpn = int(sl.get("nodes", 1)), int(sl.get("gpus_per_node", 8))
-    try:  # the parallel group as the trainer reads it (its defaults, e.g. no distributed optimizer)
-        layout = ParallelDims.from_config(dict(par), nodes * gpn)
+def precision_of(run: "RunConfig") -> str:
+    """``fp8`` / ``bf16`` / ``fp32`` of the run's training weights."""
+    return "fp8" if run.model.fp8 else ("fp32" if run.model.dtype == "float32" else "bf16")
+
+
+def run_inputs(run: "RunConfig", layout: ParallelDims) -> tuple[Workload, Rollout]:
+    """One training step of ``run`` on ``layout``: its sequences (prompt + response tokens), micro-batches,
+    episodes per step, precision, whether the objective runs a teacher pass and keeps a KL reference
+    model; and its colocated vLLM engine. The dry run's memory plan is made from the same."""
+    r, objective = run.rollout, run.objective()
+    work = workload_for(r.max_prompt_tokens + r.max_response_tokens, run.trainer.micro_batch_size,
+                        r.tasks_per_step * r.group_size, layout.dp, precision_of(run),
+                        reference_model=objective.kl_coef > 0, teacher_pass=objective.needs_teacher)
+    return work, Rollout(gpu_memory_utilization=r.gpu_memory_utilization, tp=r.tp, fp8=run.model.fp8_rollout)
+
+
+def compose_plan(overrides: Sequence[str], *, dp: int | None = None, name: str | None = None) -> Recipe:
+    """The planner's inputs for ``python -m megatron_sdar.train <overrides>``: the run composed and
+    validated by :func:`megatron_sdar.config.schema.compose_run` (without the downloads: the model's
+    shape from its ``config.json`` when present, else from its YAML ``architecture:`` block), on the
+    recipe's ``slurm.nodes x slurm.gpus_per_node`` GPUs, or ``tp*pp*cp*dp`` when ``dp`` is given.
+    Configuration errors are :class:`PlanError` lines."""
+    from megatron_sdar.config.schema import ConfigError, compose_run, model_architecture
+
+    try:
+        run = compose_run(list(overrides), need_files=False)
+        arch = model_architecture(run.model, need_checkpoint=False)
+    except ConfigError as exc:
+        raise PlanError(str(exc)) from None
+    slurm = run.slurm or {}
+    nodes, gpn = int(slurm.get("nodes", 1)), int(slurm.get("gpus_per_node", 8))
+    p = run.parallel
+    world = p.tp * p.pp * p.cp * dp if dp is not None else nodes * gpn
+    try:
+        layout = ParallelDims.from_config(p, world)
     except LayoutError as exc:
-        raise PlanError(f"experiment {name!r}: {exc}") from None
-    precision = "fp8" if model_data.get("fp8") else ("fp32" if model_data.get("dtype") == "float32" else "bf16")
-    seq = int(ro.get("max_prompt_tokens", 2048)) + int(ro.get("max_response_tokens", 512))
-    workload = workload_for(seq, int(tr.get("micro_batch_size", 1)),
-                            int(ro.get("tasks_per_step", 16)) * int(ro.get("group_size", 8)), layout.dp, precision)
-    rollout = Rollout(gpu_memory_utilization=float(ro.get("gpu_memory_utilization", 0.0)),
-                      tp=int(ro.get("tp", 1)), fp8=bool(model_data.get("fp8_rollout", False)))
-    return Recipe(name=name, model=_experiment_model(data, name), layout=layout, workload=workload,
-                  rollout=rollout, nodes=nodes, gpus_per_node=gpn)
+        raise PlanError(f"parallel: {exc}") from None
+    work, rollout = run_inputs(run, layout)
+    recipe = next((o.partition("=")[2] for o in overrides if o.partition("=")[0].lstrip("+~") == "experiment"), None)
+    return Recipe(name=name or recipe or run.model.name, model=run.model.name, arch=arch, layout=layout,
+                  workload=work, rollout=rollout, nodes=nodes, gpus_per_node=gpn)
 
 
-def recipe_names() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+def load_recipe(name: str, *overrides: str) -> Recipe:
+    """``experiment=<name>`` (a recipe of ``config/experiment``) plus Hydra overrides."""
+    return compose_plan([f"experiment={name}", *overrides])
 
 
 def plan_recipe(name: str, **kwargs: Any) -> tuple[Recipe, Estimate]:
     recipe = load_recipe(name)
-    return recipe, estimate(load_model_shape(recipe.model), recipe.layout, recipe.workload, recipe.rollout,
+    return recipe, estimate(recipe.arch, recipe.layout, recipe.workload, recipe.rollout, name=recipe.model,
                             **kwargs)
 
 
@@ -572,6 +491,8 @@ def recipe_table(names: Iterable[str] | None = None, **kwargs: Any) -> str:
     out = ["| recipe | model | GPUs | tp | pp | cp | ep | recompute | precision | rollout tp / mem | "
            "train GiB | vLLM GiB | total GiB/GPU | fits 80 GB |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    from megatron_sdar.config.schema import recipe_names
+
     for name in names or recipe_names():
         r, e = plan_recipe(name, **kwargs)
         lay = r.layout

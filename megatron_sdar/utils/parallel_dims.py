@@ -2,13 +2,16 @@
 
     dims = ParallelDims.from_config(run_config.parallel, world_size)   # validated sizes and flags
     dims.initialize(seed)                                             # Megatron's parallel state
-    dims = ParallelDims.current()                                     # read back from Megatron
+    dims = ParallelDims.current()                                     # the same dims, flags included
     groups = ProcessGroups.current()                                  # this rank's groups and ranks
 
 Everything else derives from it: the Hydra ``parallel`` group is its user-facing form
 (:class:`megatron_sdar.config.schema.ParallelConfig`), the memory planner estimates one, the test
 launcher starts processes for one, the checkpoint marker records one (:meth:`checkpoint_layout`),
-and the passes and the objective reduce over :class:`ProcessGroups`.
+the TransformerConfig's layout fields are made from one
+(:func:`megatron_sdar.trainer.launch.transformer_overrides`), the passes plan their micro-batches
+from :meth:`ParallelDims.current` (sequence parallelism, virtual pipeline stages) and they and the
+objective reduce over :class:`ProcessGroups`.
 
 ``world = tp * pp * cp * dp``. Experts are split over ``ep * etp`` ranks inside ``tp * cp * dp``
 (``etp``: the expert tensor-parallel size, Megatron's default ``tp``). ``vpp``: virtual pipeline
@@ -27,6 +30,11 @@ _CHECKPOINT_NAMES = {"tp": "tensor_parallel", "pp": "pipeline_parallel", "vpp": 
 
 class LayoutError(ValueError):
     """A parallel layout that cannot run (with the reason)."""
+
+
+# The layout ParallelDims.initialize set up in this process, and the TP group Megatron made for it
+# (a parallel state destroyed and made again has another group: the record is then stale).
+_initialized: tuple["ParallelDims", Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -66,13 +74,25 @@ class ParallelDims:
 
     @classmethod
     def current(cls) -> "ParallelDims":
-        """The sizes of Megatron's initialized parallel state (flags at their defaults)."""
+        """The layout of Megatron's initialized parallel state: the dims :meth:`initialize` set it up
+        from, flags included (``sequence_parallel``, ``recompute``, ``distributed_optimizer``);
+        for a state set up otherwise (``initialize_megatron_parallel`` directly), its sizes with the
+        flags at their defaults."""
         from megatron.core import parallel_state as ps
 
         vpp = ps.get_virtual_pipeline_model_parallel_world_size()
-        return cls(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
-                   cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
-                   ep=ps.get_expert_model_parallel_world_size(), vpp=vpp if vpp and vpp > 1 else None)
+        sizes = cls(tp=ps.get_tensor_model_parallel_world_size(), pp=ps.get_pipeline_model_parallel_world_size(),
+                    cp=ps.get_context_parallel_world_size(), dp=ps.get_data_parallel_world_size(),
+                    ep=ps.get_expert_model_parallel_world_size(), vpp=vpp if vpp and vpp > 1 else None)
+        if _initialized is not None:
+            dims, tp_group = _initialized
+            if tp_group is ps.get_tensor_model_parallel_group() and dims.sizes() == sizes.sizes():
+                return dims
+        return sizes
+
+    def sizes(self) -> tuple[int, ...]:
+        """``(tp, pp, cp, dp, ep, chunks)``: what Megatron's parallel state holds of the layout."""
+        return self.tp, self.pp, self.cp, self.dp, self.ep, self.chunks
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -129,6 +149,10 @@ class ParallelDims:
             raise LayoutError(f"the layout needs {self.world} processes (tp*pp*cp*dp = "
                               f"{self.tp}*{self.pp}*{self.cp}*{self.dp}), the process group has {dist.get_world_size()}")
         initialize_megatron_parallel(tp=self.tp, pp=self.pp, cp=self.cp, ep=self.ep, vpp=self.vpp, seed=seed)
+        from megatron.core import parallel_state as ps
+
+        global _initialized
+        _initialized = (self, ps.get_tensor_model_parallel_group())
 
     def checkpoint_layout(self) -> dict[str, int]:
         """The sizes as a checkpoint's marker records them (``virtual_pipeline`` 1 when not interleaved)."""

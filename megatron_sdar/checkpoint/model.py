@@ -1,4 +1,6 @@
-"""Megatron distributed checkpoints of Qwen models, with what is needed to go back to HF.
+"""Model checkpoints (Megatron distributed checkpoints of Qwen models, with what is needed to go
+back to HF), and what training checkpoints share with them: formats, metadata, HF assets,
+verification.
 
 A checkpoint directory written by :func:`save_model_checkpoint` holds
 
@@ -10,9 +12,9 @@ A checkpoint directory written by :func:`save_model_checkpoint` holds
 * ``hf_assets/``: the tokenizer files, chat template and generation config of the source HF
   directory, so the checkpoint converts back to a complete HF directory on its own;
 * ``complete.json``, written last: the checksum manifest of every other file
-  (:mod:`megatron_sdar.utils.integrity`), verified before a conversion.
+  (:mod:`megatron_sdar.checkpoint.integrity`), verified before a conversion.
 
-Training checkpoints (:mod:`megatron_sdar.trainer.checkpointing`) hold the same model keys,
+Training checkpoints (:mod:`megatron_sdar.checkpoint.training`) hold the same model keys,
 metadata file and assets, so everything here reads them too.
 """
 from __future__ import annotations
@@ -24,9 +26,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_sdar.checkpoint.integrity import MARKER_FILE, MarkerError, collect_manifest, read_marker, write_marker
 from megatron_sdar.models.architecture import QwenArchitecture
 from megatron_sdar.models.hf_writer import GENERATION_CONFIG, TOKENIZER_FILES
-from megatron_sdar.utils.integrity import MARKER_FILE, MarkerError, collect_manifest, read_marker, write_marker
 
 METADATA_FILE = "megatron_sdar_model.json"
 HF_ASSETS_DIR = "hf_assets"
@@ -84,7 +86,8 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def _sharded_state_dict(model_chunks) -> dict:
+def sharded_model_state(model_chunks) -> dict:
+    """``{"model": ...}`` (``model0``, ``model1``... for virtual pipeline chunks) of Megatron's sharded state."""
     from megatron_sdar.models.weight_mapping import unwrap_model
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
@@ -105,7 +108,7 @@ def save_model_checkpoint(model_chunks, arch: QwenArchitecture, out_dir: str | P
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / MARKER_FILE).unlink(missing_ok=True)
     dist.barrier()
-    dist_checkpointing.save(_sharded_state_dict(model_chunks), str(out_dir))
+    dist_checkpointing.save(sharded_model_state(model_chunks), str(out_dir))
     if dist.get_rank() == 0:
         (out_dir / METADATA_FILE).write_text(json.dumps(model_metadata(arch, _saved_with(ps)), indent=2,
                                                         sort_keys=True) + "\n")
@@ -138,7 +141,7 @@ def load_model_checkpoint(model_chunks, ckpt_dir: str | Path) -> None:
 
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
+    state = dist_checkpointing.load(sharded_model_state(chunks), str(ckpt_dir))
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for chunk, key in zip(chunks, keys):
         unwrap_model(chunk).load_state_dict(state[key], strict=True)
@@ -148,7 +151,7 @@ def verify_checkpoint(ckpt_dir: str | Path) -> None:
     """Collective: check the completion marker and every file's checksum; raise
     :class:`CheckpointFormatError` naming the first problem. Only for checkpoints written by
     megatron-sdar (a marker is required)."""
-    from megatron_sdar.utils.integrity import verify_manifest
+    from megatron_sdar.checkpoint.integrity import verify_manifest
 
     ckpt_dir = Path(ckpt_dir)
     try:
@@ -199,9 +202,9 @@ def read_checkpoint_model_info(ckpt_dir: str | Path, hf_config_dir: str | Path |
     stored = QwenArchitecture.from_hf_config(meta["hf_config"]) if meta else None
     if hf_config_dir is not None:
         given = QwenArchitecture.from_hf_config(hf_config_dir)
-        if stored is not None and _shape_fields(stored) != _shape_fields(given):
-            diffs = {k: (v, _shape_fields(given)[k]) for k, v in _shape_fields(stored).items()
-                     if _shape_fields(given)[k] != v}
+        if stored is not None and shape_fields(stored) != shape_fields(given):
+            diffs = {k: (v, shape_fields(given)[k]) for k, v in shape_fields(stored).items()
+                     if shape_fields(given)[k] != v}
             raise CheckpointFormatError(
                 f"--hf-config {hf_config_dir} describes a different model than {ckpt_dir} "
                 f"(checkpoint vs given: {diffs})")
@@ -214,7 +217,7 @@ def read_checkpoint_model_info(ckpt_dir: str | Path, hf_config_dir: str | Path |
     return CheckpointModelInfo(stored, assets if assets.is_dir() else None, meta["saved_with"], True)
 
 
-def _shape_fields(arch: QwenArchitecture) -> dict:
+def shape_fields(arch: QwenArchitecture) -> dict:
     """The fields that decide the checkpoint's tensors (names and shapes)."""
     return {k: getattr(arch, k) for k in (
         "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_layers",

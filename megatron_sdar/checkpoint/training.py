@@ -1,7 +1,7 @@
 """Training checkpoints: model, optimizer, per-rank RNG states and the trainer's own state.
 
     path = save_checkpoint(root, step, policy, trainer_state, hf_assets_source=model_dir)  # collective
-    latest = find_latest_checkpoint(root)                         # any process, no collectives
+    latest = find_latest_checkpoint(root)     # checkpoint.resume: any process, no collectives
     trainer_state = load_checkpoint(latest, policy)               # collective, verifies checksums
     path, trainer_state = load_latest_checkpoint(root, policy)    # collective, skips bad ones
 
@@ -9,7 +9,7 @@ Layout of ``root`` (one training run per root)::
 
     root/step_00000120/            a complete checkpoint
         metadata.json, *.distcp    Megatron distributed checkpoint of {"model", "optimizer"}
-        megatron_sdar_model.json   the HF config and layout, as :mod:`megatron_sdar.models.checkpoint`
+        megatron_sdar_model.json   the HF config and layout, as :mod:`megatron_sdar.checkpoint.model`
                                    writes it (so tools/convert_checkpoint.py exports a training checkpoint)
         rng/rank_00000.pt ...      each rank's RNG states
         trainer_state.json         the trainer's dict (rank 0's copy)
@@ -22,7 +22,7 @@ Why a marker and a rename: a job killed mid-save (Slurm preemption, node failure
 something that looks like the newest checkpoint. Everything is written into a ``.tmp-`` directory;
 only after every rank has finished (barrier) does rank 0 write ``complete.json`` and rename the
 directory into place. ``complete.json`` records each file's size and checksum: a truncated copy is
-seen by :func:`find_latest_checkpoint` without reading the tensors (size), a same-size corruption by
+seen by :func:`~megatron_sdar.checkpoint.resume.find_latest_checkpoint` without reading the tensors (size), a same-size corruption by
 :func:`load_checkpoint` (checksum, unless ``verify=False``), which also refuses non-finite weights;
 :func:`load_latest_checkpoint` then falls back to the previous checkpoint.
 
@@ -58,7 +58,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -68,22 +67,19 @@ import torch
 import torch.distributed as dist
 
 from megatron_sdar import patches
-from megatron_sdar.models.checkpoint import (HF_ASSETS_DIR, METADATA_FILE as MODEL_METADATA_FILE,
-                                             TRAIN_FORMAT_NAME as FORMAT_NAME, TRAIN_FORMAT_VERSION as FORMAT_VERSION,
-                                             CheckpointFormatError, _shape_fields, _sharded_state_dict, copy_hf_assets,
-                                             model_metadata, nonfinite_parameters, verify_checkpoint)
-from megatron_sdar.utils.integrity import MARKER_FILE, MarkerError, collect_manifest, fsync_dir, read_marker, write_marker
+from megatron_sdar.checkpoint.integrity import MARKER_FILE, collect_manifest, fsync_dir, write_marker
+from megatron_sdar.checkpoint.model import (HF_ASSETS_DIR, METADATA_FILE as MODEL_METADATA_FILE, TRAIN_FORMAT_NAME,
+                                            TRAIN_FORMAT_VERSION, CheckpointFormatError, copy_hf_assets, model_metadata,
+                                            nonfinite_parameters, shape_fields, sharded_model_state, verify_checkpoint)
+from megatron_sdar.checkpoint.resume import (TMP_PREFIX, TRAINER_STATE_FILE, checkpoint_dir_name, complete_checkpoints,
+                                             is_complete_checkpoint, read_complete_checkpoint, step_dirs, warn)
+from megatron_sdar.checkpoint.rng import capture_rng_state, restore_rng_state
 from megatron_sdar.utils.parallel_dims import ParallelDims
-from megatron_sdar.utils.rng import capture_rng_state, restore_rng_state
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE_FILE = "trainer_state.json"
 RNG_DIR = "rng"
-STEP_PREFIX = "step_"
-TMP_PREFIX = ".tmp-"
 OPTIMIZER_SHARDINGS = ("dp_reshardable", "fully_reshardable")
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 # What must match between save and load for per-rank state (RNG, dp_reshardable optimizer slices).
 _MODEL_PARALLEL_KEYS = ParallelDims.model_parallel_names()
 
@@ -94,10 +90,6 @@ class IncompatibleCheckpointError(CheckpointFormatError):
 
 class CorruptCheckpointError(CheckpointFormatError):
     """A complete checkpoint whose files fail their checksums, or whose weights are not finite."""
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:08d}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +124,7 @@ def _sharded_train_state(policy, optimizer_sharding: str, is_loading: bool) -> d
     """``{"model": ..., "optimizer": ...}`` (``model0``, ``model1``... for virtual pipeline chunks)."""
     from megatron.core import parallel_state as ps
 
-    state = _sharded_state_dict(policy.model)  # the same model keys as a model-only checkpoint
+    state = sharded_model_state(policy.model)  # the same model keys as a model-only checkpoint
     if is_loading:
         patches.materialize_distributed_optimizer_state(policy.optimizer)
     metadata = dict(_content_metadata(policy, optimizer_sharding),
@@ -151,74 +143,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _step_of(path: Path) -> int | None:
-    match = _STEP_DIR.match(path.name)
-    return int(match.group(1)) if match else None
-
-
-def _step_dirs(root: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every ``step_*`` directory under ``root``, lowest step first."""
-    if not root.is_dir():
-        return []
-    return sorted((step, p) for p in root.iterdir() if p.is_dir() and (step := _step_of(p)) is not None)
-
-
-# ------------------------------------------------------------------------------------------------
-# validation and discovery
-# ------------------------------------------------------------------------------------------------
-def _read_complete_checkpoint(path: Path) -> tuple[dict, dict]:
-    """``(marker, trainer_state)`` of a complete checkpoint, or :class:`CheckpointFormatError`
-    saying why it is not one. Cheap: reads the JSON files and checks every recorded file's size
-    (checksums are verified by :func:`load_checkpoint`)."""
-    try:
-        marker = read_marker(path, {FORMAT_NAME: FORMAT_VERSION})
-    except MarkerError as exc:
-        raise CheckpointFormatError(str(exc)) from None
-    try:
-        trainer_state = json.loads((path / TRAINER_STATE_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointFormatError(f"{path / TRAINER_STATE_FILE} does not parse ({exc})") from exc
-    return marker, trainer_state
-
-
-def is_complete_checkpoint(path: str | Path) -> bool:
-    """Cheap: ``path`` is a complete training checkpoint (marker, sizes, trainer state)."""
-    try:
-        _read_complete_checkpoint(Path(path))
-    except CheckpointFormatError:
-        return False
-    return True
-
-
-def find_latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root``, or ``None``.
-
-    Not collective and cheap (reads the small JSON files, stats the others). ``.tmp-`` directories
-    (saves in progress or killed) are ignored; ``step_*`` directories that are incomplete or corrupt
-    are skipped with a warning naming them, so a run resumes from the previous good checkpoint.
-    """
-    return next(iter(complete_checkpoints(root)), None)
-
-
-def complete_checkpoints(root: str | Path) -> list[Path]:
-    """Every complete checkpoint under ``root``, newest first; incomplete or corrupt ``step_*``
-    directories are left out with a warning naming them and the reason (not collective)."""
-    found = []
-    for _, path in reversed(_step_dirs(Path(root))):
-        try:
-            _read_complete_checkpoint(path)
-        except CheckpointFormatError as exc:
-            _warn(f"skipping checkpoint {path}: {exc}")
-            continue
-        found.append(path)
-    return found
-
-
-def _warn(message: str) -> None:
-    logger.warning(message)
-    warnings.warn(message, stacklevel=3)
-
-
 # ------------------------------------------------------------------------------------------------
 # save
 # ------------------------------------------------------------------------------------------------
@@ -232,8 +156,8 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     save is atomic (module docstring); a checkpoint of the same step is replaced. Afterwards all but
     the newest ``keep_last`` complete checkpoints (this one included) of earlier steps are deleted
     (``None`` keeps all), as are leftover ``.tmp-`` directories. Checkpoints of *later* steps (left
-    by a run resumed from an older one) are kept but reported: :func:`find_latest_checkpoint`
-    would prefer them. ``optimizer_sharding`` only matters for the distributed optimizer (module
+    by a run resumed from an older one) are kept but reported: ``find_latest_checkpoint`` would
+    prefer them. ``optimizer_sharding`` only matters for the distributed optimizer (module
     docstring). ``hf_assets_source``: the HF directory whose tokenizer, chat template and
     generation config are copied into the checkpoint (so it exports to a complete HF directory).
     """
@@ -262,7 +186,7 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     rng_file.parent.mkdir(exist_ok=True)  # only now: Megatron warns when saving into a non-empty dir
     torch.save(capture_rng_state(), rng_file)
     layout = _parallel_layout()
-    marker = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step,
+    marker = {"format": TRAIN_FORMAT_NAME, "version": TRAIN_FORMAT_VERSION, "step": step,
               "policy_steps_taken": policy.steps_taken, "layout": layout,
               "optimizer": dict(_optimizer_kind(policy), sharding=optimizer_sharding)}
     model_meta = model_metadata(policy.arch, {k: layout[k] for k in ("tensor_parallel", "pipeline_parallel")})
@@ -330,7 +254,7 @@ def _prune(root: Path, step: int, keep_last: int | None) -> None:
     flight) and complete checkpoints of earlier steps beyond ``keep_last``."""
     for leftover in root.glob(f"{TMP_PREFIX}*"):
         _remove(leftover)
-    complete = [(s, p) for s, p in _step_dirs(root) if (p / MARKER_FILE).is_file()]
+    complete = [(s, p) for s, p in step_dirs(root) if (p / MARKER_FILE).is_file()]
     later = [p.name for s, p in complete if s > step and is_complete_checkpoint(p)]
     if later:
         logger.warning("%s holds complete checkpoints of later steps than %d (%s): trainer.resume=auto "
@@ -355,7 +279,7 @@ def _check_compatible(path: Path, marker: dict, policy) -> bool:
         hf_config = json.loads((path / MODEL_METADATA_FILE).read_text())["hf_config"]
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointFormatError(f"{path / MODEL_METADATA_FILE} is unreadable ({exc})") from exc
-    saved_shape, ours = _shape_fields(QwenArchitecture.from_hf_config(hf_config)), _shape_fields(policy.arch)
+    saved_shape, ours = shape_fields(QwenArchitecture.from_hf_config(hf_config)), shape_fields(policy.arch)
     if saved_shape != ours:
         diffs = {k: (v, ours[k]) for k, v in saved_shape.items() if ours[k] != v}
         raise IncompatibleCheckpointError(f"{path} holds a different model (checkpoint vs policy: {diffs})")
@@ -381,7 +305,7 @@ def _check_compatible(path: Path, marker: dict, policy) -> bool:
 def _validate_for_load(path: Path, policy) -> tuple[dict, dict, bool]:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    marker, trainer_state = _read_complete_checkpoint(path)
+    marker, trainer_state = read_complete_checkpoint(path)
     return marker, trainer_state, _check_compatible(path, marker, policy)
 
 
@@ -446,5 +370,5 @@ def load_latest_checkpoint(root: str | Path, policy, *, verify: bool = True) -> 
             return path, load_checkpoint(path, policy, verify=verify)
         except CorruptCheckpointError as exc:
             if dist.get_rank() == 0:
-                _warn(f"skipping checkpoint {path}: {exc}")
+                warn(f"skipping checkpoint {path}: {exc}")
     return None
