@@ -1,4 +1,4 @@
-"""ALFWorld adapter: the shipped hand-written game played through real alfworld/textworld."""
+"""ALFWorld adapter: the shipped hand-written games played through real alfworld/textworld."""
 import json
 import shutil
 
@@ -13,13 +13,13 @@ SCRIPT = ["go to fridge 1", "open fridge 1", "take apple 1 from fridge 1", "go t
 
 @pytest.fixture(scope="module")
 def env():
-    env = make("alfworld", split="valid_seen", data_dir="builtin")
+    env = make("alfworld", data_dir="builtin")
     yield env
     env.close()
 
 
 def test_scripted_actions_win_the_shipped_game(env):
-    obs, info = env.reset(seed=0)
+    obs, info = env.reset(seed=0, split="test")  # the valid_seen game
     assert "Welcome to TextWorld, ALFRED" in obs  # text from alfworld's own grammar
     assert info["task"] == "put a hot apple in diningtable"
     assert info["task_type"] == "pick_heat_then_place_in_recep"
@@ -33,7 +33,7 @@ def test_scripted_actions_win_the_shipped_game(env):
 
 
 def test_planner_expert_and_put_spelling(env):
-    env.reset(seed=0)
+    env.reset(seed=0, split="test")
     plan = env.expert_actions()  # fast-downward, as alfworld's planner expert
     assert plan == SCRIPT
     # Placing before heating does not satisfy the goal; the "put ... in/on" spelling maps to "move ... to".
@@ -50,7 +50,7 @@ def test_planner_expert_and_put_spelling(env):
 
 
 def test_invalid_action(env):
-    env.reset(seed=0)
+    env.reset(seed=0, split="test")
     obs, reward, terminated, truncated, info = env.step("take apple 1 from fridge 1")
     assert obs == INVALID_ACTION_FEEDBACK and info["invalid_action"] and not terminated
     obs, *_ , info = env.step("help")
@@ -58,18 +58,27 @@ def test_invalid_action(env):
 
 
 def test_split_layout_and_errors(tmp_path, monkeypatch):
-    # A user's alfworld-download tree: $ALFWORLD_DATA/json_2.1.1/<split>/<task>/<trial>/.
-    shutil.copytree(BUILTIN_DATA_DIR / "json_2.1.1", tmp_path / "json_2.1.1")
+    # A user's alfworld-download tree: $ALFWORLD_DATA/json_2.1.1/<split>/<task>/<trial>/, here valid_seen only.
+    shutil.copytree(BUILTIN_DATA_DIR / "json_2.1.1" / "valid_seen", tmp_path / "json_2.1.1" / "valid_seen")
     monkeypatch.setenv("ALFWORLD_DATA", str(tmp_path))
     games = collect_games(None, "eval_in_distribution")
     assert len(games) == 1 and games[0].task_type == "pick_heat_then_place_in_recep"
     assert collect_games(None, "valid_seen") == games
     with pytest.raises(EnvError, match="no solvable games"):
         collect_games(None, "valid_seen", task_types=("pick_two_obj_and_place",))
-    with pytest.raises(EnvError, match="train"):
-        make("alfworld", split="train")
+    env = make("alfworld")
+    assert env.reset(seed=3, split="test")[1]["game_file"] == str(games[0].game_file)
+    with pytest.raises(EnvError, match="json_2.1.1/train does not exist"):
+        env.reset(seed=0, split="train")
+    with pytest.raises(EnvError, match="json_2.1.1/valid_unseen does not exist"):
+        env.reset(seed=0, split="validation")
+    env.close()
+    with pytest.raises(ValueError, match="alfworld directory must be one of"):
+        collect_games("builtin", "test")
     with pytest.raises(ValueError, match="split must be one of"):
-        make("alfworld", split="test", data_dir="builtin")
+        make("alfworld", data_dir="builtin").reset(seed=0, split="valid_seen")
+    with pytest.raises(ValueError, match="unknown task types"):
+        make("alfworld", data_dir="builtin", task_types=["pick_three"])
     # An unsolvable game is skipped, as alfworld does.
     game_file = next((tmp_path / "json_2.1.1" / "valid_seen").rglob("game.tw-pddl"))
     data = json.loads(game_file.read_text())

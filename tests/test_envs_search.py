@@ -37,7 +37,9 @@ def test_normalization():
 
 def test_episode_search_then_answer():
     env = make("search", reward="f1")
-    obs, info = env.reset(options={"question_index": 10})  # multi-hop: birthplace of the first director
+    q11 = [q["key"] for q in env.splits["train"]].index("q11")  # multi-hop: birthplace of the first director
+    obs, info = env.reset(options={"question_index": q11})
+    assert info["question_id"] == "q11"
     assert obs == info["task"] and info["task_type"] == "multi_hop_reasoning"
     obs, reward, terminated, _, info = env.step("<think>who directed it?</think><search>first director Amberline Observatory</search>")
     assert obs.startswith("<information>Doc 1(Title: Amberline Observatory)") and not terminated
@@ -62,7 +64,7 @@ def test_http_retriever_against_a_local_retrieval_server():
     server, url = serve_retriever(BM25Retriever())
     try:
         env = make("search", retriever_url=url)
-        env.reset(options={"question_index": 0})
+        env.reset(options={"question_index": 0})  # q01, the first train question
         obs, *_, info = env.step("<search>capital of Kestria</search>")
         assert info["retrieved_ids"][0] == "p04" and "Doc 1(Title: Kestria)" in obs
         assert [p.id for p in HTTPRetriever(url).retrieve("Vell River length", 2)] == \
@@ -76,11 +78,13 @@ def test_http_retriever_against_a_local_retrieval_server():
 
 def test_data_file_errors(tmp_path):
     bad = tmp_path / "q.jsonl"
-    bad.write_text('{"question": "q"}\n')
+    bad.write_text('{"id": "a", "question": "q"}\n')
     with pytest.raises(EnvError, match="misses \\['answers'\\]"):
-        make("search", questions_path=bad)
+        make("search", train_questions=bad)
     bad.write_text("nope\n")
     with pytest.raises(EnvError, match="q.jsonl:1: not valid JSON"):
-        make("search", questions_path=bad)
+        make("search", test_questions=[bad])
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        make("search", test_questions=tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="reward must be"):
         make("search", reward="bleu")

@@ -102,7 +102,7 @@ def test_http_client_matches_local_shop_over_a_real_server():
 
 
 def test_http_client_errors_are_clear():
-    client = WebShopHTTPEnv("http://127.0.0.1:9", num_goals=1, timeout_s=2)  # discard port: refused
+    client = WebShopHTTPEnv("http://127.0.0.1:9", num_goals=3, timeout_s=2)  # discard port: refused
     with pytest.raises(EnvError, match="WebShop server"):
         client.reset(seed=0)
     page = parse_webshop_html('<h3 id="reward">score<pre>0.25</pre></h3><script>hidden()</script>', "http://x/")

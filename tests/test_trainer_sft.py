@@ -91,6 +91,28 @@ def test_sft_samples_render_like_rollout_prompts(sft_setup):
         assert reply == f"<action>go to {home}</action><|im_end|>" or reply.startswith(f"<action>go to {home} "), reply
 
 
+def test_sft_demonstrations_are_train_tasks(sft_setup):
+    """The oracle demonstrations of a pooled environment (WebShop, shipped catalog) are drawn from its
+    train goals only: never a test or validation goal."""
+    from megatron_sdar.envs import make
+    from megatron_sdar.trainer import seeds
+    from megatron_sdar.trainer.sft import build_sft_data
+
+    _, tokenizer, config, formatter = sft_setup
+    built = []
+
+    def make_env(seed):
+        built.append(make("webshop", seed=seed))
+        return built[-1]
+
+    data = build_sft_data(make_env, formatter, tokenizer, config, seeds.sft_seeds(0, 40), skill_share=0.0, seed=0)
+    played = [env for env in built if hasattr(env, "goal")]
+    assert data.episodes == len(played) == 40 and data.samples
+    goals = {next(i for i, goal in enumerate(env.shop.goals) if goal is env.goal) for env in played}
+    assert goals == set(range(2, 10))  # the 8 train goals; goal 0 is test, goal 1 validation
+    assert goals == set(played[0].goal_ranges["train"])
+
+
 def _optimizer_moments(policy) -> list[float]:
     import torch
 

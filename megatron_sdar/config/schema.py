@@ -474,15 +474,12 @@ def validate(run: RunConfig, num_heads: Optional[int] = None, num_kv_heads: Opti
         raise ConfigError(f"{exc}, the range of the task-seed layout (trainer/seeds.py)") from None
     if need_files and t.resume not in (None, "auto"):
         _check_resume(t.resume)
-    if m.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"model.dtype must be float32 or bfloat16, got {m.dtype!r}")
-    if m.fp8 is not None:
-        from megatron_sdar.models.precision import FP8_RECIPES
+    from megatron_sdar.models.precision import FP8ConfigError, resolve_precision
 
-        if m.fp8 not in FP8_RECIPES:
-            raise ConfigError(f"model.fp8 must be null or one of {sorted(FP8_RECIPES)}, got {m.fp8!r}")
-        if m.dtype != "bfloat16":
-            raise ConfigError("model.fp8 needs model.dtype=bfloat16 (FP8 GEMMs with BF16 master weights)")
+    try:  # the option values; the machine (TE, the GPU) is check_precision's, where the run starts
+        resolve_precision(m.dtype, m.fp8, fp8_rollout=m.fp8_rollout, check_hardware=False)
+    except FP8ConfigError as exc:
+        raise ConfigError(str(exc)) from None
     if m.hf_path is None and m.arch not in ("qwen2", "qwen3"):
         raise ConfigError(f"the built-in tiny model is qwen2 or qwen3, got model.arch={m.arch!r}")
     from megatron_sdar.skills import RETRIEVAL_MODES, SkillBank
@@ -493,15 +490,22 @@ def validate(run: RunConfig, num_heads: Optional[int] = None, num_kv_heads: Opti
 
     if e.name not in available_envs():
         raise ConfigError(f"env.name={e.name!r} is not registered; available: {available_envs()}")
+    if need_files:  # the data of the splits the run draws: SFT and RL train tasks, evaluation eval_split's
+        from megatron_sdar.envs.splits import data_problem
+
+        used = {"train"} if t.max_steps > 0 or t.sft_steps > 0 else set()
+        problem = data_problem(e.name, dict(e.kwargs), used | ({t.eval_split} if t.eval_tasks else set()))
+        if problem is not None:
+            raise ConfigError(problem)
     objective = run.objective()  # preset and option values
     if objective.pg_coef > 0 and r.group_size < 2:
         raise ConfigError(f"rollout.group_size={r.group_size} with algo={run.algo.name}: its policy gradient uses the "
                           "group-normalized advantage (reward minus the mean of the task's group), which is 0 in a "
                           "group of one episode; set rollout.group_size >= 2")
     if t.sft_steps > 0:
-        from megatron_sdar.trainer.sft import has_demonstrations
+        from megatron_sdar.envs import has_demonstrations
 
-        if has_demonstrations(e.name, dict(e.kwargs)) is False:
+        if has_demonstrations(e.name, **e.kwargs) is False:
             raise ConfigError(f"trainer.sft_steps={t.sft_steps}: the SFT warm start imitates demonstrations, and env "
                               f"{e.name!r} has none (no scripted or oracle plan); set trainer.sft_steps=0")
     skills = skills_dir_of(e)

@@ -2,21 +2,22 @@
 
     from megatron_sdar.envs import make
     env = make("household", seed=0)
-    observation, info = env.reset(seed=1)
+    observation, info = env.reset(seed=1)                 # split="train" | "validation" | "test"
     observation, reward, terminated, truncated, info = env.step("go to fridge 1")
 """
 from megatron_sdar.envs.base import (
     INVALID_ACTION_FEEDBACK,
     REQUIRED_INFO_KEYS,
+    SPLITS,
     EnvError,
     StepResult,
     TextEnv,
     normalize_command,
 )
 from megatron_sdar.envs.batch import EnvBatch
-from megatron_sdar.envs.registry import available_envs, env_class, make, register
+from megatron_sdar.envs.registry import available_envs, env_class, has_demonstrations, make, register
 
 __all__ = [
-    "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "EnvBatch", "EnvError", "StepResult", "TextEnv",
-    "available_envs", "env_class", "make", "normalize_command", "register",
+    "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "SPLITS", "EnvBatch", "EnvError", "StepResult", "TextEnv",
+    "available_envs", "env_class", "has_demonstrations", "make", "normalize_command", "register",
 ]

@@ -6,12 +6,18 @@ Games are the ``game.tw-pddl`` files that ``alfworld-download`` places under
 ``AlfredTWEnv`` the adapter skips trials whose path contains ``movable`` or ``Sliced``,
 games without ``"solvable": true`` and task types not asked for.
 
+Splits (:mod:`megatron_sdar.envs.splits`): ``reset(seed, split=...)`` draws from ``train/`` for
+``train``, ``valid_unseen/`` for ``validation`` and ``valid_seen/`` for ``test`` (the split the SDAR
+release reports); ``split_dirs=`` maps them otherwise. A split's games are read at its first draw
+and kept for the process (every environment of a rollout shares them).
+
 Each game is played by textworld's ``PddlEnv`` (fast-downward applies the PDDL actions)
 wrapped by alfworld's ``AlfredDemangler`` (object ids -> "apple 1") and ``AlfredInfos``.
 A game file may omit ``pddl_domain`` and ``grammar``: they are then taken from the
 installed alfworld package (``alfred.pddl``, ``alfred.twl2``) with the goal text from
-``traj_data.json`` (first annotation). That is how the shipped sample game
-(``megatron_sdar/envs/data/alfworld``, ``data_dir="builtin"``) is stored.
+``traj_data.json`` (first annotation). That is how the shipped sample games
+(``megatron_sdar/envs/data/alfworld``, ``data_dir="builtin"``: one hand-written game in each of
+``train``, ``valid_seen`` and ``valid_unseen``) are stored.
 
 Actions are ALFWorld 0.4's (``move O to R`` for placing); ``put O in/on R``, ``put O in R``
 and ``put O on R`` are accepted as spellings of it, so agents trained on the built-in
@@ -21,6 +27,7 @@ the current state.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -30,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, EnvError, TextEnv, normalize_command
+from megatron_sdar.envs.splits import alfworld_split_dirs
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "data" / "alfworld"
-SPLITS = {"train": "train", "valid_seen": "valid_seen", "valid_unseen": "valid_unseen",
-          # alfworld's own names for the evaluation splits
-          "eval_in_distribution": "valid_seen", "eval_out_of_distribution": "valid_unseen"}
+DIRECTORIES = {"train": "train", "valid_seen": "valid_seen", "valid_unseen": "valid_unseen",
+               # alfworld's own names for the evaluation directories
+               "eval_in_distribution": "valid_seen", "eval_out_of_distribution": "valid_unseen"}
 ALFWORLD_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_clean_then_place_in_recep",
                        "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
 _TASK_LINE = re.compile(r"Your task is to:\s*(.+?)\s*$", re.MULTILINE)
@@ -61,19 +69,24 @@ def resolve_data_dir(data_dir: str | Path | None) -> Path:
     return Path(os.path.expandvars(str(data_dir))).expanduser()
 
 
-def collect_games(data_dir: str | Path | None, split: str, task_types: tuple[str, ...] = ALFWORLD_TASK_TYPES
-                  ) -> list[ALFWorldGame]:
-    """Solvable games of ``split`` (train / valid_seen / valid_unseen), sorted by path."""
-    if split not in SPLITS:
-        raise ValueError(f"alfworld split must be one of {sorted(SPLITS)}, got {split!r}")
+def _check_task_types(task_types: tuple[str, ...]) -> None:
     unknown = [t for t in task_types if t not in ALFWORLD_TASK_TYPES]
     if unknown:
         raise ValueError(f"alfworld: unknown task types {unknown}; known: {ALFWORLD_TASK_TYPES}")
+
+
+def collect_games(data_dir: str | Path | None, split: str, task_types: tuple[str, ...] = ALFWORLD_TASK_TYPES
+                  ) -> list[ALFWorldGame]:
+    """Solvable games of ALFWorld's directory ``split`` (train / valid_seen / valid_unseen, or
+    alfworld's names eval_in_distribution / eval_out_of_distribution), sorted by path."""
+    if split not in DIRECTORIES:
+        raise ValueError(f"alfworld directory must be one of {sorted(DIRECTORIES)}, got {split!r}")
+    _check_task_types(task_types)
     root = resolve_data_dir(data_dir)
-    split_dir = root / "json_2.1.1" / SPLITS[split]
+    split_dir = root / "json_2.1.1" / DIRECTORIES[split]
     if not split_dir.is_dir():
         raise EnvError(f"alfworld: split directory {split_dir} does not exist (expected "
-                       f"<data_dir>/json_2.1.1/{SPLITS[split]}/ as written by `alfworld-download`)")
+                       f"<data_dir>/json_2.1.1/{DIRECTORIES[split]}/ as written by `alfworld-download`)")
     games = []
     for traj_path in sorted(split_dir.rglob("traj_data.json")):
         trial = traj_path.parent
@@ -95,6 +108,12 @@ def collect_games(data_dir: str | Path | None, split: str, task_types: tuple[str
     return games
 
 
+@functools.lru_cache(maxsize=16)
+def _shared_games(root: str, split: str, task_types: tuple[str, ...]) -> tuple[ALFWorldGame, ...]:
+    # one scan per process and split: the trainer builds an environment per episode
+    return tuple(collect_games(root, split, task_types))
+
+
 def _load_game_data(game: ALFWorldGame) -> dict[str, Any]:
     data = json.loads(game.game_file.read_text())
     if "pddl_problem" not in data:
@@ -110,21 +129,29 @@ def _load_game_data(game: ALFWorldGame) -> dict[str, Any]:
 
 
 class ALFWorldEnv(TextEnv):
-    """``make("alfworld", split="valid_unseen", data_dir=None)``; ``reset(seed)`` draws a game
-    of the sorted list with ``Random(seed)`` (``options={"game_index": i}`` picks game ``i``)."""
+    """``make("alfworld", data_dir=None)``; ``reset(seed, split=...)`` draws a game of the split's
+    sorted list with ``Random(seed)`` (``options={"game_index": i}`` picks the split's game ``i``).
+    ``split_dirs``: ALFWorld directory of each split (default
+    :data:`~megatron_sdar.envs.splits.ALFWORLD_SPLIT_DIRS`)."""
 
     name = "alfworld"
 
-    def __init__(self, split: str = "train", data_dir: str | Path | None = None,
+    def __init__(self, data_dir: str | Path | None = None,
                  task_types: tuple[str, ...] | list[str] = ALFWORLD_TASK_TYPES, max_turns: int = 50,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, split_dirs: dict[str, str] | None = None) -> None:
         super().__init__(max_turns=max_turns, seed=seed)
-        self.games = collect_games(data_dir, split, tuple(task_types))
-        self.split = split
+        self.data_dir = resolve_data_dir(data_dir)
+        self.split_dirs = alfworld_split_dirs(split_dirs)
+        self.task_types = tuple(task_types)
+        _check_task_types(self.task_types)
         self._tw_env = None
         self._state = None
         self.game: ALFWorldGame | None = None
         self._task_text = ""
+
+    def games(self, split: str) -> tuple[ALFWorldGame, ...]:
+        """The solvable games of ``split`` (train / validation / test), sorted by path."""
+        return _shared_games(str(self.data_dir), self.split_dirs[split], self.task_types)
 
     def _make_tw_env(self):
         import textworld
@@ -140,8 +167,9 @@ class ALFWorldEnv(TextEnv):
                 "task": self._task_text, "invalid_action": invalid, "game_file": str(self.game.game_file)}
 
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        index = options.get("game_index", rng.randrange(len(self.games)))
-        self.game = self.games[index]
+        games = self.games(self.split)
+        index = options.get("game_index", rng.randrange(len(games)))
+        self.game = games[index]
         if self._tw_env is None:
             self._tw_env = self._make_tw_env()
         self._tw_env.load(_load_game_data(self.game))

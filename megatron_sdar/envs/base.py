@@ -2,8 +2,15 @@
 
 The convention is Gymnasium's (without depending on gymnasium):
 
-    observation, info = env.reset(seed=None)
+    observation, info = env.reset(seed=None, split="train")
     observation, reward, terminated, truncated, info = env.step(action)
+
+``split`` is one of :data:`SPLITS` (``train``, ``validation``, ``test``): the pool of tasks the
+seed draws from. Each environment maps the three names onto its own disjoint task pools
+(:mod:`megatron_sdar.envs.splits`); an environment that generates its tasks from the seed (the
+household world) accepts the argument and has one pool. Training and SFT draw ``train`` tasks,
+evaluation ``trainer.eval_split`` (``test``, or ``validation`` for hyperparameter choice); the
+trainer derives the split from the task seed (:func:`megatron_sdar.trainer.seeds.split_of`).
 
 Observations and actions are plain strings. ``info`` always carries the keys in
 :data:`REQUIRED_INFO_KEYS`:
@@ -17,7 +24,8 @@ Observations and actions are plain strings. ``info`` always carries the keys in
   state did not change. The rollout loop applies the reward penalty, not the environment.
 - ``turn`` (int): number of ``step`` calls since the last ``reset``.
 
-and, when the environment can enumerate them, ``admissible_actions`` (list of str).
+and, when the environment can enumerate them, ``admissible_actions`` (list of str). ``reset``'s
+``info`` also carries ``seed`` (the task seed) and ``split``.
 
 ``terminated`` means the episode reached an end state (success, or a final action such
 as WebShop's purchase or Search-QA's answer); ``truncated`` means the turn budget
@@ -32,6 +40,8 @@ from typing import Any
 
 INVALID_ACTION_FEEDBACK = "Nothing happens."
 REQUIRED_INFO_KEYS = ("won", "task_type", "task", "invalid_action", "turn")
+#: the task splits, the same names in every environment and in the trainer (``trainer.eval_split``)
+SPLITS = ("train", "validation", "test")
 
 
 class EnvError(RuntimeError):
@@ -65,9 +75,9 @@ class StepResult:
 class TextEnv(abc.ABC):
     """Base class: turn counting, truncation at ``max_turns`` and seeding.
 
-    Subclasses implement :meth:`_reset` (start the task selected by ``rng``) and
-    :meth:`_step` (apply one action); this class fills ``turn``/``truncated`` and checks
-    that the step was called on a live episode.
+    Subclasses implement :meth:`_reset` (start the task selected by ``rng`` among the tasks of
+    ``self.split``, the split ``reset`` was given) and :meth:`_step` (apply one action); this class
+    fills ``turn``/``truncated`` and checks that the step was called on a live episode.
     """
 
     #: registry name, set by subclasses
@@ -79,21 +89,28 @@ class TextEnv(abc.ABC):
         self.max_turns = int(max_turns)
         # Draws the task when reset() gets no seed; seeded so a whole run is reproducible.
         self._rng = random.Random(seed)
+        self.split = "train"  # the split of the current episode's task (set by reset)
         self._turn = 0
         self._episode_over = True
         self._last_info: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ API
-    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
-        """Start a new episode. The same ``seed`` always gives the same task."""
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None, *,
+              split: str = "train") -> tuple[str, dict[str, Any]]:
+        """Start a new episode on a task of ``split`` (one of :data:`SPLITS`). The same ``seed`` and
+        ``split`` always give the same task."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
         task_seed = seed if seed is not None else self._rng.randrange(2**31)
         self._turn = 0
         self._episode_over = False
+        self.split = split
         observation, info = self._reset(random.Random(task_seed), dict(options or {}))
         info.setdefault("invalid_action", False)
         info.setdefault("won", False)
         info["turn"] = 0
         info["seed"] = task_seed
+        info["split"] = split
         self._last_info = info
         return observation, info
 
@@ -127,7 +144,7 @@ class TextEnv(abc.ABC):
     # ------------------------------------------------------- subclass hooks
     @abc.abstractmethod
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """Start the task chosen with ``rng``; return (observation, info)."""
+        """Start the task chosen with ``rng`` among the tasks of ``self.split``; return (observation, info)."""
 
     @abc.abstractmethod
     def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:

@@ -60,13 +60,18 @@ class EnvBatch:
                 results[index] = (job.result(), None)
         return results
 
-    def reset(self, seeds: Sequence[int | None] | None = None) -> list[StepResult]:
-        """Reset every environment (``seeds[i]`` for env ``i``). A failed reset returns a
-        finished StepResult with ``error`` set, so the caller can drop that episode."""
+    def reset(self, seeds: Sequence[int | None] | None = None,
+              splits: Sequence[str] | None = None) -> list[StepResult]:
+        """Reset every environment (``seeds[i]`` for env ``i``, a task of ``splits[i]``; default
+        ``train``). A failed reset returns a finished StepResult with ``error`` set, so the caller
+        can drop that episode."""
         if seeds is not None and len(seeds) != len(self.envs):
             raise ValueError(f"got {len(seeds)} seeds for {len(self.envs)} environments")
+        if splits is not None and len(splits) != len(self.envs):
+            raise ValueError(f"got {len(splits)} splits for {len(self.envs)} environments")
         seeds = list(seeds) if seeds is not None else [None] * len(self.envs)
-        jobs = {i: self._pool.submit(env.reset, seed=seeds[i]) for i, env in enumerate(self.envs)}
+        splits = list(splits) if splits is not None else ["train"] * len(self.envs)
+        jobs = {i: self._pool.submit(env.reset, seed=seeds[i], split=splits[i]) for i, env in enumerate(self.envs)}
         out: list[StepResult] = []
         for i, (value, error) in sorted(self._gather(jobs, "reset").items()):
             if error is not None:

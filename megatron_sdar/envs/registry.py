@@ -76,6 +76,14 @@ def env_class(name: str, **kwargs: Any) -> type[TextEnv] | None:
     return factory if isinstance(factory, type) else None
 
 
+def has_demonstrations(name: str, **kwargs: Any) -> bool | None:
+    """Whether the environment can demonstrate its tasks for an SFT warm start (the household
+    world's scripted searcher, or an oracle plan: ``expert_actions``), from its class, without
+    building it; None when the registered factory is not a class."""
+    cls = env_class(name, **kwargs)
+    return None if cls is None else hasattr(cls, "expert_actions")
+
+
 def make(name: str, **kwargs: Any) -> TextEnv:
     """Build environment ``name`` with ``kwargs`` (see each class for its options)."""
     if name not in _REGISTRY:

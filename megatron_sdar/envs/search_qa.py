@@ -18,10 +18,17 @@ retrieval server (``POST {url}/retrieve`` with ``{"queries": [...], "topk": k,
 "return_scores": true}``, answered by ``{"result": [[{"document": {"id", "contents"},
 "score": s}, ...]]}``, ``contents`` = ``'"Title"\\ntext'``).
 
-Questions: JSONL of ``{"id", "question", "answers": [...], "task_type",
+Questions: JSONL of ``{"id", "question", "answers": [...], "task_type", "data_source"?,
 "gold_passages"?}``; ``task_type`` is the skill category (the reference Search skill set
 uses ``direct_retrieval``, ``entity_attribute_lookup``, ``multi_hop_reasoning``,
 ``compare``).
+
+Splits (:mod:`megatron_sdar.envs.splits`), Search-R1's layout: ``train_questions=`` and
+``test_questions=`` are a file or a list of files (one per dataset); the shipped sample is
+``data/search/train.jsonl`` and ``data/search/test.jsonl``. ``reset(seed, split="test")`` draws a
+test question; ``validation`` draws from the fixed tenth of the train questions that
+:func:`~megatron_sdar.envs.splits.search_train_split` assigns by a hash of the question id, and
+``train`` from the other train questions.
 """
 from __future__ import annotations
 
@@ -38,11 +45,13 @@ from typing import Any, Protocol
 
 from megatron_sdar.envs.base import EnvError, TextEnv
 from megatron_sdar.envs.bm25_index import BM25Index
+from megatron_sdar.envs.splits import SPLITS, as_paths, search_question_key, search_train_split
 from megatron_sdar.envs.text_match import exact_match, f1_score
 
 DATA_DIR = Path(__file__).parent / "data" / "search"
 DEFAULT_CORPUS = DATA_DIR / "corpus.jsonl"
-DEFAULT_QUESTIONS = DATA_DIR / "questions.jsonl"
+DEFAULT_TRAIN_QUESTIONS = DATA_DIR / "train.jsonl"
+DEFAULT_TEST_QUESTIONS = DATA_DIR / "test.jsonl"
 ACTION_TAG = re.compile(r"<(search|answer)>(.*?)</\1>", re.DOTALL | re.IGNORECASE)
 INVALID_SEARCH_ACTION = ("Invalid action. Search with <search>query</search> or give the final answer with "
                          "<answer>answer</answer>.")
@@ -169,13 +178,42 @@ def serve_retriever(retriever: Retriever, host: str = "127.0.0.1", port: int = 0
     return server, f"http://{host}:{server.server_address[1]}"
 
 
+def load_question_splits(train_questions: str | Path | list | None = None,
+                         test_questions: str | Path | list | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The questions of each split (train / validation / test) from the train and test files (the
+    shipped sample by default); ``key`` (:func:`~megatron_sdar.envs.splits.search_question_key`) is
+    set on every row. A question in both a train and a test file is refused."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for part, value, default in (("train", train_questions, DEFAULT_TRAIN_QUESTIONS),
+                                 ("test", test_questions, DEFAULT_TEST_QUESTIONS)):
+        rows[part] = []
+        for path in as_paths(value, default):
+            for row in _read_jsonl(path, "questions", ("id", "question", "answers")):
+                if isinstance(row["answers"], str):
+                    row["answers"] = [row["answers"]]
+                row["key"] = search_question_key(row)
+                rows[part].append(row)
+    both = sorted({r["key"] for r in rows["train"]} & {r["key"] for r in rows["test"]})
+    if both:
+        raise EnvError(f"search: {len(both)} question(s) are in both the train and the test files, e.g. {both[0]!r}")
+    splits: dict[str, list[dict[str, Any]]] = {split: [] for split in SPLITS}
+    splits["test"] = rows["test"]
+    for row in rows["train"]:
+        splits[search_train_split(row["key"])].append(row)
+    return splits
+
+
 class SearchQAEnv(TextEnv):
-    """``make("search")``: shipped corpus + questions, BM25. ``retriever_url=`` switches to a
-    Search-R1 retrieval server; ``corpus_path=``/``questions_path=`` point at real data."""
+    """``make("search")``: shipped corpus + train/test questions, BM25. ``retriever_url=`` switches to
+    a Search-R1 retrieval server; ``corpus_path=``, ``train_questions=``/``test_questions=`` (a file
+    or a list, one per dataset) point at real data. ``reset(seed, split=...)`` draws a question of
+    the split with ``Random(seed)`` (``options={"question_index": i}`` picks the split's question
+    ``i``); :attr:`splits` holds them, :attr:`questions` every question."""
 
     name = "search"
 
-    def __init__(self, questions_path: str | Path | None = None, corpus_path: str | Path | None = None,
+    def __init__(self, train_questions: str | Path | list | None = None,
+                 test_questions: str | Path | list | None = None, corpus_path: str | Path | None = None,
                  retriever_url: str | None = None, topk: int = 3, reward: str = "em", max_turns: int = 4,
                  seed: int | None = None) -> None:
         super().__init__(max_turns=max_turns, seed=seed)
@@ -185,11 +223,8 @@ class SearchQAEnv(TextEnv):
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.reward_kind = reward
         self.topk = topk
-        path = Path(questions_path) if questions_path is not None else DEFAULT_QUESTIONS
-        self.questions = _read_jsonl(path, "questions", ("question", "answers"))
-        for row in self.questions:
-            if isinstance(row["answers"], str):
-                row["answers"] = [row["answers"]]
+        self.splits = load_question_splits(train_questions, test_questions)
+        self.questions = [row for split in SPLITS for row in self.splits[split]]
         self.retriever: Retriever = HTTPRetriever(retriever_url) if retriever_url else BM25Retriever(corpus_path)
         self.question: dict[str, Any] = {}
 
@@ -200,9 +235,13 @@ class SearchQAEnv(TextEnv):
         return info
 
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        index = options.get("question_index", rng.randrange(len(self.questions)))
-        self.question = self.questions[index]
-        return self.question["question"], self._info(False, question_id=self.question.get("id", str(index)))
+        pool = self.splits[self.split]
+        if not pool:
+            why = " (the train questions whose id hashes below 0.1: none)" if self.split == "validation" else ""
+            raise EnvError(f"search: the {self.split} split has no questions{why}")
+        index = options.get("question_index", rng.randrange(len(pool)))
+        self.question = pool[index]
+        return self.question["question"], self._info(False, question_id=self.question["key"])
 
     def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
         parsed = parse_search_action(action)

@@ -26,6 +26,11 @@ Catalog format::
 ``task_type`` names the skill category (the reference WebShop skill set's ``apparel``,
 ``footwear``, ...). A goal inherits ``name``, ``query``, ``category`` and
 ``product_category`` from its target product.
+
+Splits (:func:`megatron_sdar.envs.splits.webshop_goal_ranges`): ``reset(seed, split=...)`` draws a
+goal index from the split's range of the goal list, WebShop's own split (test: the first 500
+goals, validation: the next 1,000, train: the rest; a list of at most 1,500 goals in the same
+proportions, at least one goal each).
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ from urllib.parse import quote, unquote
 
 from megatron_sdar.envs.base import EnvError, TextEnv
 from megatron_sdar.envs.bm25_index import BM25Index
+from megatron_sdar.envs.splits import webshop_goal_ranges
 from megatron_sdar.envs.text_match import STOPWORDS, token_set_ratio, words
 
 DEFAULT_CATALOG = Path(__file__).parent / "data" / "webshop" / "catalog.json"
@@ -389,12 +395,14 @@ class _WebShopEnvBase(TextEnv):
 
 
 class LocalWebShopEnv(_WebShopEnvBase):
-    """WebShop over a local catalog. ``reset(seed)`` draws the goal with ``Random(seed)``;
-    ``options={"goal_index": i}`` picks goal ``i``."""
+    """WebShop over a local catalog. ``reset(seed, split=...)`` draws the goal among the split's
+    goal indices (:attr:`goal_ranges`) with ``Random(seed)``; ``options={"goal_index": i}`` picks
+    goal ``i`` of the catalog."""
 
     def __init__(self, catalog_path: str | Path | None = None, max_turns: int = 15, seed: int | None = None) -> None:
         super().__init__(max_turns=max_turns, seed=seed)
         self.shop = LocalShop(catalog_path, seed=seed or 0)
+        self.goal_ranges = webshop_goal_ranges(len(self.shop.goals))
         self.instruction = ""
         self._episode = 0
         self._session_id: str | None = None
@@ -409,7 +417,8 @@ class LocalWebShopEnv(_WebShopEnvBase):
         return self.goal.get("task_type", "other")
 
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        goal_index = options.get("goal_index", rng.randrange(len(self.shop.goals)))
+        goals = self.goal_ranges[self.split]
+        goal_index = options.get("goal_index", goals[rng.randrange(len(goals))])
         self._episode += 1
         if self._session_id is not None:  # one live session per env: drop the finished one
             self.shop.sessions.pop(self._session_id, None)
@@ -418,7 +427,7 @@ class LocalWebShopEnv(_WebShopEnvBase):
         self.goal = session.goal
         self.instruction = session.goal["instruction_text"]
         self.page = self._open(f"/{sid}")
-        return self.page.observation, self._info(False)
+        return self.page.observation, dict(self._info(False), goal_index=goal_index)
 
     def expert_actions(self) -> list[str]:
         """A purchase of the goal product with the goal options (reward 1.0 on the shipped

@@ -4,9 +4,11 @@ the local shop (for tests and for serving a custom catalog to several trainers).
 The client (:class:`WebShopHTTPEnv`) behaves like WebShop's own text environment, but over
 real HTTP instead of an in-process simulated browser:
 
-- ``reset(seed)`` opens ``{base_url}/{prefix}fixed_{goal}``; the WebShop Flask app gives
-  sessions named ``..._fixed_<i>`` goal ``i`` (``i = goal_offset + Random(seed).randrange(num_goals)``,
-  or ``options={"goal_index": i}``).
+- ``reset(seed, split=...)`` opens ``{base_url}/{prefix}fixed_{goal}``; the WebShop Flask app gives
+  sessions named ``..._fixed_<i>`` goal ``i``, drawn with ``Random(seed)`` among the split's goal
+  indices (WebShop's own split of its goal list: test ``range(500)``, validation
+  ``range(500, 1500)``, train the rest, :func:`~megatron_sdar.envs.splits.webshop_goal_ranges` of
+  ``num_goals``, the number of goals the server holds), or ``options={"goal_index": i}``.
 - The observation is the page's visible text nodes (outside script/style/head/title)
   joined by ``" [SEP] "`` (WebShop's "text" observation mode).
 - Clickables are what WebShop's text env collects: elements with class ``btn`` (their
@@ -32,6 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from megatron_sdar.envs.base import EnvError
+from megatron_sdar.envs.splits import WEBSHOP_GOALS, webshop_goal_ranges
 from megatron_sdar.envs.webshop import LocalShop, Page, PageElement, _WebShopEnvBase
 
 _INVISIBLE = {"script", "style", "head", "title", "meta"}
@@ -144,17 +147,16 @@ def parse_webshop_html(text: str, page_url: str) -> ParsedPage:
 # ====================================================================== client env
 class WebShopHTTPEnv(_WebShopEnvBase):
     """Client for a running WebShop server (``python -m web_agent_site.app`` of the WebShop
-    repository, or :func:`serve_local_shop`)."""
+    repository, or :func:`serve_local_shop`). ``num_goals``: the goals the server holds (12,087,
+    WebShop's human instructions, by default)."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:3000", num_goals: int = 500, goal_offset: int = 0,
+    def __init__(self, base_url: str = "http://127.0.0.1:3000", num_goals: int = WEBSHOP_GOALS,
                  session_prefix: str = "sdar", max_turns: int = 15, timeout_s: float = 30.0,
                  seed: int | None = None) -> None:
         super().__init__(max_turns=max_turns, seed=seed)
-        if num_goals < 1:
-            raise ValueError(f"num_goals must be >= 1, got {num_goals}")
         self.base_url = base_url.rstrip("/")
         self.num_goals = num_goals
-        self.goal_offset = goal_offset
+        self.goal_ranges = webshop_goal_ranges(num_goals)
         self.session_prefix = session_prefix
         self.timeout_s = timeout_s
         self.instruction = ""
@@ -184,12 +186,13 @@ class WebShopHTTPEnv(_WebShopEnvBase):
         return self._fetch(method, url, form)
 
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        goal = options.get("goal_index", self.goal_offset + rng.randrange(self.num_goals))
+        goals = self.goal_ranges[self.split]
+        goal = options.get("goal_index", goals[rng.randrange(len(goals))])
         self._episode += 1
         session = f"{self.session_prefix}{self._episode}_fixed_{goal}"
         self.instruction = ""
         self.page = self._fetch("GET", f"{self.base_url}/{urllib.parse.quote(session)}")
-        return self.page.observation, self._info(False)
+        return self.page.observation, dict(self._info(False), goal_index=goal)
 
 
 # ====================================================================== HTML server

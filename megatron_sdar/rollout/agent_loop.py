@@ -314,12 +314,20 @@ class ChatFormatter:
 @dataclass
 class EpisodeSpec:
     """One episode to run: its environment, the task's group id (global across ranks), the
-    task seed (same for the G episodes of a task), and a global episode id (sampling seed)."""
+    task seed (same for the G episodes of a task), a global episode id (sampling seed), and the
+    split the task is drawn from (the trainer's: :func:`megatron_sdar.trainer.seeds.split_of`)."""
 
     env: TextEnv
     group: int
     task_seed: int
     episode_id: int
+    split: str = "train"
+
+
+def reset_episodes(batch: EnvBatch, specs: Sequence[EpisodeSpec]) -> list:
+    """Reset every spec's environment (``batch.envs[i]`` is ``specs[i].env``) on its task: ``task_seed``
+    drawn from the tasks of ``split``."""
+    return batch.reset([s.task_seed for s in specs], [s.split for s in specs])
 
 
 def _all_ranks_any(flag: bool) -> bool:
@@ -399,7 +407,7 @@ class AgentLoop:
         states: list[EpisodeState | None] = []
         live: list[bool] = []
         if batch is not None:
-            for spec, result in zip(specs, batch.reset([s.task_seed for s in specs])):
+            for spec, result in zip(specs, reset_episodes(batch, specs)):
                 info = result.info
                 episode = Episode(group=spec.group, task=str(info.get("task", "")),
                                   task_type=str(info.get("task_type", "")), seed=spec.task_seed,

@@ -47,6 +47,30 @@ EVAL_EPISODE_ID = 10_000_000  # sampling seeds of evaluation episodes, apart fro
 RESCUE_EPISODE_ID = 20_000_000  # and of HDPO's rescue episodes
 
 
+def build_env(env: Any, seed: int):
+    """The environment of ``env`` (the run's ``EnvConfig``) with environment seed ``seed``."""
+    from megatron_sdar.envs import make
+
+    return make(env.name, seed=seed, max_turns=env.max_turns, **dict(env.kwargs))
+
+
+def episode_specs(make_env, seeds: list[int], group_size: int, first_episode_id: int, replica: int = 0,
+                  replicas: int = 1) -> list[EpisodeSpec]:
+    """Replica ``replica``'s episodes of the tasks ``seeds`` (round-robin over the ``replicas`` rollout
+    replicas), ``group_size`` each; every task is drawn from its seed's split (:func:`task_seeds.split_of`:
+    evaluation seeds from the test or validation tasks, SFT and training seeds from the train tasks)."""
+    specs = []
+    for task_index, task_seed in enumerate(seeds):
+        if task_index % replicas != replica:
+            continue
+        split = task_seeds.split_of(task_seed)
+        for g in range(group_size):
+            episode_id = first_episode_id + task_index * group_size + g
+            specs.append(EpisodeSpec(make_env(seed=episode_id), group=task_index, task_seed=task_seed,
+                                     episode_id=episode_id, split=split))
+    return specs
+
+
 class Preemption:
     """SIGTERM / SIGUSR1 set a flag; the trainer checkpoints at the end of the step and exits."""
 
@@ -152,10 +176,7 @@ class SDARTrainer:
                               seed=self.run_config.trainer.seed)
 
     def _make_env(self, seed: int):
-        from megatron_sdar.envs import make
-
-        env = self.run_config.env
-        return make(env.name, seed=seed, max_turns=env.max_turns, **dict(env.kwargs))
+        return build_env(self.run_config.env, seed)
 
     def _loop(self, temperature: float, with_skills: bool, student_sees_skills: bool | None = None,
               acts_with_context: bool = False) -> AgentLoop:
@@ -181,16 +202,8 @@ class SDARTrainer:
     # ------------------------------------------------------------------ rollout
     def _specs(self, seeds: list[int], group_size: int, first_episode_id: int) -> list[EpisodeSpec]:
         """This rank's episodes: tasks spread round-robin over the rollout replicas."""
-        replica, replicas = self.engine.dp_rank, self.engine.dp_size
-        specs = []
-        for task_index, task_seed in enumerate(seeds):
-            if task_index % replicas != replica:
-                continue
-            for g in range(group_size):
-                episode_id = first_episode_id + task_index * group_size + g
-                specs.append(EpisodeSpec(self._make_env(seed=episode_id), group=task_index,
-                                         task_seed=task_seed, episode_id=episode_id))
-        return specs
+        return episode_specs(self._make_env, seeds, group_size, first_episode_id, self.engine.dp_rank,
+                             self.engine.dp_size)
 
     def _gather_episodes(self, batch: TrajectoryBatch) -> TrajectoryBatch:
         """Every replica's episodes on every rank (one copy per rollout replica)."""

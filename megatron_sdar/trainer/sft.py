@@ -55,16 +55,6 @@ def _render(formatter: ChatFormatter, tokenizer, config: AgentLoopConfig, observ
     return samples
 
 
-def has_demonstrations(env_name: str, env_kwargs: dict) -> bool | None:
-    """Whether :func:`build_sft_data` can build demonstrations for the environment (the household
-    world's scripted ones, or an oracle plan: ``expert_actions``), from its class, without building
-    it; None when the registered factory is not a class."""
-    from megatron_sdar.envs import env_class
-
-    cls = env_class(env_name, **env_kwargs)
-    return None if cls is None else hasattr(cls, "expert_actions")
-
-
 def build_sft_data(make_env, formatter: ChatFormatter, tokenizer, config: AgentLoopConfig, seeds: list[int],
                    skill_share: float, seed: int, skill_turn_repeats: int = 0) -> SFTData:
     """Demonstrations for ``seeds`` (one episode each) from the environment ``make_env(seed)`` builds.
@@ -86,9 +76,11 @@ def build_sft_data(make_env, formatter: ChatFormatter, tokenizer, config: AgentL
         from megatron_sdar.config.schema import ConfigError
 
         raise ConfigError(f"trainer.sft_steps > 0 needs demonstrations; env {env.name!r} has none")
+    from megatron_sdar.trainer.seeds import split_of
+
     for k, task_seed in enumerate(seeds):
         env = make_env(task_seed)
-        observation, first_info = env.reset(seed=task_seed)
+        observation, first_info = env.reset(seed=task_seed, split=split_of(task_seed))  # SFT seeds: train tasks
         steps = []
         for action in env.expert_actions()[: config.max_turns]:
             next_observation, _, terminated, truncated, info = env.step(action)
