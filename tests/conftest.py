@@ -23,3 +23,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
         if "slow" in item.keywords and not config.getoption("--run-slow"):
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True)
+def _alfworld_data_as_the_test_found_it():
+    """Importing the alfworld package sets ``$ALFWORLD_DATA`` to its download cache
+    (``alfworld/info.py``): without this, every later test of the session would see an ALFWorld
+    data directory a user gave, and the configuration check would look for its split folders."""
+    before = os.environ.get("ALFWORLD_DATA")
+    yield
+    if before is None:
+        os.environ.pop("ALFWORLD_DATA", None)
+    else:
+        os.environ["ALFWORLD_DATA"] = before
