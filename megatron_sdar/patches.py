@@ -65,6 +65,89 @@ def vllm_cpu_whole_prompt_prefill(max_model_len: int) -> dict:
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 8192)}
 
 
+_SHM_PREFIX_VARIABLE = "MEGATRON_SDAR_VLLM_SHM_PREFIX"
+
+
+def unique_vllm_cpu_shm_name() -> None:
+    """Give this engine's CPU shared-memory communicator a name no other engine on the machine uses.
+
+    Why (vLLM 0.32 CPU backend, ``device_communicators/cpu_communicator.py`` and
+    ``v1/worker/cpu_worker.py``): the tensor-parallel all-reduce of rollout TP >= 2 goes through
+    ``/dev/shm`` segments named from ``$VLLM_DIST_IDENT``, which the CPU worker derives from the
+    init method: ``//`` (from ``env://``) under ``external_launcher``, the same for every job. Two engines on one
+    machine (two jobs, or a job after a killed one whose segments remain) then collide: the second
+    fails with "create shm in SHMManager failed. errno: 17". The segment names get a prefix that
+    rank 0 draws and every rank shares (a TP group must agree on it). Collective: every rank calls it.
+    """
+    import os
+    import time
+
+    import torch.distributed as dist
+    from vllm.distributed.device_communicators import cpu_communicator
+
+    prefix = [f"s{(os.getpid() * 1_000_003 + time.time_ns()) % 16**6:06x}" if dist.get_rank() == 0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(prefix, src=0)
+    os.environ[_SHM_PREFIX_VARIABLE] = prefix[0]
+    shm = cpu_communicator._CPUSHMDistributed
+    original = shm.make_group_name
+    if getattr(original, "_sdar_prefixed", False):
+        return
+
+    def make_group_name(communicator) -> str:
+        # the original starts with the identifier "//" (from "env://"): no slash may follow the prefix
+        return os.environ.get(_SHM_PREFIX_VARIABLE, "") + original(communicator).replace("/", "")
+
+    make_group_name._sdar_prefixed = True  # type: ignore[attr-defined]
+    shm.make_group_name = staticmethod(make_group_name)
+
+
+def _repack_cpu_weights(worker) -> int:
+    """On one vLLM worker: redo the CPU weight preparation that an in-place reload skips (the LM head
+    that shares the embedding's weight, the MoE experts' prepacked layout); returns how many layers."""
+    model = worker.model_runner.get_model()
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None:
+            owners[id(weight)] = owners.get(id(weight), 0) + 1
+    repacked = 0
+    for module in model.modules():
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None and hasattr(module, "cpu_linear") and owners[id(weight)] > 1:
+            module.quant_method.process_weights_after_loading(module)
+            repacked += 1
+        elif "w13_weight" in getattr(module, "_parameters", {}):
+            kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+            experts = getattr(kernel, "fused_experts", None)
+            if experts is not None:  # the CPU experts prepack w13 / w2 into their kernel's layout
+                experts.process_weights_after_loading(module)
+                repacked += 1
+    return repacked
+
+
+def repack_cpu_weights_after_reload(llm) -> None:
+    """Redo the CPU backend's weight preparation after an in-place weight reload.
+
+    Why (vLLM 0.32 CPU backend): at load, the CPU backend converts some weights into kernel
+    layouts that ``reload_weights`` (``model_loader/reload/layerwise.py``) does not redo:
+
+    - the LM head computes logits from a packed copy of its weight
+      (``UnquantizedEmbeddingMethod`` -> ``dispatch_cpu_unquantized_gemm``). With tied embeddings
+      (Qwen2.5-3B, Qwen3-1.7B) the head shares ``embed_tokens.weight`` and receives no tensor of its
+      own, so the embedding is updated and the packed head is not: vLLM kept sampling from the first
+      weights' head (0.2-0.4 nats from Megatron's after a 5% perturbation);
+    - the MoE experts' ``w13`` / ``w2`` are prepacked into the grouped-GEMM layout
+      (``experts/cpu_moe.py``, ``cpu_prepack_moe_weight``) only when the kernel is first built; a
+      reload copies the checkpoint layout into the prepacked tensors, scrambling every expert
+      (Qwen3-MoE log-probs 0.2-1.9 nats off vLLM's own from disk).
+
+    Both were found by the recipes' rehearsal (``--rehearse``). The GPU path reads the weights
+    themselves and needs neither.
+    """
+    llm.collective_rpc(_repack_cpu_weights)
+
+
 # ------------------------------------------------------------------------------------------------
 # megatron-core 0.19
 # ------------------------------------------------------------------------------------------------
@@ -146,6 +229,10 @@ def materialize_distributed_optimizer_state(optimizer) -> None:
                 opt.optimizer.state[param].setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
+class OptimizerLayoutError(ValueError):
+    """A checkpoint's optimizer state cannot be loaded at this layout (one line says why)."""
+
+
 def load_optimizer_state(optimizer, state) -> None:
     """``optimizer.load_state_dict(state)``, with the distributed optimizer's parameter state
     (moments and fp32 master slices) loaded by us.
@@ -162,6 +249,15 @@ def load_optimizer_state(optimizer, state) -> None:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     subs = _sub_optimizers(optimizer)
+    saved_groups = sum(isinstance(key, int) for key in state) or 1
+    if saved_groups != len(subs):
+        # megatron-core 0.19 keeps expert parameters in an optimizer of their own only with expert
+        # parallelism (ep > 1): a checkpoint of one kind cannot be loaded into the other
+        raise OptimizerLayoutError(
+            f"the checkpoint's optimizer state has {saved_groups} optimizer(s) and this layout builds {len(subs)}: "
+            "megatron-core 0.19 keeps an MoE model's expert parameters in an optimizer of their own only when "
+            "parallel.ep > 1, and cannot move optimizer state between ep=1 and ep>1; resume with expert "
+            "parallelism on (or off) as the checkpoint was saved")
     sub_states = [state] if len(subs) == 1 else [state[key] for key in sorted(state)]
     pending = []
     for sub, sub_state in zip(subs, sub_states):

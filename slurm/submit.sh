@@ -4,8 +4,16 @@
 #   bash slurm/submit.sh experiment=alfworld_qwen2_5_72b [more hydra overrides]
 #   bash slurm/submit.sh --array=0-3 -- experiment=alfworld_qwen2_5_7b   # extra sbatch options before --
 #   SDAR_DRY_RUN=1 bash slurm/submit.sh experiment=...                     # print the sbatch command
+#   bash slurm/submit.sh --rehearse experiment=alfworld_qwen2_5_72b        # rehearse it here, on CPU
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+if [[ "${1:-}" == "--rehearse" ]]; then
+    # the recipe end to end on two local CPU processes (tiny model, its layout features at size 2),
+    # before the queue sees it: megatron_sdar/trainer/rehearsal.py
+    shift
+    exec bash "$ROOT/tools/run.sh" -m megatron_sdar.train --rehearse "$@"
+fi
 
 SBATCH_OPTS=()
 if [[ " $* " == *" -- "* ]]; then

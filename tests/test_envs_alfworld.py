@@ -89,3 +89,27 @@ def test_split_layout_and_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("ALFWORLD_DATA")
     with pytest.raises(EnvError, match="alfworld-download"):
         collect_games(None, "valid_seen")
+
+
+def test_concurrent_episodes_in_one_process_all_reset_and_play():
+    """EnvBatch plays a rollout's episodes in threads. textworld's PDDL environment is not
+    thread-safe (two games loaded at once failed with "IndexError: pop from empty list" or a tatsu
+    parse error, differently in each process, which deadlocked rollout TP=2): every episode of 4
+    rounds x 4 concurrent environments resets and steps with the same text as a lone environment."""
+    from megatron_sdar.envs.batch import EnvBatch
+
+    lone = make("alfworld", seed=0, max_turns=3, data_dir="builtin")
+    observation, info = lone.reset(5, split="train")
+    first = info["admissible_actions"][0]
+    after = lone.step(first)[0]
+    for _ in range(4):
+        envs = [make("alfworld", seed=i, max_turns=3, data_dir="builtin") for i in range(4)]
+        batch = EnvBatch(envs, step_timeout_s=60)
+        results = batch.reset([5] * 4, splits=["train"] * 4)
+        assert [r.error for r in results] == [None] * 4
+        assert [r.observation for r in results] == [observation] * 4
+        steps = batch.step([first] * 4)
+        assert [r.error for r in steps] == [None] * 4
+        assert [r.observation for r in steps] == [after] * 4
+        for env in envs:
+            env.close()

@@ -6,7 +6,7 @@ from megatron_sdar.envs.household import HouseholdEnv
 from megatron_sdar.testing import run_distributed
 from tests.configs import loop_config
 
-LOGPROB_BOUND = 1e-3  # fp32 on CPU; larger means a resharding bug
+from megatron_sdar.trainer.rehearsal import LOGPROB_BOUND  # fp32 on CPU; larger means a resharding or sync bug
 
 
 def _megatron_logprobs(model, sequences, starts):
@@ -41,9 +41,10 @@ class _FlakyHousehold(HouseholdEnv):
         return super()._step(action)
 
 
-def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: int | None):
+def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: int | None, rollout_tp: int = 1):
     """Rollout with G=4 groups, check token round trip and log-probs, take a Megatron optimizer
-    step, resync, check vLLM's scores of the same tokens moved with the weights."""
+    step, resync, check vLLM's scores of the same tokens moved with the weights. ``rank_episodes``:
+    episodes per rollout replica (the ``rollout_tp`` ranks of a replica play the same ones)."""
     import torch
     import torch.distributed as dist
     from transformers import AutoTokenizer
@@ -67,7 +68,8 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1 + 0.05 * torch.randn_like(p))
-    engine = RolloutEngine(model_dir, RolloutEngineConfig(tp=1, max_model_len=512))
+    engine = RolloutEngine(model_dir, RolloutEngineConfig(tp=rollout_tp, max_model_len=512))
+    replica = engine.dp_rank
     source = MegatronWeightSource(policy.model, arch, bucket_mb=0.25)
     import logging
 
@@ -82,10 +84,10 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
                          action_pattern=None, action_format="text", context_position="start", restate_task=False,
                          progress=False)
     loop = AgentLoop(engine, tokenizer, config, retriever)
-    groups = 2 * dist.get_world_size()
+    groups = 2 * engine.dp_size
     specs = []
-    for k in range(rank_episodes[rank]):  # G=4 episodes per task, two tasks per rank
-        group = 2 * rank + k // 4
+    for k in range(rank_episodes[replica]):  # G=4 episodes per task, two tasks per replica
+        group = 2 * replica + k // 4
         flaky = raise_on is not None and group * 4 + k % 4 == raise_on
         env = _FlakyHousehold(seed=group) if flaky else make("household", seed=group)
         specs.append(EpisodeSpec(env=env, group=group, task_seed=100 + group, episode_id=group * 4 + k % 4))
@@ -107,8 +109,8 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
         for i, t in zip(teacher.indices, teacher.sequences))
     # every rank scores every rank's sequences (TP ranks must see the same input)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, batch)
-    merged = TrajectoryBatch.merge(gathered)
+    dist.all_gather_object(gathered, batch if rank % rollout_tp == 0 else None)  # one copy per replica
+    merged = TrajectoryBatch.merge([b for b in gathered if b is not None])
     turns = [t for _, t in merged.turns()]
     seqs = [t.input_ids for t in turns]
     starts = [t.response_start for t in turns]
@@ -187,6 +189,31 @@ def test_rollout_tp2_training_with_rollout_tp1(tiny_qwen2):
     assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-6)
 
 
+@pytest.mark.multiproc
+@pytest.mark.parametrize("arch,ep", [("qwen3", 1), ("qwen3_moe", 2)], ids=["qwen3_tied", "qwen3_moe_ep2"])
+def test_rollout_tp2_syncs_and_matches_megatron(tmp_path, arch, ep):
+    """Rollout TP=2 (one vLLM replica over both ranks) beside training DP=2: a Qwen3 model with
+    q/k-norm and tied embeddings (Qwen3-1.7B's options), and a Qwen3-MoE trained with EP=2. vLLM
+    generates, receives the perturbed weights, matches Megatron's log-probs before and after an
+    optimizer step, and its scores move with the weights. (Before the CPU backend's weight
+    preparation was redone after a reload, patches.repack_cpu_weights_after_reload, the tied model
+    kept sampling from its first weights' LM head, 0.2-0.4 nats off, and the MoE's experts were
+    scrambled, 0.2-1.9 nats off.)"""
+    from megatron_sdar.models.tiny import build_tiny_qwen
+
+    model_dir = str(build_tiny_qwen(tmp_path / arch, arch, head_dim=64))
+    results = run_distributed(_rollout_sync_and_step, world_size=2, ep=ep, args=(model_dir, [8], None, 2),
+                              timeout=600, env={"OMP_NUM_THREADS": "1"})
+    for result in results:
+        assert result["roundtrip"] and result["turns"] > 8
+        assert result["pre_diff"] < LOGPROB_BOUND, result["pre_diff"]
+        assert result["post_diff"] < LOGPROB_BOUND, result["post_diff"]
+        assert result["moved"] > 100 * LOGPROB_BOUND, result["moved"]
+    assert [len(r["episodes"]) for r in results] == [8, 8]  # both ranks of the replica saw every episode
+    assert results[0]["episodes"] == results[1]["episodes"]
+    assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-6)
+
+
 def test_parse_action_and_config_errors():
     from megatron_sdar.rollout import parse_action
 
@@ -202,6 +229,28 @@ def test_parse_action_and_config_errors():
         loop_config(action_pattern=r"<action>(")
     with pytest.raises(ValueError, match="overlong"):
         loop_config(overlong="drop")
+
+
+def test_prompt_that_cannot_fit_ends_the_episode(tmp_path):
+    """A prompt over ``max_prompt_tokens`` drops history pairs until it fits; a first turn (no history
+    to drop) that does not fit is overlong at once (it used to shrink the window below zero forever,
+    which hung a recipe's rollout with the release's long skills in the prompt)."""
+    from megatron_sdar.models.tiny import build_tokenizer
+    from megatron_sdar.rollout import AgentLoop
+    from megatron_sdar.rollout.agent_loop import EpisodeState
+    from megatron_sdar.rollout.trajectory import Episode
+
+    tok = build_tokenizer(tmp_path)
+    fits = EpisodeState("Room.", "Room.", history=[("go to a", "long observation " * 20), ("look", "ok")])
+    probe = AgentLoop(None, tok, loop_config(history_window=2, action_format="text"), None).formatter
+    budget = len(probe.encode(probe.messages(probe.user_content(fits, 1))))  # the last pair only
+    assert len(probe.encode(probe.messages(probe.user_content(fits, 2)))) > budget
+    loop = AgentLoop(None, tok, loop_config(history_window=2, max_prompt_tokens=budget, action_format="text"), None)
+    episode = Episode(group=0, task="t", task_type="", seed=0, episode_id=0)
+    messages, ids, _ = loop._prompt(fits, episode)
+    assert len(ids) == budget and "long observation" not in messages[-1]["content"]
+    first = EpisodeState("You are in a room. " * 30, "You are in a room. " * 30)
+    assert loop._prompt(first, episode) is None
 
 
 def test_chat_formatter_history_window_and_context(tmp_path):

@@ -104,6 +104,18 @@ def test_submit_reads_recipe_slurm_block(tmp_path):
     assert bad.returncode == 2 and "no recipe" in bad.stderr
 
 
+def test_submit_rehearse_runs_the_rehearsal_locally(tmp_path):
+    """``submit.sh --rehearse`` hands the recipe to ``python -m megatron_sdar.train --rehearse`` here
+    (no sbatch): the trainer's own refusal of a recipe-less rehearsal comes back, exit 2 (the whole
+    rehearsal runs in tests/test_rehearsal.py)."""
+    proc = subprocess.run(["bash", str(SLURM / "submit.sh"), "--rehearse", "trainer.max_steps=1"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "megatron-sdar: configuration error: --rehearse rehearses a recipe: pass experiment=<name> "
+        "(megatron_sdar/config/experiment/)")
+
+
 # A stand-in for the trainer's preemption contract (finish the step, checkpoint, exit 0 on
 # SIGUSR1/SIGTERM): a process that starts in milliseconds, so every signal path of the script is
 # checked quickly; test_usr1_with_the_real_trainer runs the same path with megatron_sdar.train.

@@ -240,12 +240,12 @@ def test_resume_auto_with_every_checkpoint_bad_moves_the_old_run_aside(tmp_path)
     checkpoint corrupt, ``trainer.resume=auto`` starts from scratch, its old files moved aside
     untouched, and ``metrics.jsonl`` holds the new run alone."""
     run = tmp_path / "run"
-    short = ("trainer.max_steps=0", "trainer.sft_steps=0")  # step-0 evaluation and checkpoint only
+    short = ("trainer.max_steps=0", "trainer.sft_steps=1")  # SFT, step-0 evaluation and checkpoint only
     assert _finish(_start(run, *short), run) == 0
     assert sorted(_rows(run)) == [0]
     before = _listing(tmp_path)
     line = _refused(f"trainer.output_dir={run}", *short)
-    assert "holds a run (checkpoints/, config.json, metrics.jsonl)" in line, line
+    assert "holds a run (checkpoints/, config.json, metrics.jsonl, sft_metrics.jsonl, sft_model/)" in line, line
     assert _listing(tmp_path) == before
 
     shard = max((run / "checkpoints" / "step_00000000").glob("*.distcp"), key=lambda p: p.stat().st_size)

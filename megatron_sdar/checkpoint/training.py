@@ -342,7 +342,10 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: 
     model_keys = [key for key in sharded if key != "optimizer"]  # "model" or "model0", "model1"...
     for chunk, key in zip(policy.model, model_keys, strict=True):
         unwrap_model(chunk).load_state_dict(state[key], strict=True)
-    patches.load_optimizer_state(policy.optimizer, state["optimizer"])
+    try:
+        patches.load_optimizer_state(policy.optimizer, state["optimizer"])
+    except patches.OptimizerLayoutError as exc:
+        raise IncompatibleCheckpointError(f"{path}: {exc}") from None
     policy.steps_taken = int(marker["policy_steps_taken"])
     if verify and (bad := nonfinite_parameters(policy.model)):
         raise CorruptCheckpointError(f"{path} holds non-finite weights (NaN/inf in {len(bad)} parameter(s), "

@@ -37,6 +37,7 @@ class TinyModelConfig:
     ffn: int
     vocab: int
     init_std: float  # std of every weight matrix at initialization
+    tie_embeddings: Optional[bool]  # null: the family's (qwen2 and qwen3_moe untied, qwen3 tied)
 
 
 @dataclass(kw_only=True)
@@ -480,8 +481,10 @@ def validate(run: RunConfig, num_heads: Optional[int] = None, num_kv_heads: Opti
         resolve_precision(m.dtype, m.fp8, fp8_rollout=m.fp8_rollout, check_hardware=False)
     except FP8ConfigError as exc:
         raise ConfigError(str(exc)) from None
-    if m.hf_path is None and m.arch not in ("qwen2", "qwen3"):
-        raise ConfigError(f"the built-in tiny model is qwen2 or qwen3, got model.arch={m.arch!r}")
+    from megatron_sdar.models.tiny import TINY_ARCHS
+
+    if m.hf_path is None and m.arch not in TINY_ARCHS:
+        raise ConfigError(f"the built-in tiny model is one of {', '.join(TINY_ARCHS)}, got model.arch={m.arch!r}")
     from megatron_sdar.skills import RETRIEVAL_MODES, SkillBank
 
     if e.retrieval not in RETRIEVAL_MODES:

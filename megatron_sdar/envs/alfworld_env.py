@@ -32,6 +32,7 @@ import json
 import os
 import random
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,12 @@ ALFWORLD_TASK_TYPES = ("pick_and_place_simple", "look_at_obj_in_light", "pick_cl
                        "pick_heat_then_place_in_recep", "pick_cool_then_place_in_recep", "pick_two_obj_and_place")
 _TASK_LINE = re.compile(r"Your task is to:\s*(.+?)\s*$", re.MULTILINE)
 _PUT = re.compile(r"^put (?P<o>.+?) (?:in/on|in|on|into|onto) (?P<r>.+)$")
+# textworld 1.7's PDDL environment is not thread-safe: its grammar parser and planner state are
+# process-global, and two games loaded at once from EnvBatch's threads fail ("IndexError: pop from
+# empty list", tatsu "FailedParse") or mix their states. Every call into it holds this lock. The
+# failures differed between processes, so the two ranks of a rollout-TP group played different
+# episodes and vLLM deadlocked (found by the recipes' rehearsal).
+_TEXTWORLD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -170,10 +177,12 @@ class ALFWorldEnv(TextEnv):
         games = self.games(self.split)
         index = options.get("game_index", rng.randrange(len(games)))
         self.game = games[index]
-        if self._tw_env is None:
-            self._tw_env = self._make_tw_env()
-        self._tw_env.load(_load_game_data(self.game))
-        self._state = self._tw_env.reset()
+        data = _load_game_data(self.game)
+        with _TEXTWORLD_LOCK:
+            if self._tw_env is None:
+                self._tw_env = self._make_tw_env()
+            self._tw_env.load(data)
+            self._state = self._tw_env.reset()
         observation = self._state.feedback
         match = _TASK_LINE.search(observation)
         self._task_text = match.group(1).rstrip(".") if match else self.game.goal_text
@@ -191,7 +200,8 @@ class ALFWorldEnv(TextEnv):
         if command not in self._state["admissible_commands"] or command == "help":
             # textworld would answer "Nothing happens." too; we skip the call and flag it.
             return INVALID_ACTION_FEEDBACK, 0.0, False, self._info(True)
-        self._state, _, _ = self._tw_env.step(command)
+        with _TEXTWORLD_LOCK:
+            self._state, _, _ = self._tw_env.step(command)
         info = self._info(False)
         return self._state.feedback, (1.0 if info["won"] else 0.0), info["won"], info
 
@@ -200,9 +210,11 @@ class ALFWorldEnv(TextEnv):
         if self._tw_env is None or self._state is None:
             raise RuntimeError("call reset() before expert_actions()")
         pddl_env = self._tw_env.unwrapped
-        return pddl_env._pddl_state.replan(pddl_env._entity_infos)
+        with _TEXTWORLD_LOCK:
+            return pddl_env._pddl_state.replan(pddl_env._entity_infos)
 
     def close(self) -> None:
         if self._tw_env is not None:
-            self._tw_env.close()
+            with _TEXTWORLD_LOCK:
+                self._tw_env.close()
             self._tw_env = None

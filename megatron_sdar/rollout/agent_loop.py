@@ -392,8 +392,8 @@ class AgentLoop:
                 engine_ids = self.formatter.encode(self.formatter.teacher_messages(messages, episode.privileged_context))
             if len(engine_ids) <= config.max_prompt_tokens:
                 return messages, ids, engine_ids
-            if config.overlong != "truncate_history" or window == 0:
-                return None
+            if config.overlong != "truncate_history" or window <= 0 or not state.history:
+                return None  # nothing left to cut (before, a first turn that did not fit looped forever)
             window = min(window, len(state.history)) - 1
 
     def run(self, specs: Sequence[EpisodeSpec], step_callback: Callable[[dict], None] | None = None,

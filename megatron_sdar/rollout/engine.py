@@ -141,6 +141,10 @@ class RolloutEngine:
         # in-process engine (its model must be reachable for in-place weight updates)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         vllm_device_environment(config.cpu_kv_cache_gib)
+        if not self.on_gpu:
+            from megatron_sdar.patches import unique_vllm_cpu_shm_name
+
+            unique_vllm_cpu_shm_name()
         # torchrun sets these; a plain single process may not have them
         os.environ.setdefault("RANK", str(self.rank))
         os.environ.setdefault("LOCAL_RANK", str(self.rank))
@@ -155,7 +159,39 @@ class RolloutEngine:
             raise RolloutEngineError(f"could not start vLLM on {model_dir} (rollout tp={config.tp}, "
                                      f"dp={self.dp_size}): {type(exc).__name__}: {exc}") from exc
         self.sleeping: set[str] = set()  # parts of vLLM's memory released: "weights", "kv_cache"
+        self._replica_group = self._new_replica_groups() if config.tp > 1 else None
         self.last_sync: SyncStats | None = None
+
+    def _new_replica_groups(self):
+        """A gloo group per rollout replica (its ``tp`` ranks; every rank creates every group); returns
+        this rank's."""
+        import torch.distributed as dist
+
+        mine = None
+        for replica in range(self.dp_size):
+            group = dist.new_group(list(range(replica * self.config.tp, (replica + 1) * self.config.tp)),
+                                   backend="gloo")
+            if replica == self.dp_rank:
+                mine = group
+        return mine
+
+    def _check_same_requests(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
+                             seeds: Sequence[int] | None) -> None:
+        """The ranks of a rollout replica must submit identical requests (vLLM's tensor-parallel workers
+        run in lockstep; different requests deadlock them). A mismatch is an error naming the cause."""
+        import hashlib
+
+        import torch.distributed as dist
+
+        digest = hashlib.sha256(repr((list(map(list, prompts)), list(seeds or []), sampling)).encode()).hexdigest()
+        digests: list = [None] * self.config.tp
+        dist.all_gather_object(digests, (digest, len(prompts)), group=self._replica_group)
+        if len(set(digests)) > 1:
+            raise RolloutEngineError(
+                f"the {self.config.tp} ranks of rollout replica {self.dp_rank} submitted different requests "
+                f"(prompt counts {[n for _, n in digests]}): their environments diverged (an environment that "
+                "is not deterministic across processes, or one that failed on some ranks only); vLLM's "
+                "tensor-parallel workers would deadlock on them")
 
     # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
@@ -175,6 +211,8 @@ class RolloutEngine:
                                   logprobs=0, seed=seed, skip_special_tokens=False)
 
         requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        if self._replica_group is not None:
+            self._check_same_requests(prompts, sampling, seeds)
         try:
             outputs = self.llm.generate(requests, [params(i) for i in range(len(prompts))], use_tqdm=False)
         except Exception as exc:  # noqa: BLE001
@@ -221,6 +259,10 @@ class RolloutEngine:
         except Exception as exc:  # noqa: BLE001
             raise RolloutEngineError(f"weight sync into vLLM failed after {stats.tensors} tensors: "
                                      f"{type(exc).__name__}: {exc}") from exc
+        if not self.on_gpu:
+            from megatron_sdar.patches import repack_cpu_weights_after_reload
+
+            repack_cpu_weights_after_reload(self.llm)
         self.llm.reset_prefix_cache()
         stats.seconds = time.perf_counter() - start
         self.last_sync = stats

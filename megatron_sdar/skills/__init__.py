@@ -24,7 +24,19 @@ def builtin_skill_dir(name: str) -> Path:
     return path
 
 
+#: Small skill sets in the SDAR release's format for the environments whose real sets come from the
+#: release (``env.skills_dir``): our own few lines per task type, used by ``--rehearse`` when the
+#: recipe's skill directory is absent. They exercise retrieval and the teacher's context, not learning.
+SAMPLE_SKILL_ROOT = Path(__file__).parent / "samples"
+
+
+def sample_skill_dir(name: str) -> Path | None:
+    """The shipped sample skill set of environment ``name``, or None."""
+    path = SAMPLE_SKILL_ROOT / name
+    return path if (path / "skill_mapping.json").is_file() else None
+
+
 __all__ = [
-    "ArmStats", "BUILTIN_SKILL_ROOT", "GENERAL_SKILL", "RETRIEVAL_MODES", "Retrieval", "Skill", "SkillBank",
+    "ArmStats", "BUILTIN_SKILL_ROOT", "SAMPLE_SKILL_ROOT", "sample_skill_dir", "GENERAL_SKILL", "RETRIEVAL_MODES", "Retrieval", "Skill", "SkillBank",
     "SkillBankError", "SkillRetriever", "builtin_skill_dir",
 ]

@@ -112,11 +112,21 @@ def prepare_model_dir(run: RunConfig) -> Path:
 
             world = HouseholdConfig(**{**dict(run.env.kwargs), "max_turns": run.env.max_turns})
             extra += "\n" + corpus_text(world, task_seeds.corpus_seeds(60))
-        tiny = run.model.tiny
+        else:  # the skill set's text: the teacher's prompts are mostly skills
+            from megatron_sdar.config.schema import skills_dir_of
+
+            skills = skills_dir_of(run.env)
+            if skills is not None:
+                extra += "\n" + "\n".join(p.read_text() for p in sorted(Path(skills).glob("*.md")))
+        tiny, r = run.model.tiny, run.rollout
+        options = {"head_dim": tiny.hidden // tiny.heads} if run.model.arch != "qwen2" else {}
+        if tiny.tie_embeddings is not None:
+            options["tie_word_embeddings"] = tiny.tie_embeddings
         build_tiny_qwen(out, run.model.arch, seed=run.trainer.seed, extra_text=extra, vocab_size=tiny.vocab,
                         hidden_size=tiny.hidden, num_hidden_layers=tiny.layers, num_attention_heads=tiny.heads,
                         num_key_value_heads=tiny.kv_heads, intermediate_size=tiny.ffn, init_std=tiny.init_std,
-                        **({"head_dim": tiny.hidden // tiny.heads} if run.model.arch == "qwen3" else {}))
+                        # room for the rollout's whole prompt + response budget
+                        max_position_embeddings=max(2048, r.max_prompt_tokens + r.max_response_tokens), **options)
     dist.barrier()
     return out
 
@@ -376,7 +386,10 @@ class SDARTrainer:
         if t.resume is None:
             return
         if t.resume == "auto":
-            found = load_latest_checkpoint(self.output_dir / "checkpoints", self.policy, verify=t.verify_checkpoints)
+            try:
+                found = load_latest_checkpoint(self.output_dir / "checkpoints", self.policy, verify=t.verify_checkpoints)
+            except CheckpointFormatError as exc:  # a checkpoint this layout cannot load (corrupt ones are skipped)
+                raise ConfigError(f"trainer.resume=auto: {exc}") from None
             if found is None:
                 moved = discard_run(self.output_dir) if dist.get_rank() == 0 else None
                 dist.barrier()  # no rank writes into the run directory before the old run is out of the way
@@ -423,8 +436,11 @@ class SDARTrainer:
             if t.eval_before_rl:
                 evaluation = self.evaluations(before_rl=True)
                 self.logger.log(0, evaluation)
-                log(f"step 0 (after SFT): {_success_line(evaluation)}")
-            self.save()
+                log(f"step 0 ({'after SFT' if self.sft_model is not None else 'before RL'}): {_success_line(evaluation)}")
+            if self.sft_model is not None:
+                # the SFT warm start is kept; without one, step 0 is the base model, on disk already
+                # (and Megatron's distributed optimizer cannot save a state it has not made yet, on CPU)
+                self.save()
         if self.step == 0 and self.sft_done:
             # RL starts from a fresh Adam state. Reset here, not at the end of SFT, so that the step-0
             # checkpoint holds a complete optimizer state and a resume from it resets the same way.

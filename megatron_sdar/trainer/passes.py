@@ -196,11 +196,15 @@ class MetricAccumulator:
             if sum_group is not None and dist.get_world_size(sum_group) > 1:
                 dist.all_reduce(t, group=sum_group)
             out.update(zip(keys, t.tolist()))
+        # a mean over no tokens is no number: omitted (a random model's rollout may hold no action
+        # token, and an action entropy of 0 read as a collapsing policy)
         for key, value in self.weighted.items():
-            out[key] = value / max(self.weights[key], 1e-12)
+            if self.weights[key] > 0:
+                out[key] = value / self.weights[key]
         for key, value in self.second.items():
-            mean = out.get(key[:-4] + "_mean", 0.0)
-            out[key] = max(value / max(self.weights[key], 1e-12) - mean * mean, 0.0) ** 0.5
+            if self.weights[key] > 0:
+                mean = out.get(key[:-4] + "_mean", 0.0)
+                out[key] = max(value / self.weights[key] - mean * mean, 0.0) ** 0.5
         out.update(self.maxima)
         return out
 
