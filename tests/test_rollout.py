@@ -137,6 +137,14 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     result["post_diff"] = _max_diff(_megatron_logprobs(model, seqs, starts), vllm_after)
     result["moved"] = _max_diff(vllm_after, rollout_lp)
     result["reload_log"] = reload_log
+    if rollout_tp > 1:  # the ranks of a replica that would submit different requests get an error, not a hang
+        from megatron_sdar.rollout.engine import RolloutEngineError, SamplingConfig
+
+        try:
+            engine.generate([[5, 6, 7, 8 + rank]], SamplingConfig(max_tokens=2), seeds=[0])
+            result["mismatch_error"] = None
+        except RolloutEngineError as exc:
+            result["mismatch_error"] = str(exc)
     engine.shutdown()
     return result
 
@@ -209,6 +217,7 @@ def test_rollout_tp2_syncs_and_matches_megatron(tmp_path, arch, ep):
         assert result["pre_diff"] < LOGPROB_BOUND, result["pre_diff"]
         assert result["post_diff"] < LOGPROB_BOUND, result["post_diff"]
         assert result["moved"] > 100 * LOGPROB_BOUND, result["moved"]
+    assert all("ranks of rollout replica 0 submitted different requests" in r["mismatch_error"] for r in results)
     assert [len(r["episodes"]) for r in results] == [8, 8]  # both ranks of the replica saw every episode
     assert results[0]["episodes"] == results[1]["episodes"]
     assert results[0]["grad_norm"] == pytest.approx(results[1]["grad_norm"], rel=1e-6)

@@ -453,3 +453,19 @@ def test_the_checkpoint_package_is_one_place_below_the_trainer_and_the_config():
              "print(sorted(m for m in sys.modules if m.startswith(('megatron_sdar.trainer', 'megatron_sdar.config'))))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=root.parent)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr[-2000:]
+
+
+def test_optimizer_state_of_another_expert_layout_is_refused_in_one_line():
+    """megatron-core 0.19 builds one optimizer per expert group only when ep > 1: a checkpoint of
+    an MoE run saved at EP=2 (two optimizers) loaded at EP=1 (one) failed deep inside with
+    KeyError 'param_state_sharding_type'; the structure is compared first and refused with the cause."""
+    from types import SimpleNamespace
+
+    from megatron_sdar import patches
+
+    single = SimpleNamespace(chained_optimizers=[SimpleNamespace()])
+    with pytest.raises(patches.OptimizerLayoutError, match="has 2 optimizer.s. and this layout builds 1: .*parallel.ep > 1"):
+        patches.load_optimizer_state(single, {0: {}, 1: {}, "param_state": {}})
+    chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(), SimpleNamespace()])
+    with pytest.raises(patches.OptimizerLayoutError, match="has 1 optimizer.s. and this layout builds 2"):
+        patches.load_optimizer_state(chained, {"optimizer": {}, "param_state": {}, "param_state_sharding_type": "x"})

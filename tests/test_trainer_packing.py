@@ -186,3 +186,23 @@ def test_no_reference_pass_without_a_kl_term(tiny_model):
     assert "no teacher batch" in result.pop("refused")
     assert result == {"passes": ["perf/optimizer_seconds", "perf/student_seconds", "perf/teacher_seconds"],
                       "reference_built": False, "kl_logged": False}
+
+
+def test_metric_means_over_no_tokens_are_omitted():
+    """A micro-batch mean weighted by a token count that is 0 over the whole step (a random model's
+    rollout with no action token) is left out of the step's metrics, not reported as 0 (an action
+    entropy of 0 raised the collapse warning)."""
+    from megatron_sdar.trainer.loop import collapse_warning
+    from megatron_sdar.trainer.passes import MetricAccumulator
+
+    none = MetricAccumulator()
+    none.add({"actor/entropy": 2.0, "actor/action_entropy": 0.0}, {"tokens": 10.0, "action": 0.0})
+    result = none.result()
+    assert result == {"actor/entropy": 2.0}
+    assert collapse_warning({**result, "rollout/success_rate": 0.0, "rollout/success_contrast_groups": 0.0}) is None
+    some = MetricAccumulator()
+    some.add({"actor/action_entropy": 0.0}, {"action": 0.0})
+    some.add({"actor/action_entropy": 0.05}, {"action": 4.0})
+    assert some.result() == {"actor/action_entropy": pytest.approx(0.05)}
+    assert "collapsing" in collapse_warning({**some.result(), "rollout/success_rate": 0.0,
+                                             "rollout/success_contrast_groups": 0.0})

@@ -115,9 +115,11 @@ def prepare_model_dir(run: RunConfig) -> Path:
         else:  # the skill set's text: the teacher's prompts are mostly skills
             from megatron_sdar.config.schema import skills_dir_of
 
+            from megatron_sdar.skills import SkillBank
+
             skills = skills_dir_of(run.env)
             if skills is not None:
-                extra += "\n" + "\n".join(p.read_text() for p in sorted(Path(skills).glob("*.md")))
+                extra += "\n" + "\n".join(skill.text for skill in SkillBank.from_dir(skills).skills.values())
         tiny, r = run.model.tiny, run.rollout
         options = {"head_dim": tiny.hidden // tiny.heads} if run.model.arch != "qwen2" else {}
         if tiny.tie_embeddings is not None:
