@@ -334,6 +334,40 @@ def test_prefix_action_format(tmp_path):
         loop_config(action_format="prefix", show_admissible_actions=False)
 
 
+def test_words_action_format(tmp_path):
+    """A reply may be an action's first word and some of its other words in order (the first listed
+    action holding them is taken); demonstrations use the first word and the shortest tail naming
+    their action, so a TWC agent says where, not what ("put drier"); an exact action wins alone."""
+    from megatron_sdar.models.tiny import build_tokenizer
+    from megatron_sdar.rollout import ChatFormatter, parse_action
+    from megatron_sdar.rollout.agent_loop import EpisodeState
+
+    config = loop_config(action_format="words", context_position="start", restate_task=False)
+    fmt = ChatFormatter(build_tokenizer(tmp_path), config)
+    admissible = ["inventory", "look around", "open clothes drier", "open washing machine",
+                  "put wet blue pullover in bench", "put wet blue pullover in laundry basket",
+                  "cook red apple in oven", "cook red apple in stove", "cook banana in oven"]
+    state = EpisodeState("You are in the laundry room.", "You are in the laundry room.", admissible)
+    answers = {a: fmt.answer(a, state) for a in admissible}
+    assert answers == {"inventory": "<action>inventory</action>", "look around": "<action>look</action>",
+                       "open clothes drier": "<action>open drier</action>",
+                       "open washing machine": "<action>open machine</action>",
+                       "put wet blue pullover in bench": "<action>put bench</action>",
+                       "put wet blue pullover in laundry basket": "<action>put basket</action>",
+                       "cook red apple in oven": "<action>cook apple in oven</action>",
+                       "cook red apple in stove": "<action>cook stove</action>",
+                       "cook banana in oven": "<action>cook banana in oven</action>"}
+    assert fmt.answer("put wet blue pullover in shelf", state) is None
+    resolved = {reply: fmt.resolve(parse_action(f"<action>{reply}</action>", config.action_pattern), state)
+                for reply in ("put basket", "PUT laundry basket", "put", "open drier", "cook oven", "cook banana",
+                              "put drier", "drier", "dance")}
+    assert resolved == {"put basket": "put wet blue pullover in laundry basket",
+                        "PUT laundry basket": "put wet blue pullover in laundry basket",
+                        "put": "put wet blue pullover in bench", "open drier": "open clothes drier",
+                        "cook oven": "cook red apple in oven", "cook banana": "cook banana in oven",
+                        "put drier": "put drier", "drier": "drier", "dance": "dance"}  # no match: as written
+
+
 def test_context_position(tmp_path):
     """Privileged context goes first, or last before the reply instruction; the student's
     messages never carry it."""

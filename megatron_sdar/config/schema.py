@@ -203,9 +203,19 @@ MOVED_KEYS = {"rollout.max_turns": "the episode length is env.max_turns: the env
                                    "agent loop also stops"}
 
 
-def recipe_names() -> list[str]:
-    """The recipes, ``experiment=<name>``: the files of ``config/experiment/``."""
+def experiment_names() -> list[str]:
+    """Every ``experiment=<name>``: the files of ``config/experiment/``."""
     return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def recipe_names() -> list[str]:
+    """The cluster recipes: the experiments with a ``slurm:`` block (a released model, a GPU layout;
+    ``tools/plan.py``, ``--rehearse``). The others (``twc_tiny``, ``cooking_tiny``) are CPU benchmarks
+    of the tiny model, run as they are."""
+    import yaml
+
+    return [name for name in experiment_names()
+            if "slurm" in (yaml.safe_load((CONFIG_DIR / "experiment" / f"{name}.yaml").read_text()) or {})]
 
 
 def check_experiment(overrides: list[str]) -> None:
@@ -213,7 +223,7 @@ def check_experiment(overrides: list[str]) -> None:
     treats the group as optional and would silently run the default instead."""
     import difflib
 
-    recipes = recipe_names()
+    recipes = experiment_names()
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or key.lstrip("+~") != "experiment" or value in ("", "null"):

@@ -1,4 +1,5 @@
-"""Text environments for SDAR: the built-in household world, ALFWorld, WebShop and Search-QA.
+"""Text environments for SDAR: the built-in household world, ALFWorld, WebShop, Search-QA, and
+TextWorld Commonsense and CookingWorld (TextWorldExpress).
 
     from megatron_sdar.envs import make
     env = make("household", seed=0)
@@ -6,6 +7,7 @@
     observation, reward, terminated, truncated, info = env.step("go to fridge 1")
 """
 from megatron_sdar.envs.base import (
+    Demonstration,
     INVALID_ACTION_FEEDBACK,
     REQUIRED_INFO_KEYS,
     SPLITS,
@@ -18,6 +20,6 @@ from megatron_sdar.envs.batch import EnvBatch
 from megatron_sdar.envs.registry import available_envs, env_class, has_demonstrations, make, register
 
 __all__ = [
-    "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "SPLITS", "EnvBatch", "EnvError", "StepResult", "TextEnv",
+    "Demonstration", "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "SPLITS", "EnvBatch", "EnvError", "StepResult", "TextEnv",
     "available_envs", "env_class", "has_demonstrations", "make", "normalize_command", "register",
 ]

@@ -72,6 +72,24 @@ class StepResult:
         return self.observation, self.reward, self.terminated, self.truncated, self.info
 
 
+@dataclass
+class Demonstration:
+    """One scripted episode for the SFT warm start (an environment's ``demonstrations(seeds,
+    skill_share, seed)``): the first observation and admissible actions, then ``(action,
+    observation, admissible actions)`` per step; ``context`` is the skill text the prompt carries
+    ("" for none)."""
+
+    observation: str
+    admissible: list[str]
+    steps: list[tuple[str, str, list[str]]]
+    context: str
+    task_type: str
+    won: bool
+    start_kind: str  # household: receptacle kind where the (first) goal object started ("" elsewhere)
+    task: str = ""  # the task text (info["task"])
+    decisive: tuple[int, ...] = (0,)  # the steps the skill decides (SFT repeats them: trainer.sft_skill_turn_repeats)
+
+
 class TextEnv(abc.ABC):
     """Base class: turn counting, truncation at ``max_turns`` and seeding.
 

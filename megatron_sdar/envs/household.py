@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, TextEnv, normalize_command
+from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, Demonstration, TextEnv, normalize_command
 
 TASK_TYPES = ("pick_and_place", "pick_two", "clean", "heat", "cool", "look_at_obj_in_light")
 
@@ -691,22 +691,6 @@ def play_scripted(env: "HouseholdEnv", agent: ScriptedSearcher, seed: int) -> tu
             return actions, bool(info["won"])
 
 
-@dataclass
-class Demonstration:
-    """One scripted episode for the SFT warm start: the first observation and admissible actions,
-    then ``(action, observation, admissible actions)`` per step; ``context`` is the skill text the
-    prompt carries ("" for none)."""
-
-    observation: str
-    admissible: list[str]
-    steps: list[tuple[str, str, list[str]]]
-    context: str
-    task_type: str
-    won: bool
-    start_kind: str  # receptacle kind where the (first) goal object started
-    task: str = ""  # the task text (info["task"])
-
-
 def _possible_homes(config: HouseholdConfig, task_type: str) -> list[str]:
     """Receptacle kinds that can be the home of ``task_type``'s goal object in ``config``'s rooms."""
     kinds = set(config.receptacles) if config.receptacles is not None else \
@@ -807,6 +791,14 @@ class HouseholdEnv(TextEnv):
         feedback, valid = apply_action(self.state, action)
         info = self._info(not valid)
         return feedback, (1.0 if info["won"] else 0.0), info["won"], info
+
+    def demonstrations(self, seeds: list[int], skill_share: float, seed: int = 0) -> list[Demonstration]:
+        """:func:`demonstrations` in this world."""
+        return demonstrations(self.config, seeds, skill_share, seed=seed)
+
+    def corpus_text(self, seeds: list[int]) -> str:
+        """:func:`corpus_text` of this world."""
+        return corpus_text(self.config, seeds)
 
     def expert_actions(self) -> list[str]:
         """Actions that solve the current task from the current state."""

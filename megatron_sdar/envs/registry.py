@@ -12,6 +12,8 @@ webshop        :class:`~megatron_sdar.envs.webshop.LocalWebShopEnv`, or     bm25
                :class:`~megatron_sdar.envs.webshop_http.WebShopHTTPEnv`
                when ``base_url=`` is given
 search         :class:`~megatron_sdar.envs.search_qa.SearchQAEnv`           bm25s
+twc            :class:`~megatron_sdar.envs.textworld_express.TWCEnv`         textworld-express, Java
+cookingworld   :class:`~megatron_sdar.envs.textworld_express.CookingWorldEnv`  textworld-express, Java
 =============  ==========================================================  ===========
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ _BUILTIN: dict[str, str] = {
     "household": "megatron_sdar.envs.household:HouseholdEnv",
     "alfworld": "megatron_sdar.envs.alfworld_env:ALFWorldEnv",
     "search": "megatron_sdar.envs.search_qa:SearchQAEnv",
+    "twc": "megatron_sdar.envs.textworld_express:TWCEnv",
+    "cookingworld": "megatron_sdar.envs.textworld_express:CookingWorldEnv",
 }
 _REGISTRY: dict[str, EnvFactory | str] = dict(_BUILTIN)
 

@@ -1,13 +1,13 @@
 """Task splits: every environment maps ``train``, ``validation`` and ``test``
 (:data:`~megatron_sdar.envs.base.SPLITS`) onto task pools of its own, disjoint by construction.
 
-===========  ================================  ===========================  =================================
-split        ALFWorld (``json_2.1.1/<dir>/``)   WebShop goal indices         Search-QA questions
-===========  ================================  ===========================  =================================
-train        ``train``                          ``[1500, n)``                train files, id hash >= 0.1
-validation   ``valid_unseen``                   ``[500, 1500)``              train files, id hash < 0.1
-test         ``valid_seen``                     ``[0, 500)``                 test files
-===========  ================================  ===========================  =================================
+===========  ================================  ===========================  =================================  ===========================
+split        ALFWorld (``json_2.1.1/<dir>/``)   WebShop goal indices         Search-QA questions                TWC / CookingWorld fold
+===========  ================================  ===========================  =================================  ===========================
+train        ``train``                          ``[1500, n)``                train files, id hash >= 0.1        ``train``
+validation   ``valid_unseen``                   ``[500, 1500)``              train files, id hash < 0.1         ``dev``
+test         ``valid_seen``                     ``[0, 500)``                 test files                         ``test``
+===========  ================================  ===========================  =================================  ===========================
 
 - **ALFWorld**: the directories ``alfworld-download`` writes; a game is its ``game.tw-pddl`` path.
   The SDAR release reports ``valid_seen``: its trainer config (``verl/trainer/config/ppo_trainer.yaml``)
@@ -24,6 +24,9 @@ test         ``valid_seen``                     ``[0, 500)``                 tes
   it is split in WebShop's proportions, the first ``max(1, round(n * 500 / 12087))`` goals
   ``test``, the next ``max(1, round(n * 1000 / 12087))`` ``validation``, the rest ``train``
   (on the shipped catalog: goal 0, goal 1, goals 2-9).
+- **TWC, CookingWorld** (TextWorldExpress): the engine's folds, each with its own 1000 generation
+  seeds; TWC's folds also hold different objects (``twc_objects.folds.json``), so its test games
+  ask about objects no training game has.
 - **Search-QA**: Search-R1's layout, which the SDAR release trains and tests on: per dataset a file of
   train questions and a file of test questions (Search-R1 trains on NQ + HotpotQA and tests on NQ,
   TriviaQA, PopQA, HotpotQA, 2WikiMultihopQA, MuSiQue, Bamboogle). A question is its ``id``
@@ -123,6 +126,11 @@ def data_problem(env_name: str, kwargs: dict[str, Any], splits: Iterable[str]) -
     the file or directory, or None. Only data that is given is checked (``kwargs`` paths, or
     ``$ALFWORLD_DATA`` for ALFWorld); the shipped samples are the defaults."""
     splits = sorted(set(splits))
+    if env_name in ("twc", "cookingworld"):  # the engine ships its games; it needs the package and Java
+        from megatron_sdar.envs.textworld_express import missing_dependency
+
+        problem = missing_dependency()
+        return f"{env_name}: {problem}" if problem else None
     if env_name == "alfworld":
         data_dir = kwargs.get("data_dir")
         if data_dir == "builtin":

@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the engine imports vLLM: not needed to check or render a co
 
 DEFAULT_SYSTEM_PROMPT = "You are an agent acting in a text environment. Think briefly, then act."
 FORMAT_REMINDER = "Reply with your next action inside <action>...</action>."
+ACTION_FORMATS = ("text", "prefix", "words", "index")
 INDEX_FORMAT_REMINDER = "Reply with the number of your next action inside <action>...</action>."
 FORMAT_FEEDBACK = "Invalid response: put exactly one action inside <action>...</action>."
 CONTEXT_HEADER = "Skills that may help:\n"
@@ -56,8 +57,13 @@ class AgentLoopConfig:
     ``"prefix"`` (an admissible action or a word prefix of it: the first listed action with that
     prefix is taken, so ``go to drawer`` goes to drawer 1; demonstrations use the shortest prefix
     that names their action alone, or that only drops its number: ``take`` where one thing can be
-    taken, ``go to drawer`` for drawer 1; a very small model spells only the words that choose), or ``"index"`` (the number of an
-    admissible action in the numbered list the prompt shows). ``prefix`` and ``index`` need
+    taken, ``go to drawer`` for drawer 1; a very small model spells only the words that choose),
+    ``"words"`` (an admissible action, or its first word and some of its other words in order: the
+    first listed action that holds them is taken; demonstrations use the first word and the shortest
+    tail that names their action alone (no other action holds it), ``put drier`` for ``put wet blue pullover in clothes drier``:
+    a very small model need not copy an object's name it has never seen, only the place a skill
+    names), or ``"index"`` (the number of an
+    admissible action in the numbered list the prompt shows). ``prefix``, ``words`` and ``index`` need
     environments that list their admissible actions. ``context_position``: where privileged context
     (the retrieved skills) goes in the user message: ``"start"``, or ``"end"`` (after the
     observation and the admissible actions, right before the reply instruction: at a fixed distance
@@ -109,8 +115,8 @@ class AgentLoopConfig:
             raise ValueError(f"history_window must be >= 0, got {self.history_window}")
         if self.max_prompt_tokens < 8 or self.max_response_tokens < 1:
             raise ValueError("max_prompt_tokens must be >= 8 and max_response_tokens >= 1")
-        if self.action_format not in ("text", "prefix", "index"):
-            raise ValueError(f"action_format must be 'text', 'prefix' or 'index', got {self.action_format!r}")
+        if self.action_format not in ACTION_FORMATS:
+            raise ValueError(f"action_format must be one of {', '.join(ACTION_FORMATS)}, got {self.action_format!r}")
         if self.action_format != "text" and not self.show_admissible_actions:
             raise ValueError(f"action_format={self.action_format!r} needs show_admissible_actions=True (the list)")
         if self.context_position not in ("start", "end"):
@@ -174,6 +180,20 @@ def action_token_mask(tokenizer, token_ids: Sequence[int], pattern: str | None) 
         begin, position = position, position + len(piece)
         mask.append(int(bool(piece) and begin < end and position > start))
     return mask
+
+
+def _words_matches(text: str, options: Sequence[str]) -> list[int]:
+    """Indices of the (lower-case) ``options`` that start with the first word of ``text`` and hold its
+    other words in order; an exact match wins on its own."""
+    words = text.lower().split()
+    if " ".join(words) in options:
+        return [options.index(" ".join(words))]
+
+    def holds(option_words: list[str]) -> bool:
+        rest = iter(option_words[1:])
+        return option_words[:1] == words[:1] and all(word in rest for word in words[1:])
+
+    return [i for i, option in enumerate(options) if words and holds(option.split())]
 
 
 def _prefix_matches(prefix: str, options: Sequence[str]) -> list[int]:
@@ -244,6 +264,12 @@ class ChatFormatter:
                 return None
             if self.config.action_format == "index":
                 action = str(options.index(action.lower()) + 1)
+            elif self.config.action_format == "words":
+                target = options.index(action.lower())
+                words = state.admissible_actions[target].split()
+                action = next(text for n in range(len(words))
+                              if _words_matches(text := " ".join(words[:1] + words[len(words) - n:]), options)
+                              == [target])
             else:
                 target = options.index(action.lower())
                 words = state.admissible_actions[target].split()
@@ -262,8 +288,9 @@ class ChatFormatter:
         if parsed is None or self.config.action_format == "text":
             return parsed
         options = state.admissible_actions or []
-        if self.config.action_format == "prefix":
-            matches = _prefix_matches(parsed, [a.lower() for a in options])
+        if self.config.action_format in ("prefix", "words"):
+            match = _prefix_matches if self.config.action_format == "prefix" else _words_matches
+            matches = match(parsed, [a.lower() for a in options])
             return options[matches[0]] if matches else parsed
         if parsed.isdigit() and 1 <= int(parsed) <= len(options):
             return options[int(parsed) - 1]

@@ -97,7 +97,8 @@ class Preemption:
 def prepare_model_dir(run: RunConfig) -> Path:
     """The HF directory the run starts from: ``model.hf_path``, or the tiny model built once into
     ``<output_dir>/base_model`` (rank 0 builds, the others wait); its tokenizer is trained on the
-    built-in world's text, skills included, when the run uses that world."""
+    built-in world's text (``corpus_text``: the household world, TWC, CookingWorld), skills included, or
+    on the skill set's."""
     if run.model.hf_path is not None:
         return Path(run.model.hf_path)
     out = Path(run.trainer.output_dir) / "base_model"
@@ -106,12 +107,13 @@ def prepare_model_dir(run: RunConfig) -> Path:
 
         from megatron_sdar.rollout.agent_loop import prompt_text
 
-        extra = prompt_text()
-        if run.env.name == "household":
-            from megatron_sdar.envs.household import HouseholdConfig, corpus_text
+        from megatron_sdar.envs import env_class
 
-            world = HouseholdConfig(**{**dict(run.env.kwargs), "max_turns": run.env.max_turns})
-            extra += "\n" + corpus_text(world, task_seeds.corpus_seeds(60))
+        extra = prompt_text()
+        if hasattr(env_class(run.env.name, **run.env.kwargs), "corpus_text"):  # a built-in world's text, skills included
+            env = build_env(run.env, 0)
+            extra += "\n" + env.corpus_text(task_seeds.corpus_seeds(60))
+            env.close()
         else:  # the skill set's text: the teacher's prompts are mostly skills
             from megatron_sdar.config.schema import skills_dir_of
 

@@ -144,6 +144,11 @@ def plan_rehearsal(overrides: list[str]) -> RehearsalPlan:
     recipe = _given(overrides, "experiment")
     if recipe is None:
         raise ConfigError("--rehearse rehearses a recipe: pass experiment=<name> (megatron_sdar/config/experiment/)")
+    from megatron_sdar.config.schema import experiment_names, recipe_names
+
+    if recipe in experiment_names() and recipe not in recipe_names():
+        raise ConfigError(f"--rehearse rehearses a cluster recipe; experiment={recipe} is a CPU benchmark of the tiny "
+                          f"model: run it as it is (python -m megatron_sdar.train experiment={recipe})")
     run = compose_run(overrides, need_files=False)
     m, r, e, t = run.model, run.rollout, run.env, run.trainer
     from omegaconf import OmegaConf

@@ -11,8 +11,10 @@ What the warm start teaches on the built-in household world, and what it must no
 Neither teaches the world's true homes (:data:`megatron_sdar.envs.household.DEFAULT_HOMES`),
 which the built-in skills state. So after SFT the student without skills searches, the same
 weights with skills in the prompt go straight to the home (the teacher's edge), and RL has
-something to learn. Other environments fall back to the environment's oracle
-(``env.expert_actions()``), one demonstration per task seed.
+something to learn. TWC and CookingWorld build theirs the same way from the engine's gold paths
+(:meth:`megatron_sdar.envs.textworld_express.TextWorldExpressEnv.demonstrations`). Other
+environments fall back to the environment's oracle (``env.expert_actions()``), one demonstration
+per task seed.
 """
 from __future__ import annotations
 
@@ -39,38 +41,43 @@ class SFTData:
 
 
 def _render(formatter: ChatFormatter, tokenizer, config: AgentLoopConfig, observation: str, admissible,
-            steps, context: str, episode: int, task: str = "") -> list[TrainingSample]:
-    """One demonstration's turns as training samples (prompts exactly as the rollout renders them)."""
+            steps, context: str, episode: int, task: str = "") -> list[TrainingSample | None]:
+    """One demonstration's turns as training samples (prompts exactly as the rollout renders them), one
+    per step (None for a step whose action the format cannot answer or whose prompt is too long)."""
     eos = tokenizer.eos_token_id
     state = EpisodeState(observation, observation, admissible, task=task)
-    samples = []
+    samples: list[TrainingSample | None] = []
     for action, next_observation, next_admissible in steps[: config.max_turns]:
         messages = formatter.messages(formatter.user_content(state, config.history_window), context)
         prompt = formatter.encode(messages)
         answer = formatter.answer(action, state)
+        sample = None
         if answer is not None and len(prompt) <= config.max_prompt_tokens:
             response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [eos]
-            samples.append(TrainingSample(prompt + response, len(prompt), [0.0] * len(response), episode=episode))
+            sample = TrainingSample(prompt + response, len(prompt), [0.0] * len(response), episode=episode)
+        samples.append(sample)
         state.advance(action, next_observation, next_admissible)
     return samples
 
 
 def build_sft_data(make_env, formatter: ChatFormatter, tokenizer, config: AgentLoopConfig, seeds: list[int],
                    skill_share: float, seed: int, skill_turn_repeats: int = 0) -> SFTData:
-    """Demonstrations for ``seeds`` (one episode each) from the environment ``make_env(seed)`` builds.
-    ``skill_turn_repeats``: extra copies of each skill demonstration's first turn, the one turn its
-    skill decides (one in about seven turns otherwise, too rare for a small model to learn to read
-    the skill in a few hundred steps)."""
+    """Demonstrations for ``seeds`` (one episode each) from the environment ``make_env(seed)`` builds:
+    its own ``demonstrations(seeds, skill_share, seed)`` (the household world's searcher, TextWorldExpress's
+    gold paths with randomized decisions), else its oracle ``expert_actions()`` without skills.
+    ``skill_turn_repeats``: extra copies of each skill demonstration's decisive turns, the ones its
+    skill decides (``Demonstration.decisive``: one turn in several otherwise, too rare for a small model
+    to learn to read the skill in a few hundred steps)."""
     env = make_env(seeds[0] if seeds else 0)
     samples: list[TrainingSample] = []
-    if env.name == "household":
-        from megatron_sdar.envs.household import demonstrations
-
-        demos = demonstrations(env.config, seeds, skill_share, seed=seed)
+    if hasattr(env, "demonstrations"):
+        demos = env.demonstrations(seeds, skill_share, seed=seed)
         for k, demo in enumerate(demos):
             turns = _render(formatter, tokenizer, config, demo.observation, demo.admissible, demo.steps,
                             demo.context, k, demo.task)
-            samples += turns + (turns[:1] * skill_turn_repeats if demo.context else [])
+            repeats = [turns[i] for i in demo.decisive if i < len(turns)] * skill_turn_repeats if demo.context else []
+            samples += [t for t in turns + repeats if t is not None]
+        env.close()
         return SFTData(samples, len(demos), sum(bool(d.context) for d in demos), sum(d.won for d in demos))
     if not hasattr(env, "expert_actions"):
         from megatron_sdar.config.schema import ConfigError
@@ -87,8 +94,8 @@ def build_sft_data(make_env, formatter: ChatFormatter, tokenizer, config: AgentL
             steps.append((action, next_observation, info.get("admissible_actions")))
             if terminated or truncated:
                 break
-        samples += _render(formatter, tokenizer, config, observation, first_info.get("admissible_actions"), steps, "",
-                           k, str(first_info.get("task", "")))
+        samples += [t for t in _render(formatter, tokenizer, config, observation, first_info.get("admissible_actions"),
+                                       steps, "", k, str(first_info.get("task", ""))) if t is not None]
     return SFTData(samples, len(seeds), 0, len(seeds))
 
 
