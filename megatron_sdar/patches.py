@@ -102,6 +102,36 @@ def unique_vllm_cpu_shm_name() -> None:
     shm.make_group_name = staticmethod(make_group_name)
 
 
+def shield_llvmlite_from_vllm_kernel_scan() -> None:
+    """Stop llvmlite's library wrapper from answering ``__dict__`` before vLLM scans every module.
+
+    Why (vLLM 0.32 ``triton_utils/dispatcher.py`` ``_rebind_kernels``, run by the CPU worker's
+    ``register_triton_kernel_overrides`` at engine start; llvmlite 0.47 ``binding/ffi.py``): vLLM looks
+    at every value of every imported module and reads ``vars(value).get("kernel")`` of any that has a
+    ``__dict__``. llvmlite's ``ffi.lib`` (a ``_lib_wrapper`` with ``__slots__``) answers any missing
+    attribute, ``__dict__`` included, with a wrapped C function, so the engine fails to start with
+    "AttributeError: '_lib_fn_wrapper' object has no attribute 'get'" whenever numba was imported
+    first (``bm25s`` imports it: the search and WebShop environments). Dunder names now raise
+    AttributeError, as ``ctypes.CDLL`` does; llvmlite never looks one up through this wrapper.
+    """
+    import sys
+
+    ffi = sys.modules.get("llvmlite.binding.ffi")
+    if ffi is None:  # not imported yet: the scan cannot meet it
+        return
+    original = ffi._lib_wrapper.__getattr__
+    if getattr(original, "_sdar_no_dunder", False):
+        return
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return original(self, name)
+
+    __getattr__._sdar_no_dunder = True  # type: ignore[attr-defined]
+    ffi._lib_wrapper.__getattr__ = __getattr__
+
+
 def _repack_cpu_weights(worker) -> int:
     """On one vLLM worker: redo the CPU weight preparation that an in-place reload skips (the LM head
     that shares the embedding's weight, the MoE experts' prepacked layout); returns how many layers."""

@@ -68,6 +68,13 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1 + 0.05 * torch.randn_like(p))
+    # the trainer imports its environment before the engine starts; bm25s (search, WebShop) imports
+    # numba, whose llvmlite wrapper broke vLLM's start-up scan (patches.shield_llvmlite_from_vllm_kernel_scan)
+    import sys
+
+    import megatron_sdar.envs.bm25_index  # noqa: F401
+
+    assert "llvmlite.binding.ffi" in sys.modules
     engine = RolloutEngine(model_dir, RolloutEngineConfig(tp=rollout_tp, max_model_len=512))
     replica = engine.dp_rank
     source = MegatronWeightSource(policy.model, arch, bucket_mb=0.25)

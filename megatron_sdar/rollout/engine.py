@@ -123,10 +123,12 @@ class RolloutEngine:
     def __init__(self, model_dir: str | Path, config: RolloutEngineConfig | None = None) -> None:
         import torch.distributed as dist
 
-        from megatron_sdar.patches import keep_torch_set_num_threads, quiet_vllm_reload_warnings
+        from megatron_sdar.patches import (keep_torch_set_num_threads, quiet_vllm_reload_warnings,
+                                           shield_llvmlite_from_vllm_kernel_scan)
         from megatron_sdar.utils.device import on_gpu, vllm_device_environment
 
         quiet_vllm_reload_warnings()
+        shield_llvmlite_from_vllm_kernel_scan()
         self.config = config = config or RolloutEngineConfig()
         if not dist.is_initialized():
             raise RolloutEngineError("RolloutEngine needs torch.distributed initialized "
