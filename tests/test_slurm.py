@@ -2,6 +2,7 @@
 the preemption path (USR1 -> forwarded to the step -> checkpoint -> ``scontrol requeue``)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -180,6 +181,26 @@ def test_signal_forwarded_checkpoint_then_requeue(tmp_path, sig, requeue):
     assert "stand-in: checkpoint written after signal" in out
 
 
+def _signal_once(cmd: list[str], cwd, env: dict, console: Path, sig: int, ready, wait: float) -> str:
+    """Start ``cmd`` (its output into ``console``: a pipe would fill with progress bars), send ``sig``
+    once ``ready()`` holds (within 5 minutes), assert it exits 0 within ``wait`` seconds; its output."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=console.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ready():
+            assert proc.poll() is None and time.time() < deadline, console.read_text()[-3000:]
+            time.sleep(0.5)
+        os.kill(proc.pid, sig)
+        proc.wait(timeout=wait)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = console.read_text()
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
 @pytest.mark.multiproc
 def test_usr1_with_the_real_trainer(tmp_path):
     """The real main job (tiny model, CPU) as the dry-run training step: USR1 to the job script ->
@@ -192,25 +213,32 @@ def test_usr1_with_the_real_trainer(tmp_path):
     env = _env(tmp_path, SDAR_DRY_RUN_STEP=step, SLURM_JOB_NODELIST="localhost", SLURM_NNODES="1",
                SDAR_GPUS_PER_NODE="1",
                OMP_NUM_THREADS="2", PYTHONPATH=str(ROOT))
-    console = tmp_path / "console.log"  # a file, not a pipe: the trainer's progress bars would fill a pipe
-    proc = subprocess.Popen(["bash", str(SLURM / "sdar.sbatch"), "--dry-run"], cwd=tmp_path, env=env,
-                            stdout=console.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.time() + 300
-        metrics = run_dir / "metrics.jsonl"
-        while not (metrics.exists() and '"step": 1,' in metrics.read_text()):
-            assert proc.poll() is None and time.time() < deadline, "the trainer never finished a step"
-            time.sleep(0.5)
-        os.kill(proc.pid, signal.SIGUSR1)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = console.read_text()
-    assert proc.returncode == 0, out[-3000:]
+    console = tmp_path / "console.log"
+    metrics = run_dir / "metrics.jsonl"
+    out = _signal_once(["bash", str(SLURM / "sdar.sbatch"), "--dry-run"], tmp_path, env, console, signal.SIGUSR1,
+                       lambda: metrics.exists() and '"step": 1,' in metrics.read_text(), wait=300)
     log = (run_dir / "logs" / "launcher.log").read_text()
     events = ["received SIGUSR1; forwarding it to the training step", "training step exited with status 0",
               f"checkpoint written: {run_dir}/checkpoints/step_", "[dry-run] would run: scontrol requeue 4242"]
     positions = [log.find(e) for e in events]
     assert all(p >= 0 for p in positions) and positions == sorted(positions), log
     assert "SIGUSR1 received: checkpoint written at step" in out
+
+
+@pytest.mark.multiproc
+def test_signal_during_sft_stops_the_real_trainer(tmp_path):
+    """SIGTERM while the SFT warm start runs: the trainer stops within ten SFT steps and exits 0,
+    saying that nothing was checkpointed; a run with trainer.resume=auto may start again."""
+    from megatron_sdar.testing import TINY_RUN_OVERRIDES
+
+    run_dir = tmp_path / "out"
+    console = tmp_path / "console.log"
+    cmd = [sys.executable, "-m", "megatron_sdar.train", f"trainer.output_dir={run_dir}", *TINY_RUN_OVERRIDES,
+           "trainer.sft_steps=100000"]
+    sft_log = run_dir / "sft_metrics.jsonl"
+    out = _signal_once(cmd, ROOT, {**os.environ, "OMP_NUM_THREADS": "2"}, console, signal.SIGTERM,  # once SFT
+                       lambda: sft_log.exists() and sft_log.read_text().count("\n") >= 2, wait=120)  # steps 0, 10 ran
+    assert "SIGTERM received during SFT: stopped without a checkpoint" in out, out[-3000:]
+    sft_steps = [json.loads(line)["sft_step"] for line in sft_log.read_text().splitlines()]
+    assert 10 <= sft_steps[-1] < 100, sft_steps  # stopped at the next poll, far from the 100,000 steps
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "sft_model").exists()

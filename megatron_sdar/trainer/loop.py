@@ -245,11 +245,12 @@ class SDARTrainer:
         return self.engine.last_sync.as_metrics()
 
     # ------------------------------------------------------------------ SFT warm start
-    def sft(self) -> None:
+    def sft(self) -> bool:
         """Demonstrations (:mod:`megatron_sdar.trainer.sft`) and cross-entropy. Adam's moments of SFT
         (another objective, another learning rate) are discarded before the first RL step (in
         :meth:`train`) so that RL is not steered by them. The policy after SFT is the frozen KL
-        reference."""
+        reference. Returns False when a preemption signal stopped it (SFT has no checkpoint of its
+        own: the next run into the directory starts it again)."""
         from megatron_sdar.models.hf_export import export_hf
         from megatron_sdar.trainer.sft import build_sft_data, run_sft
 
@@ -261,10 +262,12 @@ class SDARTrainer:
         log(f"SFT warm start: {t.sft_steps} steps on {data.describe()}")
         if not data.samples:
             raise ConfigError("trainer.sft_steps > 0 but the demonstrations gave no training turns")
-        run_sft(self.updater, data, t.sft_steps, t.sft_batch_size, t.sft_lr, t.seed, self.logger.log_sft,
-                t.sft_prompt_weight)
+        if not run_sft(self.updater, data, t.sft_steps, t.sft_batch_size, t.sft_lr, t.seed, self.logger.log_sft,
+                       t.sft_prompt_weight, stop_requested=self.preemption.any_rank):
+            return False
         export_hf(self.policy.unwrapped(), self.arch, self.output_dir / SFT_MODEL_DIR, assets_dir=self.model_dir)
         self.sft_done, self.sft_model = True, self.output_dir / SFT_MODEL_DIR
+        return True
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, *, temperature: float, with_skills: bool, prefix: str = "eval") -> dict[str, float]:
@@ -434,8 +437,10 @@ class SDARTrainer:
         self.write_config()
         self.logger = MetricsLogger(self.output_dir, tensorboard=t.tensorboard, wandb_project=t.wandb_project,
                                     resume_step=self.step if t.resume else None)
-        if self.step == 0 and not self.sft_done:
-            self.sft()
+        if self.step == 0 and not self.sft_done and not self.sft():
+            log(f"{self.preemption.signal_name or 'signal'} received during SFT: stopped without a checkpoint "
+                "(SFT keeps none; trainer.resume=auto starts the run again), exiting")
+            return {"preempted": True, "step": self.step}
         if self.step == 0 and self.resumed_from is None:
             if t.eval_before_rl:
                 evaluation = self.evaluations(before_rl=True)

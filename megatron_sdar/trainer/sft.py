@@ -100,10 +100,11 @@ def build_sft_data(make_env, formatter: ChatFormatter, tokenizer, config: AgentL
 
 
 def run_sft(updater, data: SFTData, steps: int, batch_size: int, lr: float, seed: int, log_metrics=None,
-            prompt_weight: float = 0.0) -> None:
+            prompt_weight: float = 0.0, stop_requested=None) -> bool:
     """``steps`` cross-entropy steps on batches drawn without replacement (reshuffled each epoch), the
     learning rate decaying from ``lr`` to 0 by a half cosine; ``prompt_weight``: weight of the
-    language-model loss on the prompt tokens."""
+    language-model loss on the prompt tokens. ``stop_requested``: polled every 10 steps on every rank
+    (it may be collective); when it says so, SFT stops there. Returns whether all steps ran."""
     from megatron_sdar.algo.objective import scheduled
     from megatron_sdar.utils.logging import progress
 
@@ -111,6 +112,9 @@ def run_sft(updater, data: SFTData, steps: int, batch_size: int, lr: float, seed
     order: list[int] = []
     bar = progress(range(steps), desc="sft", unit="step")
     for sft_step in bar:
+        if stop_requested is not None and sft_step % 10 == 0 and stop_requested():
+            bar.close()
+            return False
         if len(order) < batch_size:
             order += torch.randperm(len(data.samples), generator=gen).tolist()
         batch = [data.samples[i] for i in order[:batch_size]]
@@ -119,3 +123,4 @@ def run_sft(updater, data: SFTData, steps: int, batch_size: int, lr: float, seed
         bar.set_postfix(loss=f"{metrics['sft/loss']:.3f}")
         if log_metrics is not None and (sft_step % 10 == 0 or sft_step == steps - 1):
             log_metrics(sft_step, metrics)
+    return True
