@@ -205,9 +205,10 @@ def _flat(data, prefix=""):
 
 
 def test_each_preset_runs_at_its_chosen_settings_on_the_embedded_default(tmp_path):
-    """config/tuned/tiny-household-<preset>.yaml (chosen on the validation split) is what the main
-    job and compare_algos run for that preset on the embedded default; overrides still win; a recipe
-    (another model and environment) with the same preset never reads it."""
+    """config/tuned/tiny-<env>-<preset>.yaml (chosen on the validation split) is what the main job and
+    compare_algos run for that preset on the embedded default (household) and on the laptop
+    benchmarks (experiment=twc_tiny, cooking_tiny); overrides still win; a recipe (another model and
+    environment) with the same preset never reads it."""
     from pathlib import Path
 
     import yaml
@@ -218,23 +219,26 @@ def test_each_preset_runs_at_its_chosen_settings_on_the_embedded_default(tmp_pat
     from tests.skill_sets import write_release_format_sets
 
     tuned_dir = Path(__file__).parents[1] / "megatron_sdar" / "config" / "tuned"
-    files = sorted(tuned_dir.glob("tiny-household-*.yaml"))
-    assert {f.stem.removeprefix("tiny-household-") for f in files} >= {"grpo", "sdar"}
+    files = sorted(tuned_dir.glob("tiny-*.yaml"))
+    experiment_of = {"household": [], "twc": ["experiment=twc_tiny"], "cookingworld": ["experiment=cooking_tiny"]}
+    for env in experiment_of:
+        assert {f.stem.removeprefix(f"tiny-{env}-") for f in files
+                if f.stem.startswith(f"tiny-{env}-")} >= {"grpo", "sdar", "sdar_full"}, env
     recipe = "alfworld_qwen3_1_7b"
     skills = write_release_format_sets(tmp_path / "skills")
     recipe_overrides = [f"experiment={recipe}", f"model.hf_path={recipe_model_dir(recipe, tmp_path)}",
                         f"env.skills_dir={skills['alfworld']}"]
     for path in files:
-        preset = path.stem.removeprefix("tiny-household-")
-        assert preset in PRESETS, path
+        env, _, preset = path.stem.removeprefix("tiny-").partition("-")
+        assert env in experiment_of and preset in PRESETS, path
         chosen = _flat(yaml.safe_load(path.read_text()))
         assert chosen, path
-        run = _flat(config_dict(_compose(f"algo={preset}")))
+        run = _flat(config_dict(_compose(*experiment_of[env], f"algo={preset}")))
         for key, value in chosen.items():
             assert run[key] == value, (path.name, key)
         key, value = next(iter(chosen.items()))
         other = 0.123 if isinstance(value, float) else value
         if other != value:  # a command-line override wins over the chosen value
-            assert _flat(config_dict(_compose(f"algo={preset}", f"{key}={other}")))[key] == other
+            assert _flat(config_dict(_compose(*experiment_of[env], f"algo={preset}", f"{key}={other}")))[key] == other
         recipe_run = _flat(config_dict(_compose(*recipe_overrides, f"algo={preset}")))
         assert recipe_run["trainer.lr"] <= 1e-5, (preset, recipe_run["trainer.lr"])  # the recipe's own value
