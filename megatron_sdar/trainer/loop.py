@@ -249,8 +249,8 @@ class SDARTrainer:
         """Demonstrations (:mod:`megatron_sdar.trainer.sft`) and cross-entropy. Adam's moments of SFT
         (another objective, another learning rate) are discarded before the first RL step (in
         :meth:`train`) so that RL is not steered by them. The policy after SFT is the frozen KL
-        reference. Returns False when a preemption signal stopped it (SFT has no checkpoint of its
-        own: the next run into the directory starts it again)."""
+        reference. Returns False when a preemption signal stopped it (SFT keeps no checkpoint:
+        ``trainer.resume=auto`` starts the run again)."""
         from megatron_sdar.models.hf_export import export_hf
         from megatron_sdar.trainer.sft import build_sft_data, run_sft
 
