@@ -20,6 +20,7 @@ deadlock fails the test instead of hanging CI.
 from __future__ import annotations
 
 import os
+import pickle
 import queue as queue_mod
 import socket
 import time
@@ -63,11 +64,10 @@ def _worker(rank, layout, port, fn, args, kwargs, result_queue, init, env):
         if init == "megatron":
             layout.initialize(seed=1234)
         result = fn(*args, **kwargs)
-        # Pickle here: a failure inside the queue's feeder thread would never reach the parent.
-        from multiprocessing.reduction import ForkingPickler
-
-        ForkingPickler.dumps(result)
-        result_queue.put((rank, "ok", result))
+        # Pickle here, by value: a failure inside the queue's feeder thread would never reach the
+        # parent, and multiprocessing's pickler sends tensors as shared-memory handles that the parent
+        # can only open while this process lives (a busy machine lost results that way).
+        result_queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         result_queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -152,7 +152,7 @@ def run_distributed(
                 raise DistributedTestError(
                     f"{fn.__name__} failed on rank {rank} of {world_size} (layout {layout}):\n{payload}"
                 )
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=5 if len(results) == world_size else 0.1)
