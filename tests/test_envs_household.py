@@ -252,3 +252,50 @@ def test_builtin_skills_state_the_homes_briefly(tmp_path):
         assert DEFAULT_HOMES[task_type] in text
         if task_type in embedded_world()["task_types"]:  # the ones the tokenizer's corpus covers
             assert len(tokenizer(text)["input_ids"]) <= 40, text  # tens of tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# the decisive choice: the first receptacle gone to
+# ------------------------------------------------------------------------------------------------
+def test_first_choice_is_the_first_receptacle_gone_to():
+    """``info["first_choice_correct"]``: whether the first valid ``go to`` names the home the matching
+    skill states (the task type's, DEFAULT_HOMES in the embedded default); False until one is made,
+    fixed once made, whatever follows or wherever the object really is."""
+    env = HouseholdEnv(**embedded_world())
+    seen = {True: 0, False: 0}
+    for seed in range(40):
+        _, info = env.reset(seed=seed)
+        assert info["first_choice_correct"] is False
+        home = env.config.homes[env.state.task.task_type]
+        names = [r.name for r in env.state.receptacles.values()]
+        right = seed % 2 == 0
+        first = next(n for n in names if (n.rsplit(" ", 1)[0] == home) == right)
+        for action in ("go to the moon", "look", "inventory"):  # invalid, then valid but no choice
+            assert env.step(action)[4]["first_choice_correct"] is False
+        info = env.step(f"go to {first}")[4]
+        assert info["first_choice_correct"] is right
+        seen[right] += 1
+        other = next(n for n in names if n != first)
+        assert env.step(f"go to {other}")[4]["first_choice_correct"] is right
+    assert seen == {True: 20, False: 20}
+    # the expert goes first to where the object is: at home in about home_prob of the tasks
+    right = 0
+    for seed in range(300):
+        env.reset(seed=seed)
+        right += play(env, env.expert_actions())[2]["first_choice_correct"]
+    assert abs(right / 300 - embedded_world()["home_prob"]) < 0.06, right
+
+
+def test_first_choice_share_per_task_type_in_the_rollout_summary():
+    from megatron_sdar.rollout.trajectory import Episode, TrajectoryBatch
+
+    episodes = [Episode(group=g, task="t", task_type=kind, seed=g, first_choice_correct=right)
+                for g, (kind, right) in enumerate([("cool", True), ("cool", False), ("cool", True),
+                                                   ("pick_and_place", False)])]
+    summary = TrajectoryBatch(episodes).summary()
+    assert summary["rollout/first_choice_correct"] == 0.5
+    assert summary["rollout/first_choice_correct/cool"] == pytest.approx(2 / 3)
+    assert summary["rollout/first_choice_correct/pick_and_place"] == 0.0
+    # environments without a decisive choice report none
+    plain = [Episode(group=0, task="t", task_type="search", seed=0)]
+    assert not [k for k in TrajectoryBatch(plain).summary() if "first_choice" in k]

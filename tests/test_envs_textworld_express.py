@@ -276,3 +276,42 @@ def test_the_laptop_recipes_compose_and_are_not_cluster_recipes():
         assert run.env.kwargs["game_params"]["numLocations"] == 1
         with pytest.raises(ConfigError, match=f"experiment={recipe} is a CPU benchmark of the tiny model"):
             plan_rehearsal([f"experiment={recipe}"])
+
+
+@pytest.mark.parametrize("game", sorted(GAMES))
+def test_first_choice_is_judged_against_the_gold_path(game):
+    """``info["first_choice_correct"]``: TWC's first put of an object, CookingWorld's first cooking,
+    right when it is where (with what) the gold path does it; False until made, fixed once made;
+    invalid actions and other verbs are no choice. Played on test-fold games whose answer is known."""
+    env = make(game, seed=0, turn_slack=4)
+    verb = "put " if game == "twc" else "cook "
+    checked = {True: 0, False: 0}
+    for index in range(40):
+        _, info = env.reset(options={"game_index": index}, split="test")
+        gold = env.expert_actions()
+        decisive = [a for a in gold if a.startswith(verb)]
+        if not decisive:  # a recipe without cooking has no choice to judge
+            assert "first_choice_correct" not in info
+            continue
+        assert info["first_choice_correct"] is False
+        right = index % 2 == 0
+        *before, choice = gold[: gold.index(decisive[0]) + 1]
+        _, _, _, _, info = env.step("jump over the moon")  # invalid: not a choice
+        assert info["first_choice_correct"] is False
+        for action in before:
+            assert env.step(action)[4]["first_choice_correct"] is False
+        if not right:  # the same verb with another place / appliance that the game offers
+            head = choice[: choice.rindex(" in ") + 4]
+            others = [a for a in env._response["validActions"] if a.startswith(head) and a != choice]
+            if not others:
+                continue
+            choice = others[0]
+        info = env.step(choice)[4]
+        assert info["first_choice_correct"] is right, (game, index, choice, gold)
+        checked[right] += 1
+        for action in env._response["validActions"][:2]:  # later actions never change the verdict
+            if not (info.get("won") or info.get("failed")):
+                info = env.step(action)[4]
+                assert info["first_choice_correct"] is right
+    assert checked[True] >= 5 and checked[False] >= 5, checked
+    env.close()

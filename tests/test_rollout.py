@@ -103,7 +103,9 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     result = {"sync_bytes": stats.bytes, "sync_buckets": stats.buckets, "groups": groups,
               "summary": batch.summary(), "metrics": batch.metrics,
               "episodes": [(e.group, e.num_turns, e.env_error, len(e.skill_names), e.reward, e.invalid_actions)
-                           for e in batch.episodes]}
+                           for e in batch.episodes],
+              "choices": [(e.task_type, [(t.action, t.invalid_action) for t in e.turns], e.env_error,
+                           e.first_choice_correct) for e in batch.episodes]}
     # the token ids the trainer rebuilds from the stored messages equal what vLLM saw
     result["roundtrip"] = all(loop.formatter.encode(t.messages) == t.prompt_ids for _, t in batch.turns())
     # the teacher batch renders the same messages with the episode's skills in front of the task
@@ -186,6 +188,16 @@ def test_rollout_sync_step_resync_single_process(tiny_qwen2):
     # every unsolved turn counts as invalid or not; reward = -0.1 x invalid actions
     assert all(abs(reward + 0.1 * invalid) < 1e-9 for *_, reward, invalid in episodes)
     assert result["metrics"]["rollout/tokens_per_s"] > 0
+    # each episode carries the environment's verdict on its first decisive choice: recomputed from its
+    # actions, the first valid "go to" (the default world's homes: DEFAULT_HOMES by task type)
+    from megatron_sdar.envs.household import DEFAULT_HOMES, is_home
+
+    for task_type, actions, error, verdict in result["choices"]:
+        gone = [a[len("go to "):] for a, invalid in actions if a and not invalid and a.startswith("go to ")]
+        if error is None:
+            assert verdict == (bool(gone) and is_home(gone[0], DEFAULT_HOMES[task_type])), (task_type, actions)
+    judged = [v for *_, v in result["choices"]]
+    assert result["summary"]["rollout/first_choice_correct"] == pytest.approx(sum(judged) / len(judged))
     # the derived rotary cache is not reported as a failed weight load on every sync
     assert not [m for m in result["reload_log"] if "Failed to load weights" in m], result["reload_log"]
 

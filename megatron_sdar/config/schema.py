@@ -336,12 +336,14 @@ def model_architecture(model: ModelConfig, *, need_checkpoint: bool = True):
 
 
 def skills_dir_of(env: "EnvConfig") -> Optional[Path]:
-    """The skill directory the run uses: ``env.skills_dir``, else the environment's built-in set
-    (None when it has none)."""
-    if env.skills_dir is not None:
-        return Path(env.skills_dir)
-    from megatron_sdar.skills import builtin_skill_dir
+    """The skill directory the run uses: ``env.skills_dir`` (a directory, or the name of a built-in
+    set, a bare name such as ``household_knowledge``), else the environment's built-in set (None when
+    it has none)."""
+    from megatron_sdar.skills import BUILTIN_SKILL_ROOT, builtin_skill_dir
 
+    if env.skills_dir is not None:
+        named = "/" not in env.skills_dir and (BUILTIN_SKILL_ROOT / env.skills_dir / "skill_mapping.json").is_file()
+        return BUILTIN_SKILL_ROOT / env.skills_dir if named else Path(env.skills_dir)
     try:
         return builtin_skill_dir(env.name)
     except FileNotFoundError:

@@ -27,6 +27,13 @@ Observations and actions are plain strings. ``info`` always carries the keys in
 and, when the environment can enumerate them, ``admissible_actions`` (list of str). ``reset``'s
 ``info`` also carries ``seed`` (the task seed) and ``split``.
 
+**The decisive choice.** An environment whose episodes turn on one choice that a skill states (where
+the household world's goal object usually is, where TWC puts an object, which appliance CookingWorld
+cooks with) implements :meth:`TextEnv._decisive_choice`; the ``info`` of every episode that has such
+a choice then carries ``first_choice_correct`` (bool): whether the episode's first decisive action was
+the one the matching skill states (False until one is made). It measures knowledge directly, whatever the
+episode's success (``eval/first_choice_correct``).
+
 ``terminated`` means the episode reached an end state (success, or a final action such
 as WebShop's purchase or Search-QA's answer); ``truncated`` means the turn budget
 ``max_turns`` ran out first.
@@ -111,6 +118,8 @@ class TextEnv(abc.ABC):
         self._turn = 0
         self._episode_over = True
         self._last_info: dict[str, Any] = {}
+        self._first_choice: bool | None = None  # the verdict on the episode's first decisive action
+        self._judged = False  # whether this episode's decisive choice is judged
 
     # ------------------------------------------------------------------ API
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None, *,
@@ -129,6 +138,10 @@ class TextEnv(abc.ABC):
         info["turn"] = 0
         info["seed"] = task_seed
         info["split"] = split
+        self._first_choice = None
+        self._judged = self.has_decisive_choice and self._episode_has_decisive_choice()
+        if self._judged:
+            info["first_choice_correct"] = False
         self._last_info = info
         return observation, info
 
@@ -141,6 +154,10 @@ class TextEnv(abc.ABC):
         observation, reward, terminated, info = self._step(action)
         info.setdefault("invalid_action", False)
         info.setdefault("won", False)
+        if self._judged:
+            if self._first_choice is None and not info["invalid_action"]:
+                self._first_choice = self._decisive_choice(normalize_command(action))
+            info["first_choice_correct"] = bool(self._first_choice)
         info["turn"] = self._turn
         truncated = (not terminated) and self._turn >= self.max_turns
         self._episode_over = terminated or truncated
@@ -159,7 +176,21 @@ class TextEnv(abc.ABC):
     def task_type(self) -> str:
         return str(self._last_info.get("task_type", ""))
 
+    @property
+    def has_decisive_choice(self) -> bool:
+        """Whether this environment judges a decisive choice (it overrides :meth:`_decisive_choice`)."""
+        return type(self)._decisive_choice is not TextEnv._decisive_choice
+
     # ------------------------------------------------------- subclass hooks
+    def _decisive_choice(self, command: str) -> bool | None:
+        """After the valid action ``command`` (normalized) was applied: None when it is no decisive
+        choice, else whether it is the choice the matching skill states."""
+        return None
+
+    def _episode_has_decisive_choice(self) -> bool:
+        """After ``_reset``: whether this episode has a decisive choice at all (default: yes)."""
+        return True
+
     @abc.abstractmethod
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Start the task chosen with ``rng`` among the tasks of ``self.split``; return (observation, info)."""

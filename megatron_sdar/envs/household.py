@@ -35,6 +35,15 @@ budget close to the optimal plan, every wrong guess costs turns, so knowing the 
 episode: :class:`ScriptedSearcher` without the knowledge wins far less often than one that looks
 in the home first (``tests/test_envs_household.py`` measures both). ``placement="uniform"`` is the
 world without regularities.
+
+**Many facts** (``homes_by="object"``): homes belong to goal object kinds instead of task types
+(``homes={"mug": "cabinet 3", ...}``; a home may name one receptacle of a fixed room), every task's
+goal object is one of those kinds, and ``info["task_type"]`` is the object kind, the key the skills
+are organized by (as TWC's are by room). ``experiment=household_knowledge_tiny`` is such a world:
+eight facts, eighteen places, a budget of the optimal plan, so reward is scarce and knowledge decides.
+
+**The decisive choice** (``info["first_choice_correct"]``, :class:`~megatron_sdar.envs.base.TextEnv`):
+the first receptacle the agent goes to, right when it is the home the matching skill states.
 """
 from __future__ import annotations
 
@@ -125,6 +134,28 @@ DEFAULT_HOMES: dict[str, str] = {
     "cool": "diningtable", "look_at_obj_in_light": "shelf",
 }
 PLACEMENTS = ("uniform", "homes")
+HOMES_BY = ("task_type", "object")  # what a home belongs to
+
+
+def receptacle_names(kinds: tuple[str, ...] | list[str]) -> list[str]:
+    """The names a room of these receptacle kinds gives them, in the room overview's order
+    (``cabinet 1``, ``cabinet 2``, ``countertop 1``...)."""
+    counts: dict[str, int] = {}
+    names = []
+    for kind in sorted(kinds):
+        counts[kind] = counts.get(kind, 0) + 1
+        names.append(f"{kind} {counts[kind]}")
+    return names
+
+
+def home_kind(home: str) -> str:
+    """The receptacle kind of a home given as a kind (``fridge``) or a name (``cabinet 3``)."""
+    return home if home in RECEPTACLE_KINDS else home.rsplit(" ", 1)[0]
+
+
+def is_home(receptacle_name: str, home: str) -> bool:
+    """Whether the receptacle ``receptacle_name`` is ``home`` (a name, or any receptacle of a kind)."""
+    return receptacle_name == home or home_kind(receptacle_name) == home
 
 
 def _int_range(value: int | tuple[int, int] | list[int], name: str) -> tuple[int, int]:
@@ -153,6 +184,10 @@ class HouseholdConfig:
     ``max_turns``), so wrong guesses cannot be absorbed by a generous budget. ``targets``: the
     receptacle kinds a task may put its object on or in (None: any kind but the appliances and
     the task type's home), ``receptacles``: a fixed room.
+
+    ``homes_by="object"``: ``homes`` maps goal object kinds to their home (a receptacle kind, or one
+    receptacle's name of the fixed room ``receptacles``, e.g. ``"cabinet 3"``); every task's goal
+    object is one of those kinds (the usable ones for its task type), so each kind is one fact.
     """
 
     num_receptacles: int | tuple[int, int] = (4, 5)
@@ -161,7 +196,8 @@ class HouseholdConfig:
     task_types: tuple[str, ...] = TASK_TYPES
     rooms: tuple[str, ...] = tuple(sorted(ROOMS))
     placement: str = "uniform"  # "homes": the goal object usually starts in its task type's home
-    homes: dict[str, str] | None = None  # task type -> receptacle kind; None: DEFAULT_HOMES
+    homes: dict[str, str] | None = None  # task type (or object kind) -> receptacle kind; None: DEFAULT_HOMES
+    homes_by: str = "task_type"  # "object": homes maps goal object kinds to a receptacle kind or name
     home_prob: float = 0.9
     closed_share: float = 0.0  # chance that each extra receptacle is a closed container (cabinet, drawer, ...)
     turn_slack: int | None = None  # budget = the optimal plan's length + turn_slack (<= max_turns); None: max_turns
@@ -177,6 +213,10 @@ class HouseholdConfig:
         unknown = [t for t in self.task_types if t not in TASK_TYPES]
         if unknown or not self.task_types:
             raise ValueError(f"task_types must be a non-empty subset of {TASK_TYPES}, got {self.task_types}")
+        if self.homes_by not in HOMES_BY:
+            raise ValueError(f"homes_by must be one of {HOMES_BY}, got {self.homes_by!r}")
+        if self.homes_by == "object" and not self.homes:
+            raise ValueError("homes_by='object' needs homes: {object kind: receptacle kind or name}")
         self.homes = dict(DEFAULT_HOMES if self.homes is None else self.homes)
         self.rooms = tuple(self.rooms)
         if not self.rooms or any(r not in ROOMS for r in self.rooms):
@@ -212,7 +252,9 @@ class HouseholdConfig:
         for name in ("home_prob", "closed_share"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.placement == "homes":
+        if self.homes_by == "object":
+            self._check_object_homes()
+        elif self.placement == "homes":
             for task_type in self.task_types:
                 home = self.homes.get(task_type)
                 if home not in RECEPTACLE_KINDS:
@@ -221,6 +263,45 @@ class HouseholdConfig:
                     raise ValueError(f"homes[{task_type!r}] = {home!r} is the task's own appliance")
                 if not any(home in ROOMS[r] for r in _rooms_for(task_type, self.rooms)):
                     raise ValueError(f"homes[{task_type!r}] = {home!r} is in none of the rooms {self.rooms}")
+
+    def _check_object_homes(self) -> None:
+        if self.receptacles is None:
+            raise ValueError("homes_by='object' needs a fixed room (receptacles)")
+        names = receptacle_names(self.receptacles)
+        for kind, home in self.homes.items():
+            if kind not in ITEM_KINDS or self.rooms[0] not in ITEM_KINDS[kind].rooms:
+                raise ValueError(f"homes: {kind!r} is not an object kind of the {self.rooms[0]}")
+            if home not in names and home not in self.receptacles:
+                raise ValueError(f"homes[{kind!r}] = {home!r} is neither a receptacle of the room ({names}) nor "
+                                 "one of its kinds")
+            if self.targets is not None and home_kind(home) in self.targets:
+                raise ValueError(f"homes[{kind!r}] = {home!r} is of a target kind {self.targets}")
+        for task_type in self.task_types:
+            if not object_kinds_for(self, task_type):
+                raise ValueError(f"homes {sorted(self.homes)}: no object kind can be the goal of {task_type} tasks")
+            if any(home_kind(self.homes[k]) == APPLIANCE_FOR.get(task_type) for k in object_kinds_for(self, task_type)):
+                raise ValueError(f"homes: a {task_type} task's object cannot live in its own appliance")
+
+    def home_of(self, task: "HouseholdTask") -> str:
+        """The home the matching skill states for ``task`` (by its type or its goal object)."""
+        return self.homes[task.object_kind if self.homes_by == "object" else task.task_type]
+
+    def skill_key(self, task: "HouseholdTask") -> str:
+        """What the skills are organized by: the task type, or the goal object's kind (``info["task_type"]``)."""
+        return task.object_kind if self.homes_by == "object" else task.task_type
+
+
+def _usable_object(kind: str, task_type: str, room: str) -> bool:
+    spec = ITEM_KINDS[kind]
+    if room not in spec.rooms:
+        return False
+    return {"heat": spec.heatable, "cool": spec.coolable, "clean": spec.cleanable,
+            "look_at_obj_in_light": spec.lookable}.get(task_type, True)
+
+
+def object_kinds_for(config: HouseholdConfig, task_type: str) -> list[str]:
+    """The homed object kinds that can be the goal of a ``task_type`` task (``homes_by="object"``)."""
+    return sorted(k for k in config.homes if _usable_object(k, task_type, config.rooms[0]))
 
 
 @dataclass
@@ -291,25 +372,23 @@ def generate_world(rng: random.Random, config: HouseholdConfig) -> WorldState:
     task_type = rng.choice(config.task_types)
     appliance = APPLIANCE_FOR.get(task_type)
     candidates = _rooms_for(task_type, config.rooms)
-    home = config.homes.get(task_type) if config.placement == "homes" else None
+    by_object = config.homes_by == "object"
+    home = config.homes.get(task_type) if config.placement == "homes" and not by_object else None
     if home is not None:
         candidates = [r for r in candidates if home in ROOMS[r]]
     room = rng.choice(candidates)
     pool = ROOMS[room]
 
-    def usable(kind: str) -> bool:
-        spec = ITEM_KINDS[kind]
-        if room not in spec.rooms:
-            return False
-        return {"heat": spec.heatable, "cool": spec.coolable, "clean": spec.cleanable,
-                "look_at_obj_in_light": spec.lookable}.get(task_type, True)
-
-    object_kind = rng.choice(sorted(k for k in ITEM_KINDS if usable(k)))
+    if by_object:
+        object_kind = rng.choice(object_kinds_for(config, task_type))
+        home = config.homes[object_kind] if config.placement == "homes" else None
+    else:
+        object_kind = rng.choice(sorted(k for k in ITEM_KINDS if _usable_object(k, task_type, room)))
     kinds: list[str] = []
     if config.receptacles is not None:  # a fixed room: only the target is drawn
         kinds = list(config.receptacles)
         target_kind = LAMP_KIND if task_type == "look_at_obj_in_light" else rng.choice(
-            [k for k in dict.fromkeys(kinds) if k not in APPLIANCE_FOR.values() and k != home
+            [k for k in dict.fromkeys(kinds) if k not in APPLIANCE_FOR.values() and k != (home and home_kind(home))
              and (config.targets is None or k in config.targets)])
     elif task_type == "look_at_obj_in_light":
         lamp_holder = rng.choice([k for k in LAMP_HOLDERS if k in pool])
@@ -340,11 +419,9 @@ def generate_world(rng: random.Random, config: HouseholdConfig) -> WorldState:
             kinds.append(kind)
 
     receptacles: dict[str, Receptacle] = {}
-    counts: dict[str, int] = {}
-    for kind in sorted(kinds):
-        counts[kind] = counts.get(kind, 0) + 1
+    for name in receptacle_names(kinds):
+        kind = home_kind(name)
         openable, prep = RECEPTACLE_KINDS[kind]
-        name = f"{kind} {counts[kind]}"
         receptacles[name] = Receptacle(name, kind, openable, prep)
 
     items: dict[str, Item] = {}
@@ -359,8 +436,8 @@ def generate_world(rng: random.Random, config: HouseholdConfig) -> WorldState:
     names = list(receptacles)
     # Goal objects start away from any receptacle of the target kind so the task is not solved at reset.
     sources = [n for n in names if receptacles[n].kind != target_kind]
-    homes_here = [n for n in sources if receptacles[n].kind == home]
-    elsewhere = [n for n in sources if receptacles[n].kind != home]
+    homes_here = [n for n in sources if home is not None and is_home(n, home)]
+    elsewhere = [n for n in sources if n not in homes_here]
     for _ in range(2 if task_type == "pick_two" else 1):
         at_home = homes_here and (not elsewhere or rng.random() < config.home_prob)
         add_item(object_kind, rng.choice(homes_here if at_home else elsewhere))
@@ -612,12 +689,23 @@ def home_skill_text(task_type: str, home: str) -> str:
             f"{home}: go to {home} first.")
 
 
+def object_home_skill_text(object_kind: str, home: str) -> str:
+    """The skill that states a goal object kind's home (``homes_by="object"``): a heading and one line."""
+    prep = RECEPTACLE_KINDS[home_kind(home)][1]
+    return f"### TASK: {object_kind} ###\nThe {object_kind} is usually {prep} {home}: go to {home} first."
+
+
+def skill_text(config: HouseholdConfig, key: str, home: str) -> str:
+    """The skill stating that ``key``'s home (a task type's, or an object kind's) is ``home``."""
+    return object_home_skill_text(key, home) if config.homes_by == "object" else home_skill_text(key, home)
+
+
 class ScriptedSearcher:
     """A non-oracle agent: it knows only what it has seen (the receptacles of the room overview and
     the contents of those it has visited), searches the receptacles it has not seen yet, and takes
     a goal object as soon as it sees one; with the goal in hand it acts like the expert.
 
-    ``believed_home``: a receptacle kind it searches first (a home it was told about; None: no
+    ``believed_home``: a receptacle kind or name it searches first (a home it was told about; None: no
     knowledge). Otherwise the next receptacle is drawn uniformly from ``rng`` among the unseen ones
     that can hold the goal object (never the target kind: goal objects never start there). Its
     episodes show misses and recoveries, unlike :func:`expert_next_action`, which knows where
@@ -673,7 +761,7 @@ class ScriptedSearcher:
                   and (kinds is not None or r.kind != state.task.target_kind)]
         if not unseen:
             return "look"
-        home = [r for r in unseen if r.kind == self.believed_home]
+        home = [r for r in unseen if self.believed_home is not None and is_home(r.name, self.believed_home)]
         return f"go to {self.rng.choice(home or unseen).name}"
 
 
@@ -691,11 +779,16 @@ def play_scripted(env: "HouseholdEnv", agent: ScriptedSearcher, seed: int) -> tu
             return actions, bool(info["won"])
 
 
-def _possible_homes(config: HouseholdConfig, task_type: str) -> list[str]:
-    """Receptacle kinds that can be the home of ``task_type``'s goal object in ``config``'s rooms."""
+def _possible_homes(config: HouseholdConfig, key: str) -> list[str]:
+    """Receptacle kinds that can be the home of the goal object of task type ``key`` in ``config``'s
+    rooms (``homes_by="object"``, ``key`` an object kind: receptacle names of the fixed room, never a
+    target's or an appliance's)."""
+    if config.homes_by == "object":
+        avoid = set(config.targets or ()) | {APPLIANCE_FOR.get(t) for t in config.task_types}
+        return [n for n in receptacle_names(config.receptacles) if home_kind(n) not in avoid]
     kinds = set(config.receptacles) if config.receptacles is not None else \
-        {k for r in _rooms_for(task_type, config.rooms) for k in ROOMS[r]}
-    usable = sorted(k for k in kinds if k != APPLIANCE_FOR.get(task_type))
+        {k for r in _rooms_for(key, config.rooms) for k in ROOMS[r]}
+    usable = sorted(k for k in kinds if k != APPLIANCE_FOR.get(key))
     if config.targets is not None:  # the home may not take away the task's last possible target
         usable = [k for k in usable if set(config.targets) - {k} - set(APPLIANCE_FOR.values())]
     return usable
@@ -707,8 +800,9 @@ def demonstrations(config: HouseholdConfig, seeds: list[int], skill_share: float
     Each task seed becomes one episode of a :class:`ScriptedSearcher`, drawn (with ``seed``) as
     either
     * a *skill-conditioned* one (probability ``skill_share``): a home is drawn uniformly for each
-      task type, the world places the goal object there (with ``config.home_prob``), the skill text
-      (:func:`home_skill_text`) states it and the searcher looks there first; or
+      task type (or homed object kind), the world places the goal object there (with
+      ``config.home_prob``), the skill text (:func:`skill_text`) states it and the searcher looks
+      there first; or
     * a *plain* one: a world with uniform placement and a searcher without knowledge.
     Neither kind carries the true homes of ``config`` beyond chance, so a model trained on them
     learns to read a skill, not the regularities a skill states.
@@ -720,7 +814,8 @@ def demonstrations(config: HouseholdConfig, seeds: list[int], skill_share: float
     for task_seed in seeds:
         with_skill = rng.random() < skill_share
         if with_skill:
-            homes = {t: rng.choice(_possible_homes(config, t)) for t in config.task_types}
+            keys = config.homes if config.homes_by == "object" else config.task_types
+            homes = {k: rng.choice(_possible_homes(config, k)) for k in keys}
             world = dataclasses.replace(config, placement="homes", homes=homes)
         else:
             world = dataclasses.replace(config, placement="uniform")
@@ -729,7 +824,8 @@ def demonstrations(config: HouseholdConfig, seeds: list[int], skill_share: float
         state = env.state
         task_type = state.task.task_type
         start = next(i.location for i in state.items.values() if i.kind == state.task.object_kind)
-        believed = world.homes[task_type] if with_skill else None
+        key = world.skill_key(state.task)
+        believed = world.home_of(state.task) if with_skill else None
         agent = ScriptedSearcher(random.Random(rng.randrange(2**31)), believed)
         steps, admissible = [], info["admissible_actions"]
         won = False
@@ -740,7 +836,7 @@ def demonstrations(config: HouseholdConfig, seeds: list[int], skill_share: float
             if terminated or truncated:
                 break
         out.append(Demonstration(observation, admissible, steps,
-                                 home_skill_text(task_type, believed) if with_skill else "", task_type, won,
+                                 skill_text(config, key, believed) if with_skill else "", info["task_type"], won,
                                  state.receptacles[start].kind, info["task"]))
     return out
 
@@ -749,7 +845,10 @@ def corpus_text(config: HouseholdConfig, seeds: list[int]) -> str:
     """Text of this world (observations, admissible actions, actions, and every skill a home can
     give) from the tasks of ``seeds``, for training a small tokenizer, so that observations and
     skills tokenize compactly."""
-    lines = [home_skill_text(t, h) for t in TASK_TYPES for h in _possible_homes(config, t)]
+    if config.homes_by == "object":
+        lines = [object_home_skill_text(k, h) for k in config.homes for h in _possible_homes(config, k)]
+    else:
+        lines = [home_skill_text(t, h) for t in TASK_TYPES for h in _possible_homes(config, t)]
     for demo in demonstrations(config, seeds, skill_share=0.0):
         lines += [demo.observation, ", ".join(demo.admissible)]
         for action, observation, admissible in demo.steps:
@@ -778,7 +877,7 @@ class HouseholdEnv(TextEnv):
     def _info(self, invalid: bool) -> dict[str, Any]:
         state = self.state
         return {"admissible_actions": admissible_actions(state), "won": is_won(state),
-                "task_type": state.task.task_type, "task": state.task.text, "invalid_action": invalid}
+                "task_type": self.config.skill_key(state.task), "task": state.task.text, "invalid_action": invalid}
 
     def _reset(self, rng: random.Random, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         self.state = generate_world(rng, self.config)
@@ -791,6 +890,12 @@ class HouseholdEnv(TextEnv):
         feedback, valid = apply_action(self.state, action)
         info = self._info(not valid)
         return feedback, (1.0 if info["won"] else 0.0), info["won"], info
+
+    def _decisive_choice(self, command: str) -> bool | None:
+        """The first receptacle gone to: the home the matching skill states, or not."""
+        if not command.startswith("go to "):
+            return None
+        return is_home(command[len("go to "):], self.config.home_of(self.state.task))
 
     def demonstrations(self, seeds: list[int], skill_share: float, seed: int = 0) -> list[Demonstration]:
         """:func:`demonstrations` in this world."""

@@ -160,6 +160,7 @@ class TextWorldExpressEnv(TextEnv):
         self._actions: list[str] = []
         self._task_type = ""
         self._task = ""
+        self._decisive: dict[str, str] = {}  # the gold path's decisive choices: object -> place (TWC), ingredient -> appliance
 
     # ------------------------------------------------------------------ folds
     def game_seeds(self, split: str) -> list[int]:
@@ -184,6 +185,8 @@ class TextWorldExpressEnv(TextEnv):
         # the gold path starts with "look around", which only repeats the first observation
         self._gold = [a for a in self._server.getGoldActionSequence() if a != "look around"]
         self._closed = {a[len("open "):] for a in self._response["validActions"] if a.startswith("open ")}
+        pattern = _PUT if self.name == "twc" else _COOK
+        self._decisive = {m[1].lower(): m[2].lower() for m in map(pattern.match, self._gold) if m}
         self._actions = []
         self._task = self._server.getTaskDescription()
         observation = self._response["observation"].strip()
@@ -204,6 +207,17 @@ class TextWorldExpressEnv(TextEnv):
         self._actions.append(valid[command])
         info = self._info(False)
         return self._response["observation"].strip(), (1.0 if info["won"] else 0.0), info["won"] or info["failed"], info
+
+    def _episode_has_decisive_choice(self) -> bool:
+        return bool(self._decisive)  # a CookingWorld recipe may need no cooking
+
+    def _decisive_choice(self, command: str) -> bool | None:
+        """The first object put somewhere (TWC) or ingredient cooked (CookingWorld): where, or with what,
+        the gold path does it, which is what the matching skill's rule states."""
+        match = (_PUT if self.name == "twc" else _COOK).match(command)
+        if match is None:
+            return None
+        return self._decisive.get(match[1]) == match[2]
 
     def expert_actions(self) -> list[str]:
         """The rest of the engine's gold path (it is known for the episode's start: an error once the

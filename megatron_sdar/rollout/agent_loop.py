@@ -438,7 +438,7 @@ class AgentLoop:
                 info = result.info
                 episode = Episode(group=spec.group, task=str(info.get("task", "")),
                                   task_type=str(info.get("task_type", "")), seed=spec.task_seed,
-                                  episode_id=spec.episode_id)
+                                  episode_id=spec.episode_id, first_choice_correct=info.get("first_choice_correct"))
                 if result.error is not None:
                     episode.env_error = result.error
                 episodes.append(episode)
@@ -500,6 +500,8 @@ class AgentLoop:
                 self._record(episode, states[i], actions[i], result.observation, invalid=invalid,
                              admissible=info.get("admissible_actions"))
                 episode.won = bool(info.get("won", False))
+                if "first_choice_correct" in info:
+                    episode.first_choice_correct = bool(info["first_choice_correct"])
                 if result.done:
                     live[i] = False
                     episode.truncated = result.truncated

@@ -58,7 +58,10 @@ class Turn:
 @dataclass
 class Episode:
     """One episode of one task. ``group`` indexes the task: the G episodes of a task share it
-    (GRPO's group); ``reward`` = environment return - penalty x invalid actions."""
+    (GRPO's group); ``reward`` = environment return - penalty x invalid actions;
+    ``first_choice_correct``: whether the first decisive action was the one the matching skill
+    states (None where the environment judges no decisive choice,
+    :meth:`~megatron_sdar.envs.base.TextEnv._decisive_choice`)."""
 
     group: int
     task: str
@@ -75,6 +78,7 @@ class Episode:
     overlong: bool = False
     privileged_context: str = ""
     skill_names: tuple[str, ...] = ()
+    first_choice_correct: bool | None = None
 
     @property
     def num_turns(self) -> int:
@@ -118,8 +122,10 @@ class TrajectoryBatch:
         return sorted(g for g, any_won in won.items() if not any_won)
 
     def summary(self) -> dict[str, Any]:
-        """Rollout metrics: success per task type, reward, turns, invalid-action rate, and the share
-        of groups whose episodes differ in success (``rollout/success_contrast_groups``)."""
+        """Rollout metrics: success per task type, reward, turns, invalid-action rate, the share
+        of groups whose episodes differ in success (``rollout/success_contrast_groups``) and, where
+        the environment judges a decisive choice, the share of episodes whose first decisive action
+        was the one the matching skill states (``rollout/first_choice_correct[/<task type>]``)."""
         if not self.episodes:
             return {}
         n = len(self.episodes)
@@ -144,4 +150,12 @@ class TrajectoryBatch:
             by_type.setdefault(e.task_type, []).append(e.won)
         for task_type, wins in sorted(by_type.items()):
             metrics[f"rollout/success_rate/{task_type}"] = sum(wins) / len(wins)
+        judged = [e for e in self.episodes if e.first_choice_correct is not None]
+        if judged:
+            metrics["rollout/first_choice_correct"] = sum(e.first_choice_correct for e in judged) / len(judged)
+            by_type_choice: dict[str, list[bool]] = {}
+            for e in judged:
+                by_type_choice.setdefault(e.task_type, []).append(e.first_choice_correct)
+            for task_type, right in sorted(by_type_choice.items()):
+                metrics[f"rollout/first_choice_correct/{task_type}"] = sum(right) / len(right)
         return metrics

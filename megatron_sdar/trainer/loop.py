@@ -12,8 +12,10 @@ One iteration (every rank runs every line; collectives keep them in lockstep):
     optimizer step (skipped on a non-finite loss)  actor/*, sdar/*
     metrics.jsonl / TensorBoard; eval every trainer.eval_interval; checkpoint every save_interval
 
-Teacher weights are the rollout-time weights: the teacher pass runs before the update, with the
-weights vLLM sampled from (one update per rollout: they are also the current weights). Old
+Teacher weights (``algo.teacher``): by default the rollout-time weights, as the SDAR release: the
+teacher pass runs before the update, with the weights vLLM sampled from (one update per rollout: they
+are also the current weights); ``frozen`` runs it on the KL reference model (the policy at the start
+of RL), ``ema`` on an exponential moving average of the policy (:class:`~megatron_sdar.trainer.teacher.TeacherWeights`). Old
 log-probs are the student's own, detached (the PPO ratio starts at 1).
 
 Determinism: task seeds, sampling seeds and environment seeds are functions of (seed, step), RNG
@@ -274,7 +276,9 @@ class SDARTrainer:
         """Held-out tasks of ``trainer.eval_split`` (the same ones for every run), one episode each.
         ``with_skills``: the retrieved skills in the student's prompt (the teacher's view); otherwise
         none, except for skill-in-prompt presets (the student must have internalized them). Success
-        comes with its 95% Wilson interval."""
+        comes with its 95% Wilson interval; where the environment judges a decisive choice,
+        ``<prefix>/first_choice_correct[/<task type>]`` is the share of episodes whose first decisive
+        action is the one the matching skill states (knowledge, whatever the success)."""
         from megatron_sdar.utils.stats import wilson_interval
 
         t = self.run_config.trainer
@@ -286,8 +290,8 @@ class SDARTrainer:
                              group_size=1, first_episode_id=EVAL_EPISODE_ID, student_sees_skills=sees)
         summary = batch.summary()
         out = {k.replace("rollout/", f"{prefix}/"): v for k, v in summary.items()
-               if k.startswith("rollout/success_rate") or k in ("rollout/reward_mean", "rollout/turns_mean",
-                                                                "rollout/invalid_action_rate")}
+               if k.startswith(("rollout/success_rate", "rollout/first_choice_correct"))
+               or k in ("rollout/reward_mean", "rollout/turns_mean", "rollout/invalid_action_rate")}
         wins, n = sum(e.won for e in batch.episodes), len(batch.episodes)
         low, high = wilson_interval(wins, n)
         out.update({f"{prefix}/num_tasks": float(n), f"{prefix}/success_rate_ci_low": low,
@@ -377,7 +381,8 @@ class SDARTrainer:
 
         path = save_checkpoint(self.output_dir / "checkpoints", self.step, self.policy, self.trainer_state(),
                                keep_last=self.run_config.trainer.keep_last, hf_assets_source=self.model_dir,
-                               optimizer_sharding=self.run_config.trainer.optimizer_sharding)
+                               optimizer_sharding=self.run_config.trainer.optimizer_sharding,
+                               extra_models=self.updater.teacher_weights.checkpoint_models())
         log(f"checkpoint: {path}")
         return path
 
@@ -392,9 +397,11 @@ class SDARTrainer:
         t = self.run_config.trainer
         if t.resume is None:
             return
+        extra = self.updater.teacher_weights.checkpoint_models()
         if t.resume == "auto":
             try:
-                found = load_latest_checkpoint(self.output_dir / "checkpoints", self.policy, verify=t.verify_checkpoints)
+                found = load_latest_checkpoint(self.output_dir / "checkpoints", self.policy, verify=t.verify_checkpoints,
+                                               extra_models=extra)
             except CheckpointFormatError as exc:  # a checkpoint this layout cannot load (corrupt ones are skipped)
                 raise ConfigError(f"trainer.resume=auto: {exc}") from None
             if found is None:
@@ -407,10 +414,11 @@ class SDARTrainer:
         else:
             path = Path(t.resume)
             try:
-                state = load_checkpoint(path, self.policy, verify=t.verify_checkpoints)
+                state = load_checkpoint(path, self.policy, verify=t.verify_checkpoints, extra_models=extra)
             except CheckpointFormatError as exc:
                 raise ConfigError(f"trainer.resume: {exc}") from None
         self.resumed_from = path
+        self.updater.teacher_weights.loaded()
         self.step = int(state["step"])
         self.sft_done = bool(state.get("sft_done", True))
         self.sft_model = self._find_sft_model(path, state)
@@ -451,9 +459,11 @@ class SDARTrainer:
                 # (and Megatron's distributed optimizer cannot save a state it has not made yet, on CPU)
                 self.save()
         if self.step == 0 and self.sft_done:
-            # RL starts from a fresh Adam state. Reset here, not at the end of SFT, so that the step-0
-            # checkpoint holds a complete optimizer state and a resume from it resets the same way.
+            # RL starts from a fresh Adam state (and an EMA teacher from the policy). Reset here, not at
+            # the end of SFT, so that the step-0 checkpoint holds a complete optimizer state and a
+            # resume from it resets the same way.
             self.policy.reset_optimizer()
+            self.updater.teacher_weights.start()
         from megatron_sdar.utils.logging import progress
 
         bar = progress(total=t.max_steps, initial=self.step, desc=self.run_config.algo.name, unit="step")
@@ -535,7 +545,8 @@ def collapse_warning(metrics: dict[str, float]) -> str | None:
 
 
 def _success_line(metrics: dict[str, float]) -> str:
-    """``eval success 0.410 [0.345, 0.478] on 200 tasks (greedy 0.43, with skills 0.78)``"""
+    """``eval success 0.410 [0.345, 0.478] on 200 tasks (greedy 0.43, with skills 0.78; first choice right
+    0.35, with skills 0.81)``"""
     if "eval/success_rate" not in metrics:
         return "no evaluation (trainer.eval_tasks=0)"
     line = (f"eval success {metrics['eval/success_rate']:.3f} [{metrics['eval/success_rate_ci_low']:.3f}, "
@@ -543,7 +554,11 @@ def _success_line(metrics: dict[str, float]) -> str:
     extra = [f"{name} {metrics[key]:.3f}" for name, key in (("greedy", "eval/greedy/success_rate"),
                                                             ("with skills", "eval/with_skills/success_rate"))
              if key in metrics]
-    return line + (f" ({', '.join(extra)})" if extra else "")
+    choice = [f"{name} {metrics[key]:.3f}" for name, key in (("first choice right", "eval/first_choice_correct"),
+                                                             ("with skills", "eval/with_skills/first_choice_correct"))
+              if key in metrics]
+    shown = ", ".join(extra) + ("; " if extra and choice else "") + ", ".join(choice)
+    return line + (f" ({shown})" if shown else "")
 
 
 def _as_dict(obj) -> Any:
