@@ -128,6 +128,23 @@ def test_dry_run_prints_the_settings_that_differ_from_the_defaults(stand_ins, ca
         "env 'search' has none (no scripted or oracle plan); set trainer.sft_steps=0"]
 
 
+def test_dry_run_says_what_the_teacher_weights_cost(stand_ins, capsys):
+    overrides = stand_ins["alfworld_qwen2_5_7b"]
+    seen = {}
+    for teacher in ("shared", "frozen", "ema"):
+        lines, report = _dry_run(capsys, *overrides, f"algo.teacher={teacher}")
+        (line,) = [x for x in lines if x.startswith("teacher weights: ")]
+        seen[teacher] = (line, report["memory_plan_gib"])
+    assert "no copy" in seen["shared"][0] and seen["shared"][1]["teacher_weights"] == 0
+    assert "the reference model, the KL term's copy" in seen["frozen"][0]
+    assert seen["frozen"][1]["total"] == seen["shared"][1]["total"]
+    ema_line, ema_mem = seen["ema"]
+    assert ema_line.startswith("teacher weights: ema (decay 0.9") and f"{ema_mem['teacher_weights']:.1f} GiB" in ema_line
+    assert ema_mem["teacher_weights"] > 0 and ema_mem["total"] > seen["shared"][1]["total"]
+    lines, _ = _dry_run(capsys, *overrides, "algo=grpo", "algo.teacher=ema")
+    assert "teacher weights: none (algo=grpo has no teacher term)" in lines
+
+
 def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, monkeypatch, tmp_path):
     overrides = stand_ins["alfworld_qwen2_5_7b"]
     monkeypatch.setenv("WORLD_SIZE", "16")

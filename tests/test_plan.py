@@ -202,6 +202,31 @@ def test_the_run_decides_the_workload():
         load_recipe("alfworld_qwen2_5_7b", "parallel.tp=3")
 
 
+def test_teacher_weights_cost_what_the_choice_keeps():
+    """``algo.teacher``: ``shared`` keeps no copy; ``frozen`` runs on the KL reference copy (nothing more
+    when the KL term keeps it anyway, that copy when it does not); ``ema`` keeps a bf16 copy of its own
+    and its fp32 average (6 bytes per parameter)."""
+    def plan(*overrides):
+        r = load_recipe("alfworld_qwen2_5_7b", *overrides)
+        return r.workload, estimate(r.arch, r.layout, r.workload, r.rollout)
+
+    _, shared = plan()
+    work, frozen = plan("algo.teacher=frozen")
+    _, ema = plan("algo.teacher=ema")
+    _, shared_no_kl = plan("algo.kl_coef=0")
+    _, frozen_no_kl = plan("algo.teacher=frozen", "algo.kl_coef=0")
+    _, grpo_ema = plan("algo.distill_coef=0", "algo.teacher=ema")  # no teacher term, no teacher weights
+    assert work.teacher_weights == "frozen"
+    assert shared.teacher_weights == frozen.teacher_weights == 0 and frozen.reference == shared.reference > 0
+    assert frozen.total == shared.total
+    assert shared_no_kl.reference == 0 and frozen_no_kl.reference == shared.reference
+    assert ema.teacher_weights == pytest.approx(3 * ema.weights) and ema.reference == shared.reference
+    assert ema.training == pytest.approx(shared.training + ema.teacher_weights)
+    assert grpo_ema.teacher_weights == 0
+    with pytest.raises(PlanError, match="teacher_weights must be"):
+        estimate(_model(), Dims(), replace(TOY_WORK, teacher_weights="stale"))
+
+
 def test_dry_run_memory_plan_is_the_planners(tmp_path, monkeypatch):
     """``--dry-run`` (the downloaded model's config.json, the skill set) and the planner (the same
     recipe) estimate from the same QwenArchitecture and the same run: the same numbers."""

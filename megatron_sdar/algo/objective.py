@@ -44,6 +44,8 @@ from megatron_sdar.algo.vocab_parallel import (
 )
 
 ESTIMATORS = ("sampled", "full", "topk")
+#: the teacher's weights (``ObjectiveConfig.teacher``; :class:`~megatron_sdar.trainer.teacher.TeacherWeights`)
+TEACHERS = ("shared", "frozen", "ema")
 SCHEDULES = ("constant", "linear_decay", "cosine_decay")
 DISTILL_TERMS = ("gated", "skill_sd")
 
@@ -92,6 +94,12 @@ class ObjectiveConfig:
     rlsd_clip: float = 0.2  # eps_w
     rlsd_schedule: str = "linear_decay"
     rlsd_schedule_steps: int = 100
+    # the teacher's weights: "shared" (the rollout-time policy, as the SDAR release), "frozen" (the
+    # policy at the start of RL, the KL reference model's weights: verl's OPSD PR #6909), "ema" (an
+    # exponential moving average of the policy, theta_T <- d * theta_T + (1 - d) * theta after every
+    # update: NeMo-RL's OPSD PR #2063); the skills in the prompt make it a teacher in every case
+    teacher: str = "shared"
+    teacher_ema_decay: float = 0.9  # d; our choice for 12-step CPU runs (half-life of 6.6 updates)
     # HDPO: cliff groups (every episode failed) are played again with the skills in the prompt;
     # the distillation term covers only the successful replays, the RL terms the ordinary rollout
     cliff_rescue: bool = False
@@ -114,6 +122,9 @@ class ObjectiveConfig:
         choice("rlsd_schedule", SCHEDULES)
         choice("distill_term", DISTILL_TERMS)
         choice("kernel", KERNELS)
+        choice("teacher", TEACHERS)
+        if not 0.0 < self.teacher_ema_decay < 1.0:
+            raise ValueError(f"objective.teacher_ema_decay must be in (0, 1), got {self.teacher_ema_decay}")
         if self.estimator == "sampled" and self.divergence != "reverse_kl":
             raise ValueError(
                 "objective.divergence applies to estimator 'full' or 'topk'; the sampled-token "

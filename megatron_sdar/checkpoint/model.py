@@ -86,15 +86,31 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def sharded_model_state(model_chunks) -> dict:
-    """``{"model": ...}`` (``model0``, ``model1``... for virtual pipeline chunks) of Megatron's sharded state."""
+def sharded_model_state(model_chunks, name: str = "model") -> dict:
+    """``{"model": ...}`` (``model0``, ``model1``... for virtual pipeline chunks) of Megatron's sharded
+    state. Another ``name`` (a second set of weights in the same checkpoint, such as an EMA teacher's)
+    prefixes its tensors' checkpoint keys with ``<name>.``."""
     from megatron_sdar.models.weight_mapping import unwrap_model
 
     chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
     chunks = [unwrap_model(c) for c in chunks]
+    prefix = "" if name == "model" else f"{name}."
     if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict()}
-    return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
+        return {name: chunks[0].sharded_state_dict(prefix=prefix)}
+    return {f"{name}{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
+
+
+def load_sharded_model_state(model_chunks, state: dict, name: str = "model") -> None:
+    """Load what :func:`sharded_model_state` described (read back by ``dist_checkpointing.load``)
+    into ``model_chunks``."""
+    from megatron_sdar.models.weight_mapping import unwrap_model
+
+    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    keys = [name] if len(chunks) == 1 else [f"{name}{i}" for i in range(len(chunks))]
+    prefix = "" if name == "model" else f"{name}."
+    for chunk, key in zip(chunks, keys, strict=True):
+        values = {k.removeprefix(prefix): v for k, v in state[key].items()}
+        unwrap_model(chunk).load_state_dict(values, strict=True)
 
 
 def save_model_checkpoint(model_chunks, arch: QwenArchitecture, out_dir: str | Path,
@@ -137,14 +153,9 @@ def load_model_checkpoint(model_chunks, ckpt_dir: str | Path) -> None:
     """Collective: load the weights of a distributed checkpoint into this rank's model (any layout)."""
     from megatron.core import dist_checkpointing
 
-    from megatron_sdar.models.weight_mapping import unwrap_model
-
     ckpt_dir = resolve_checkpoint_dir(ckpt_dir)
-    chunks = model_chunks if isinstance(model_chunks, (list, tuple)) else [model_chunks]
-    state = dist_checkpointing.load(sharded_model_state(chunks), str(ckpt_dir))
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for chunk, key in zip(chunks, keys):
-        unwrap_model(chunk).load_state_dict(state[key], strict=True)
+    state = dist_checkpointing.load(sharded_model_state(model_chunks), str(ckpt_dir))
+    load_sharded_model_state(model_chunks, state)
 
 
 def verify_checkpoint(ckpt_dir: str | Path) -> None:

@@ -13,6 +13,8 @@ Layout of ``root`` (one training run per root)::
                                    writes it (so tools/convert_checkpoint.py exports a training checkpoint)
         rng/rank_00000.pt ...      each rank's RNG states
         trainer_state.json         the trainer's dict (rank 0's copy)
+                                   (``extra_models``: frozen weights kept beside the policy, such as an
+                                   EMA teacher's, in the same distributed checkpoint under their name)
         hf_assets/                 tokenizer, chat template, generation config of the run's model
         complete.json              written last: layout, optimizer kind, size and xxh3-64 checksum
                                    of every file above (each rank hashes the files it wrote)
@@ -70,7 +72,8 @@ from megatron_sdar import patches
 from megatron_sdar.checkpoint.integrity import MARKER_FILE, collect_manifest, fsync_dir, write_marker
 from megatron_sdar.checkpoint.model import (HF_ASSETS_DIR, METADATA_FILE as MODEL_METADATA_FILE, TRAIN_FORMAT_NAME,
                                             TRAIN_FORMAT_VERSION, CheckpointFormatError, copy_hf_assets, model_metadata,
-                                            nonfinite_parameters, shape_fields, sharded_model_state, verify_checkpoint)
+                                            load_sharded_model_state, nonfinite_parameters, shape_fields,
+                                            sharded_model_state, verify_checkpoint)
 from megatron_sdar.checkpoint.resume import (TMP_PREFIX, TRAINER_STATE_FILE, checkpoint_dir_name, complete_checkpoints,
                                              is_complete_checkpoint, read_complete_checkpoint, step_dirs, warn)
 from megatron_sdar.checkpoint.rng import capture_rng_state, restore_rng_state
@@ -120,11 +123,14 @@ def _content_metadata(policy, optimizer_sharding: str) -> dict[str, Any]:
     return md
 
 
-def _sharded_train_state(policy, optimizer_sharding: str, is_loading: bool) -> dict:
-    """``{"model": ..., "optimizer": ...}`` (``model0``, ``model1``... for virtual pipeline chunks)."""
+def _sharded_train_state(policy, optimizer_sharding: str, is_loading: bool, extra_models: dict | None = None) -> dict:
+    """``{"model": ..., "optimizer": ...}`` (``model0``, ``model1``... for virtual pipeline chunks), plus
+    each of ``extra_models`` (name -> frozen model chunks) under its name."""
     from megatron.core import parallel_state as ps
 
     state = sharded_model_state(policy.model)  # the same model keys as a model-only checkpoint
+    for name, chunks in (extra_models or {}).items():
+        state.update(sharded_model_state(chunks, name))
     if is_loading:
         patches.materialize_distributed_optimizer_state(policy.optimizer)
     metadata = dict(_content_metadata(policy, optimizer_sharding),
@@ -147,7 +153,8 @@ def _remove(path: Path) -> None:
 # save
 # ------------------------------------------------------------------------------------------------
 def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, keep_last: int | None = 2, *,
-                    optimizer_sharding: str = "fully_reshardable", hf_assets_source: str | Path | None = None) -> Path:
+                    optimizer_sharding: str = "fully_reshardable", hf_assets_source: str | Path | None = None,
+                    extra_models: dict[str, list] | None = None) -> Path:
     """Collective: save ``policy`` (model + optimizer), every rank's RNG states and ``trainer_state``
     as ``root/step_{step:08d}``; return that path on every rank.
 
@@ -160,6 +167,8 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     prefer them. ``optimizer_sharding`` only matters for the distributed optimizer (module
     docstring). ``hf_assets_source``: the HF directory whose tokenizer, chat template and
     generation config are copied into the checkpoint (so it exports to a complete HF directory).
+    ``extra_models``: frozen model chunks saved beside the policy under their name (the EMA teacher's:
+    ``{"teacher_ema": chunks}``), resharded at load like the policy's.
     """
     from megatron.core import dist_checkpointing
 
@@ -180,7 +189,7 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     tmp = root / f"{TMP_PREFIX}{final.name}"
     _on_rank0(_prepare_empty_dir, root, tmp)
 
-    dist_checkpointing.save(_sharded_train_state(policy, optimizer_sharding, is_loading=False), str(tmp),
+    dist_checkpointing.save(_sharded_train_state(policy, optimizer_sharding, False, extra_models), str(tmp),
                             content_metadata=_content_metadata(policy, optimizer_sharding))
     rng_file = _rng_file(tmp, dist.get_rank())
     rng_file.parent.mkdir(exist_ok=True)  # only now: Megatron warns when saving into a non-empty dir
@@ -188,7 +197,8 @@ def save_checkpoint(root: str | Path, step: int, policy, trainer_state: dict, ke
     layout = _parallel_layout()
     marker = {"format": TRAIN_FORMAT_NAME, "version": TRAIN_FORMAT_VERSION, "step": step,
               "policy_steps_taken": policy.steps_taken, "layout": layout,
-              "optimizer": dict(_optimizer_kind(policy), sharding=optimizer_sharding)}
+              "optimizer": dict(_optimizer_kind(policy), sharding=optimizer_sharding),
+              "extra_models": sorted(extra_models or {})}
     model_meta = model_metadata(policy.arch, {k: layout[k] for k in ("tensor_parallel", "pipeline_parallel")})
     _on_rank0(_write_metadata, tmp, trainer_json, model_meta, hf_assets_source)
     dist.barrier()  # every rank's shards and RNG file are on disk
@@ -309,7 +319,8 @@ def _validate_for_load(path: Path, policy) -> tuple[dict, dict, bool]:
     return marker, trainer_state, _check_compatible(path, marker, policy)
 
 
-def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: bool = True) -> dict:
+def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: bool = True,
+                    extra_models: dict[str, list] | None = None) -> dict:
     """Collective: restore the model weights, the optimizer (Adam moments, step counts, fp32 master
     weights), this rank's RNG states and ``policy.steps_taken`` from a checkpoint written by
     :func:`save_checkpoint`; return its ``trainer_state``.
@@ -321,11 +332,11 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: 
     Model and optimizer state load at another TP/PP/DP layout as the module docstring says. RNG
     states are restored only when the world size and model-parallel layout are those of the save
     (and ``load_rng``): with another layout rank ``r``'s saved stream has no counterpart, so the
-    current states are kept and a warning says so.
+    current states are kept and a warning says so. ``extra_models``: the frozen model chunks saved
+    beside the policy by :func:`save_checkpoint` to load too (:class:`IncompatibleCheckpointError`
+    when the checkpoint lacks one).
     """
     from megatron.core import dist_checkpointing
-
-    from megatron_sdar.models.weight_mapping import unwrap_model
 
     path = Path(path)
     patches.check_uniform_param_dtype(policy)
@@ -337,11 +348,14 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: 
         except CheckpointFormatError as exc:
             raise CorruptCheckpointError(str(exc)) from None
 
-    sharded = _sharded_train_state(policy, marker["optimizer"].get("sharding", "dp_reshardable"), is_loading=True)
+    if missing := sorted(set(extra_models or {}) - set(marker.get("extra_models", []))):
+        raise IncompatibleCheckpointError(f"{path} holds no {', '.join(missing)} weights (saved by a run without "
+                                          "them, e.g. another algo.teacher): resume with the run's own settings")
+    sharded = _sharded_train_state(policy, marker["optimizer"].get("sharding", "dp_reshardable"), True, extra_models)
     state = dist_checkpointing.load(sharded, str(path))
-    model_keys = [key for key in sharded if key != "optimizer"]  # "model" or "model0", "model1"...
-    for chunk, key in zip(policy.model, model_keys, strict=True):
-        unwrap_model(chunk).load_state_dict(state[key], strict=True)
+    load_sharded_model_state(policy.model, state)
+    for name, chunks in (extra_models or {}).items():
+        load_sharded_model_state(chunks, state, name)
     try:
         patches.load_optimizer_state(policy.optimizer, state["optimizer"])
     except patches.OptimizerLayoutError as exc:
@@ -362,7 +376,8 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: 
     return trainer_state
 
 
-def load_latest_checkpoint(root: str | Path, policy, *, verify: bool = True) -> tuple[Path, dict] | None:
+def load_latest_checkpoint(root: str | Path, policy, *, verify: bool = True,
+                           extra_models: dict[str, list] | None = None) -> tuple[Path, dict] | None:
     """Collective: load the newest checkpoint under ``root`` that is complete and intact;
     ``(path, trainer_state)``, or ``None`` when there is none. A checkpoint that fails its checks
     (incomplete, corrupt, non-finite weights) is skipped with a warning that says why, and the
@@ -370,7 +385,7 @@ def load_latest_checkpoint(root: str | Path, policy, *, verify: bool = True) -> 
     candidates = _on_rank0(complete_checkpoints, Path(root))
     for path in candidates:
         try:
-            return path, load_checkpoint(path, policy, verify=verify)
+            return path, load_checkpoint(path, policy, verify=verify, extra_models=extra_models)
         except CorruptCheckpointError as exc:
             if dist.get_rank() == 0:
                 warn(f"skipping checkpoint {path}: {exc}")

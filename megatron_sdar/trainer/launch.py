@@ -140,8 +140,8 @@ def memory_plan(plan: LaunchPlan) -> dict[str, Any]:
 
     work, rollout = run_inputs(plan.run, plan.dims)  # the inputs tools/plan.py estimates from
     est = estimate(plan.arch, plan.dims, work, rollout, name=plan.model_dir.name)
-    keys = ("weights", "gradients", "optimizer", "reference", "activations", "logits", "teacher", "training",
-            "vllm_pool", "overhead", "total", "capacity")
+    keys = ("weights", "gradients", "optimizer", "reference", "teacher_weights", "activations", "logits", "teacher",
+            "training", "vllm_pool", "overhead", "total", "capacity")
     return {**{k: round(getattr(est, k), 3) for k in keys}, "fits": est.fits, "problems": list(est.problems)}
 
 
@@ -170,6 +170,21 @@ def dry_run_report(plan: LaunchPlan) -> dict[str, Any]:
         "memory_plan_gib": memory_plan(plan),
         "skipped_checks": plan.skipped_checks,
     })
+
+
+def teacher_weights_line(run: RunConfig, mem: dict[str, Any]) -> str:
+    """What ``algo.teacher`` costs in the plan: no weights (shared), the KL reference copy (frozen), or
+    a copy of its own (ema)."""
+    objective = run.objective()
+    if not objective.needs_teacher:
+        return f"none (algo={run.algo.name} has no teacher term)"
+    if objective.teacher == "shared":
+        return "shared (the policy's own weights at rollout time; no copy)"
+    if objective.teacher == "frozen":
+        kl = "the KL term's" if objective.kl_coef > 0 else "kept for the teacher alone (algo.kl_coef=0)"
+        return f"frozen (the reference model, {kl} copy: {mem['reference']:.1f} GiB)"
+    shadow = "" if run.model.dtype == "float32" else " and its fp32 average"
+    return f"ema (decay {objective.teacher_ema_decay}; a copy of its own{shadow}: {mem['teacher_weights']:.1f} GiB)"
 
 
 def dry_run_world_size(run: RunConfig) -> int:
@@ -215,6 +230,7 @@ def dry_run(run: RunConfig) -> dict[str, Any]:
     print(f"memory per GPU (GiB, worst stage): training {mem['training']:.1f} + vLLM {mem['vllm_pool']:.1f} "
           f"+ overhead {mem['overhead']:.1f} = {mem['total']:.1f} of {mem['capacity']:.1f} "
           f"({'fits' if mem['fits'] else 'DOES NOT FIT: ' + '; '.join(mem['problems'])})")
+    print(f"teacher weights: {teacher_weights_line(run, mem)}")
     for key in ("transformer_config", "ddp_config", "optimizer_config", "vllm_engine_args"):
         print(f"{key}: " + ", ".join(f"{k}={v}" for k, v in report[key].items()))
     print("skipped (need the GPU node): " + ", ".join(plan.skipped_checks))

@@ -124,19 +124,34 @@ class Policy:
     def unwrapped(self) -> list:
         return [chunk.module for chunk in self.model]
 
-    def frozen_copy(self, hf_dir: str | Path) -> list:
+    def frozen_copy(self, hf_dir: str | Path | None = None) -> list:
         """Model chunks built as the policy's (same architecture, TransformerConfig: layout and
-        precision; the same virtual-pipeline chunks) with ``hf_dir``'s weights, in eval mode, no
-        gradients, no DDP wrapper or optimizer (the KL reference)."""
+        precision; the same virtual-pipeline chunks) with ``hf_dir``'s weights (None: a copy of the
+        policy's current weights), in eval mode, no gradients, no DDP wrapper or optimizer (the KL
+        reference, the frozen or EMA teacher)."""
         import dataclasses
 
         config = dataclasses.replace(self.config, perform_initialization=False)
         chunks = _build_chunks(self.arch, config, len(self.model), hf_dir)
+        if hf_dir is None:
+            copy_weights(self.unwrapped(), chunks)
         for chunk in chunks:
             chunk.eval()
             for param in chunk.parameters():
                 param.requires_grad_(False)
         return chunks
+
+
+def copy_weights(source: list, target: list) -> None:
+    """Copy the weights of model chunks ``source`` into ``target`` (same architecture and layout)."""
+    import torch
+
+    with torch.no_grad():
+        for src, dst in zip(source, target, strict=True):
+            for (name, a), (other, b) in zip(src.named_parameters(), dst.named_parameters(), strict=True):
+                if name != other or a.shape != b.shape:
+                    raise ValueError(f"model chunks differ: {name} {tuple(a.shape)} vs {other} {tuple(b.shape)}")
+                b.copy_(a)
 
 
 def ddp_config_kwargs(optim_config: OptimConfig, precision: PrecisionSettings) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The teacher batch: the sequences SDAR's teacher pass scores, built in one place.
+"""The teacher: its batch (the sequences SDAR's teacher pass scores) and its weights, each built in
+one place.
 
 The teacher is the policy itself given privileged context (retrieved skills). For each scored turn
 its sequence is the turn's stored chat messages re-rendered with the episode's privileged context
@@ -11,6 +12,10 @@ scores nothing.
 The batch's sequences are :class:`~megatron_sdar.trainer.batch.TrainingSample` s, so the teacher
 pass packs them with the same planner as every other pass (keeping each sample's DP rank of the
 step), and its per-token values map back to the step's samples with :meth:`TeacherBatch.step_tables`.
+
+The teacher's *weights* (``algo.teacher``, :class:`TeacherWeights`): ``shared``, the policy that
+sampled the rollout, as the SDAR release; ``frozen``, the policy at the start of RL, which is the KL
+reference model (no second copy); ``ema``, an exponential moving average of the policy.
 """
 from __future__ import annotations
 
@@ -83,3 +88,71 @@ class TeacherBatch:
         the step's sample index (``teacher_logprobs``, ``teacher_topk_*``, ``teacher_logits``)."""
         return {_TEACHER_INPUTS[name]: {self.indices[j]: v for j, v in by_position.items()}
                 for name, by_position in values.items()}
+
+
+class TeacherWeights:
+    """The weights that score the teacher batch (``ObjectiveConfig.teacher``).
+
+    * ``shared``: the policy's own chunks, before the step's update: the rollout-time weights (the
+      SDAR release). The teacher moves with the student, so the two can drift together to a state
+      where the skills no longer matter.
+    * ``frozen``: the policy at the start of RL, the weights of the KL reference model
+      (``reference()``: built once, shared with the reference pass; a frozen teacher of OPSD, verl
+      PR #6909).
+    * ``ema``: ``theta_T <- d * theta_T + (1 - d) * theta`` after every applied optimizer step, from
+      the policy at the start of RL (:meth:`start`); an EMA teacher of OPSD, NeMo-RL PR #2063. Its
+      chunks are a frozen copy of the policy in the policy's dtype; with bf16 / fp16 weights an fp32
+      shadow holds the average (a 1% step is below bf16's resolution). Training checkpoints carry
+      its chunks (:meth:`checkpoint_models`); a resume of a bf16 run restarts the shadow from them.
+    """
+
+    def __init__(self, kind: str, policy, reference: Callable[[], list], ema_decay: float) -> None:
+        self.kind = kind
+        self.policy = policy
+        self.reference = reference
+        self.decay = ema_decay
+        self.ema: list | None = policy.frozen_copy() if kind == "ema" else None
+        self._shadow: list[torch.Tensor] | None = None
+
+    def model(self) -> list:
+        """The model chunks the teacher pass runs."""
+        if self.kind == "shared":
+            return self.policy.model
+        if self.kind == "frozen":
+            return self.reference()
+        return self.ema
+
+    def _ema_params(self) -> list[torch.Tensor]:
+        return [p for chunk in self.ema for p in chunk.parameters()]
+
+    def start(self) -> None:
+        """At the start of RL: the EMA starts from the policy's weights."""
+        if self.ema is None:
+            return
+        from megatron_sdar.trainer.policy import copy_weights
+
+        copy_weights(self.policy.unwrapped(), self.ema)
+        self.loaded()
+
+    def loaded(self) -> None:
+        """After the EMA chunks were set (start, or a checkpoint load): the fp32 shadow from them."""
+        params = self._ema_params() if self.ema is not None else []
+        self._shadow = [p.detach().float().clone() for p in params] if any(
+            p.dtype != torch.float32 for p in params) else None
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """After an applied optimizer step: the EMA update (nothing for ``shared`` / ``frozen``)."""
+        if self.ema is None:
+            return
+        policy = [p for chunk in self.policy.unwrapped() for p in chunk.parameters()]
+        targets = self._shadow if self._shadow is not None else self._ema_params()
+        for average, current in zip(targets, policy, strict=True):
+            average.mul_(self.decay).add_(current.detach().to(average.dtype), alpha=1.0 - self.decay)
+        if self._shadow is not None:
+            for param, average in zip(self._ema_params(), self._shadow, strict=True):
+                param.copy_(average)
+
+    def checkpoint_models(self) -> dict[str, list]:
+        """Frozen model chunks a training checkpoint must carry beside the policy: the EMA's."""
+        return {"teacher_ema": self.ema} if self.ema is not None else {}

@@ -19,7 +19,7 @@ from megatron_sdar.trainer.batch import (PassLayout, TrainingSample, action_mask
                                          build_micro_batches, plan_pass, rollout_logprob_table)
 from megatron_sdar.trainer.passes import forward_token_values, sft_pass, student_pass
 from megatron_sdar.trainer.policy import Policy
-from megatron_sdar.trainer.teacher import TeacherBatch, teacher_indices
+from megatron_sdar.trainer.teacher import TeacherBatch, TeacherWeights, teacher_indices
 from megatron_sdar.utils.logging import log
 from megatron_sdar.utils.parallel_dims import ProcessGroups
 
@@ -29,7 +29,8 @@ class PolicyUpdate:
     directory of the frozen KL reference (read once, when the first KL term is needed).
     ``micro_batch_tokens``: pack samples into micro-batches of at most that many tokens
     (:func:`~megatron_sdar.trainer.batch.plan_pass`); ``None``: ``micro_batch_size`` padded rows.
-    ``pass_tokens`` holds the last step's real and computed (padded) tokens per pass."""
+    ``pass_tokens`` holds the last step's real and computed (padded) tokens per pass. ``teacher_weights``: the
+    weights of the teacher pass (``objective.teacher``; the frozen teacher is the reference model)."""
 
     def __init__(self, policy: Policy, objective: ObjectiveConfig, micro_batch_size: int,
                  pad_id: int, reference_dir: Callable[[], Path], micro_batch_tokens: int | None = None) -> None:
@@ -51,6 +52,8 @@ class PolicyUpdate:
                 "transformer_overrides(ParallelDims.current())")
         self.reference = None
         self.pass_tokens: dict[str, float] = {}
+        self.teacher_weights = TeacherWeights(objective.teacher if objective.needs_teacher else "shared", policy,
+                                      self._reference_model, objective.teacher_ema_decay)
 
     def owners(self, samples: list[TrainingSample]) -> list[int]:
         """Each sample's DP rank for every pass of a step (from the student sequences)."""
@@ -101,7 +104,8 @@ class PolicyUpdate:
                                         kernel=self.objective.kernel, **kwargs)
 
     def _reference_model(self) -> list:
-        """The frozen reference: the policy at the start of RL (after SFT), read once."""
+        """The frozen reference: the policy at the start of RL (after SFT), read once (the KL
+        reference pass and the frozen teacher share it)."""
         if self.reference is None:
             self.reference = self.policy.frozen_copy(self.reference_dir())
         return self.reference
@@ -124,7 +128,7 @@ class PolicyUpdate:
                              "pass teacher=TeacherBatch.from_messages(samples, objective, formatter)")
         if expected:
             estimator = objective.estimator
-            values = self._forward_values(self.policy.model, teacher.sequences, name="teacher",
+            values = self._forward_values(self.teacher_weights.model(), teacher.sequences, name="teacher",
                                           owners=[owners[i] for i in teacher.indices],
                                           topk=objective.topk if estimator == "topk" else 0,
                                           keep_logits=estimator == "full")
@@ -151,7 +155,10 @@ class PolicyUpdate:
         metrics = student_pass(self.policy.model, micro, layout, self.arch.vocab_size, self.ctx, objective,
                                normalizers, step, distill_normalizers)
         self.pass_tokens["perf/student_seconds"] = time.perf_counter() - student_started
-        return self.optimizer_step(metrics, self.policy.optim_config.lr_at(step) if lr is None else lr)
+        metrics = self.optimizer_step(metrics, self.policy.optim_config.lr_at(step) if lr is None else lr)
+        if not metrics["trainer/skipped_step"]:
+            self.teacher_weights.after_step()
+        return metrics
 
     def optimizer_step(self, metrics: dict[str, float], lr: float) -> dict[str, float]:
         metrics = self._from_last_stage(metrics)

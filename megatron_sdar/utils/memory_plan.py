@@ -18,7 +18,11 @@ Everything is an estimate from tensor shapes; nothing is allocated. The terms:
   per parameter, divided by the data-parallel size (``dp * cp``; expert parameters by the
   expert-data-parallel size) when the distributed optimizer is on.
 * **reference**: the frozen reference policy of the KL term (bf16 copy of the weights; none when
-  ``algo.kl_coef`` is 0).
+  ``algo.kl_coef`` is 0, unless the teacher is frozen: ``algo.teacher=frozen`` runs the teacher on
+  this same copy, so it costs no more than the KL term does).
+* **teacher weights**: ``algo.teacher=ema`` keeps an exponential moving average of the policy: one
+  more copy of the weights, plus an fp32 shadow of it when the weights are bf16 / fp8 (``shared``
+  and ``frozen`` add nothing here).
 * **activations**: per layer and micro-batch the tensors autograd keeps (see
   :func:`layer_activation_bytes`), times the micro-batches a 1F1B pipeline keeps in flight (``pp``
   on the first stage, ``x (1 + (pp-1)/(pp*vpp))`` interleaved). ``recompute=full`` keeps only each
@@ -134,10 +138,13 @@ class Workload:
     kernels: str = "fused"  # fused: flash attention + fused SwiGLU (GPU); unfused: local spec on CPU
     reference_model: bool = True  # frozen KL reference kept on the GPU
     teacher_pass: bool = True
+    teacher_weights: str = "shared"  # algo.teacher: shared | frozen (the reference copy) | ema (a copy of its own)
 
     def check(self, layout: ParallelDims) -> None:
         if self.precision not in PRECISIONS:
             raise PlanError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.teacher_weights not in ("shared", "frozen", "ema"):
+            raise PlanError(f"teacher_weights must be shared, frozen or ema, got {self.teacher_weights!r}")
         if self.kernels not in KERNELS:
             raise PlanError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
         if min(self.seq_len, self.micro_batch_size, self.global_batch_size) < 1 or self.teacher_extra_tokens < 0:
@@ -263,6 +270,7 @@ class Estimate:
     gradients: float
     optimizer: float
     reference: float
+    teacher_weights: float
     activations: float
     activations_no_recompute: float
     activations_full_recompute: float
@@ -294,7 +302,10 @@ def _stage_estimate(model: QwenArchitecture, layout: ParallelDims, work: Workloa
     expert_dp = layout.tp * layout.cp * layout.dp // (layout.ep * layout.expert_tp)
     expert_shards = expert_dp if layout.distributed_optimizer else 1
     optimizer = p.dense * opt_b / dense_shards + p.expert * opt_b / expert_shards
-    reference = p.total * weight_b if work.reference_model else 0.0
+    frozen_teacher = work.teacher_pass and work.teacher_weights == "frozen"
+    reference = p.total * weight_b if work.reference_model or frozen_teacher else 0.0
+    ema = work.teacher_pass and work.teacher_weights == "ema"
+    teacher_weights = p.total * (weight_b + (0.0 if fp32 else 4.0)) if ema else 0.0
 
     tokens = work.micro_batch_size * work.seq_len / layout.cp
     layers = model.num_layers // layout.pp
@@ -323,7 +334,7 @@ def _stage_estimate(model: QwenArchitecture, layout: ParallelDims, work: Workloa
         if last:
             teacher += t_tokens * v_local * (work.act_bytes + 4 * OBJECTIVE_LOGITS_EXTRA)
     return dict(weights=weights, gradients=gradients, optimizer=optimizer, reference=reference,
-                activations=acts(layout.recompute), activations_no_recompute=acts("none"),
+                teacher_weights=teacher_weights, activations=acts(layout.recompute), activations_no_recompute=acts("none"),
                 activations_full_recompute=acts("full"), logits=logits, teacher=teacher)
 
 
@@ -339,7 +350,8 @@ def estimate(model: QwenArchitecture, layout: ParallelDims, work: Workload, roll
     per_stage = {s: _stage_estimate(model, layout, work, s) for s in stages}
 
     def training(parts: dict[str, float]) -> float:
-        static = parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["reference"]
+        static = (parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["reference"]
+                  + parts["teacher_weights"])
         return static + parts["activations"] + max(parts["logits"], parts["teacher"])
 
     stage = max(stages, key=lambda s: training(per_stage[s]))
@@ -415,7 +427,8 @@ def run_inputs(run: "RunConfig", layout: ParallelDims) -> tuple[Workload, Rollou
     r, objective = run.rollout, run.objective()
     work = workload_for(r.max_prompt_tokens + r.max_response_tokens, run.trainer.micro_batch_size,
                         r.tasks_per_step * r.group_size, layout.dp, precision_of(run),
-                        reference_model=objective.kl_coef > 0, teacher_pass=objective.needs_teacher)
+                        reference_model=objective.kl_coef > 0, teacher_pass=objective.needs_teacher,
+                        teacher_weights=objective.teacher)
     return work, Rollout(gpu_memory_utilization=r.gpu_memory_utilization, tp=r.tp, fp8=run.model.fp8_rollout)
 
 
@@ -460,7 +473,7 @@ def plan_recipe(name: str, **kwargs: Any) -> tuple[Recipe, Estimate]:
 # --------------------------------------------------------------------------------------------
 # tables
 # --------------------------------------------------------------------------------------------
-COLUMNS = ("weights", "gradients", "optimizer", "reference", "activations", "logits", "teacher",
+COLUMNS = ("weights", "gradients", "optimizer", "reference", "teacher_weights", "activations", "logits", "teacher",
            "vllm_pool", "total")
 
 
@@ -473,6 +486,7 @@ def format_estimate(est: Estimate) -> str:
     rows = [
         ("weights", est.weights), ("gradients (fp32 main grads)", est.gradients),
         ("optimizer (Adam, sharded)", est.optimizer), ("reference policy", est.reference),
+        ("teacher weights (EMA)", est.teacher_weights),
         ("activations", est.activations), ("  without recompute", est.activations_no_recompute),
         ("  with full recompute", est.activations_full_recompute), ("logits + objective", est.logits),
         ("teacher pass (no grad)", est.teacher), ("training total", est.training),
