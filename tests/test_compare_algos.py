@@ -146,9 +146,17 @@ def test_sweep_grid_and_choice():
                        "grpo:lr=3": {"0": 0.92, "1": 0.92, "2": 0.45}, "grpo:lr=4": {"0": 0.2}}}
     assert best_variant(scores["grpo"]) == "grpo:lr=2"
     assert best_variant({"x:a=1": {"0": 0.3}, "x:a=2": {"0": 0.3}}) == "x:a=1"  # the first among equals
+    # a run that ends below the start counts against its setting before the interval does: lr=1 has the
+    # higher lower end (0.792 against 0.748), but its 0.85 ends below a start of 0.86
+    close = {"x:lr=1": {"0": 0.92, "1": 0.93, "2": 0.85}, "x:lr=2": {"0": 0.87, "1": 0.99, "2": 0.88}}
+    assert best_variant(close) == "x:lr=1" and best_variant(close, start=0.86) == "x:lr=2"
+    assert best_variant(close, start=0.5) == "x:lr=1"  # both above the start: the interval decides
     table = score_table(scores, [0, 1, 2], 12)
-    assert "| grpo | lr=2 | 0.700 | 0.650 | 0.750 | 0.700 ± 0.124 | 0.576 | **best** |" in table
-    assert "| grpo | lr=4 | 0.200 | - | - | 0.200 | 0.200 |  |" in table
+    assert "| grpo | lr=2 | 0.700 | 0.650 | 0.750 | 0.700 ± 0.124 | 0.576 | - | **best** |" in table
+    assert "| grpo | lr=4 | 0.200 | - | - | 0.200 | 0.200 | - |  |" in table
+    table = score_table(scores, [0, 1, 2], 12, start=0.5)
+    assert "runs below the start (0.500)" in table and "| grpo | lr=1 | 0.900 | 0.050 | 0.900 |" in table
+    assert "| 0.617 ± 1.219 | -0.602 | 1 |  |" in table and "| 0.576 | 0 | **best** |" in table
 
 
 def test_summary_pairs_every_step_by_seed():
@@ -162,6 +170,73 @@ def test_summary_pairs_every_step_by_seed():
     table = summarize(summary, "grpo")
     assert "| variant | seeds | step 0 | step 6 | step 12 | minus grpo at step 6 | minus grpo at step 12 |" in table
     # step 6: +0.2 on every seed (an interval of zero width excludes 0); step 12: -0.1, +0.1, -0.1
-    assert "| sdar | 3 | 0.200 ± 0.000 | 0.700 ± 0.248 | 0.800 ± 0.248 | +0.200 ± 0.000 | -0.033 ± 0.287 (inside the noise) |" \
-        in table
-    assert "| grpo | 3 | 0.200 ± 0.000 | 0.500 ± 0.248 | 0.833 ± 0.143 | - | - |" in table
+    assert "| sdar | 3 | 0.200 ± 0.000 | 0.700 ± 0.248 | 0.800 ± 0.248 | +0.200 ± 0.000 | -0.033 ± 0.287 (inside the noise) " \
+        "| 0 of 3 | 0 of 3 |" in table
+    assert "| grpo | 3 | 0.200 ± 0.000 | 0.500 ± 0.248 | 0.833 ± 0.143 | - | - | 0 of 3 | 0 of 3 |" in table
+
+
+def test_summary_counts_runs_below_their_start_and_pairs_random_skill_controls():
+    """A run that ends below the start and one that warned of a collapse are counted; each variant is
+    paired with its random-skill control (the same variant with env.retrieval=random) by seed; the
+    first-choice table pairs the same way."""
+    from megatron_sdar.trainer.comparison import control_of, summarize
+
+    def rows(success, choice, warned=()):
+        out = [{"step": s, "eval/success_rate": v, "eval/first_choice_correct": c, "eval/num_tasks": 200.0}
+               for s, v, c in zip((0, 12), success, choice)]
+        out[-1]["collapse_warnings"] = list(warned)
+        return out
+
+    summary = {"grpo": {"0": rows((0.1, 0.3), (0.1, 0.2)), "1": rows((0.1, 0.0), (0.1, 0.0), warned=(9, 10))},
+               "sdar:algo.teacher=frozen": {"0": rows((0.1, 0.8), (0.1, 0.9)), "1": rows((0.1, 0.6), (0.1, 0.7))},
+               "sdar:algo.teacher=frozen,env.retrieval=random": {"0": rows((0.1, 0.2), (0.1, 0.1)),
+                                                                  "1": rows((0.1, 0.05), (0.1, 0.2))}}
+    assert control_of("sdar:algo.teacher=frozen", summary) == "sdar:algo.teacher=frozen,env.retrieval=random"
+    assert control_of("sdar:env.retrieval=random", summary) is None and control_of("grpo", summary) is None
+    table = summarize(summary, "grpo")
+    assert "minus its random-skill control at step 12 | runs ending below their start | runs that warned" in table
+    assert "| grpo | 2 | 0.100 ± 0.000 | 0.150 ± 1.906 | - | - | 1 of 2 | 1 of 2 |" in table
+    # frozen minus grpo: +0.5, +0.6 -> +0.550 +- 0.635; minus its control: +0.60, +0.55 -> +0.575 +- 0.318
+    assert "| sdar:algo.teacher=frozen | 2 | 0.100 ± 0.000 | 0.700 ± 1.271 | +0.550 ± 0.635 (inside the noise) " \
+        "| +0.575 ± 0.318 | 0 of 2 | 0 of 2 |" in table
+    assert "| sdar:algo.teacher=frozen,env.retrieval=random | 2 | 0.100 ± 0.000 | 0.125 ± 0.953 | -0.025 ± 0.953 " \
+        "(inside the noise) | - | 1 of 2 | 0 of 2 |" in table
+    choice = summarize(summary, "grpo", "eval/first_choice_correct")
+    assert "`eval/first_choice_correct`" in choice and "runs ending below" not in choice
+    # first choice, frozen minus grpo: +0.7, +0.7; minus its control: +0.8, +0.5
+    assert "| sdar:algo.teacher=frozen | 2 | 0.100 ± 0.000 | 0.800 ± 1.271 | +0.700 ± 0.000 | +0.650 ± 1.906 " \
+        "(inside the noise) |" in choice
+
+
+def test_regime_reads_contrast_at_step_one_and_the_paired_final_difference(tmp_path):
+    """tools/regime.py: per level, GRPO's contrast share at step 1 over its seeds and SDAR minus GRPO at
+    the last step paired by seed, each with its 95% interval; a missing directory or variant is one line."""
+    sys.path.insert(0, str(REPO / "tools"))
+    from regime import level_point, main
+
+    def write_level(directory: Path, contrasts, grpo_final, sdar_final):
+        summary = {"grpo": {}, "sdar:algo.teacher=frozen": {}}
+        for seed, (c, g, s) in enumerate(zip(contrasts, grpo_final, sdar_final)):
+            run = directory / "grpo" / f"seed{seed}"
+            run.mkdir(parents=True)
+            rows = [{"step": 1, "rollout/success_contrast_groups": c}, {"step": 2, "rollout/success_contrast_groups": 1.0}]
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            summary["grpo"][str(seed)] = [{"step": 0, "eval/success_rate": 0.1}, {"step": 12, "eval/success_rate": g}]
+            summary["sdar:algo.teacher=frozen"][str(seed)] = [{"step": 0, "eval/success_rate": 0.1},
+                                                             {"step": 12, "eval/success_rate": s}]
+        (directory / "summary.json").write_text(json.dumps(summary))
+
+    write_level(tmp_path / "scarce", [0.25, 0.0, 0.5], [0.1, 0.2, 0.0], [0.6, 0.7, 0.5])
+    write_level(tmp_path / "rich", [1.0, 0.75, 1.0], [0.8, 0.7, 0.9], [0.8, 0.8, 0.8])
+    point = level_point("scarce", tmp_path / "scarce", "grpo", "sdar:algo.teacher=frozen")
+    assert point["contrast_step1"] == [0.25, 0.0, 0.5] and point["x"] == 0.25 and point["step"] == 12
+    assert point["differences"] == pytest.approx([0.5, 0.5, 0.5]) and point["y_half"] == pytest.approx(0.0)
+    out = tmp_path / "regime"
+    assert main(["--level", "scarce", str(tmp_path / "scarce"), "--level", "rich", str(tmp_path / "rich"),
+                 "--sdar", "sdar:algo.teacher=frozen", "--out", str(out)]) == 0
+    table = (out / "regime.md").read_text()
+    assert "| scarce | 3 | 0.250 ± 0.621 | +0.500 ± 0.000 (step 12) |" in table
+    assert "| rich | 3 | 0.917 ± 0.359 | +0.000 ± 0.248 (inside the noise) (step 12) |" in table
+    assert (out / "regime.png").stat().st_size > 1000
+    assert main(["--level", "x", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert main(["--level", "scarce", str(tmp_path / "scarce"), "--sdar", "hdpo", "--out", str(out)]) == 2

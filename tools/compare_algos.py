@@ -7,7 +7,8 @@
    starting point ``<out>/sft/sft_model`` (the policy after SFT) and its evaluation (step 0: held-out
    success without skills, and with skills in the prompt: the teacher's edge). ``--init <HF dir>``
    skips it; the step-0 evaluation is then taken from the run that wrote that directory, when it is
-   a run's ``sft_model/`` evaluated on the same split, else step 0 is not reported.
+   a run's ``sft_model/`` evaluated on the same split, else made by ``<out>/start`` (an evaluation of
+   ``--init`` alone).
 2. Every variant x seed is one ``python -m megatron_sdar.train`` run from that start
    (``trainer.seed=S``: other training tasks and sampling seeds, the same held-out tasks), with a
    fresh optimizer and the same budget. A variant is a preset (``python -m megatron_sdar.train
@@ -16,11 +17,15 @@
    preset runs at the settings chosen for it on the validation split (``config/tuned/``); a
    variant's overrides replace them.
 3. ``<out>/summary.json``: variant -> seed (a string) -> the run's evaluation rows (``step``,
-   ``eval/success_rate``, ``eval/num_tasks``; the step-0 row of the shared start also
-   ``eval/with_skills/success_rate``). ``<out>/summary.md``: the mean +- 95% t-interval over seeds
+   ``eval/success_rate``, ``eval/num_tasks``, ``eval/first_choice_correct`` where judged; the step-0
+   row of the shared start also ``eval/with_skills/*``; the last row ``collapse_warnings``, the steps
+   at which the run warned of a collapse). ``<out>/summary.md``: the mean +- 95% t-interval over seeds
    at each evaluated step, and at each step after the start each variant's difference from the first
-   one (paired by seed, marked when its interval includes 0). ``<out>/comparison.png``: the means with shaded
-   95% bands.
+   one and from its random-skill control (the same variant with ``env.retrieval=random``, when the
+   comparison has it), paired by seed and marked when the interval includes 0; the runs that end below
+   their start and those that warned of a collapse; the same table for ``eval/first_choice_correct``
+   (the share of first decisive choices that were the skill's) where the environment judges one.
+   ``<out>/comparison.png``: the means with shaded 95% bands.
 
 Evaluation is on the test split (``--split validation`` scores the validation split instead, as
 ``tools/sweep.py`` does). A finished run whose configuration is the one it would run now is kept, an
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = {spec: {seed: start + rows for seed, rows in runs.items()} for spec, runs in results.items()}
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         table = summarize(summary, baseline=args.algos[0])
+        if any("eval/first_choice_correct" in r for runs in summary.values() for rows in runs.values() for r in rows):
+            table += "\n" + summarize(summary, args.algos[0], "eval/first_choice_correct")
         (out / "summary.md").write_text(table)
         plot_bands({spec: {seed: [(r["step"], r["eval/success_rate"]) for r in rows] for seed, rows in runs.items()}
                     for spec, runs in summary.items()}, out / "comparison.png",

@@ -13,9 +13,11 @@ a variant ``PRESET:KEY=V,...`` of ``tools/compare_algos.py`` and runs exactly as
 the test split is never read, so the choice does not leak into what is reported.
 
 Score: held-out validation success at the last step, over the seeds: the mean with its 95%
-t-interval. The best setting of each preset is the one with the highest lower end of that interval,
-so a setting must be good on every seed, not only on average: a learning rate that reaches 0.9 on
-two seeds and collapses on the third loses to a steady one of the same mean. Writes ``<out>/sweep.md`` (every setting, per
+t-interval. The best setting of each preset is the one with the fewest runs that end below their
+start (the shared start's validation success: a run that made the agent worse counts against its
+setting, however good the others), then the highest lower end of that interval, so a setting must
+be good on every seed, not only on average: a learning rate that reaches 0.9 on two seeds and
+collapses on the third loses to a steady one of the same mean. Writes ``<out>/sweep.md`` (every setting, per
 seed and mean, the best of each preset marked), ``<out>/sweep.json`` and prints the chosen
 overrides of each preset, ready for ``megatron_sdar/config/tuned/``.
 """
@@ -46,21 +48,25 @@ def expand_grid(preset: str, axes: list[str]) -> list[str]:
     return [f"{preset}:" + ",".join(f"{k}={v}" for k, v in zip(keys, combo)) for combo in itertools.product(*values)]
 
 
-def score_table(scores: dict[str, dict[str, dict[str, float]]], seeds: list[int], step: int | None) -> str:
-    """The markdown table of ``scores[preset][variant][seed] = validation success``."""
+def score_table(scores: dict[str, dict[str, dict[str, float]]], seeds: list[int], step: int | None,
+                start: float | None = None) -> str:
+    """The markdown table of ``scores[preset][variant][seed] = validation success`` (``start``: the
+    shared start's validation success)."""
     from megatron_sdar.utils.stats import mean_ci
 
+    below_head = f"runs below the start ({start:.3f})" if start is not None else "runs below the start"
     lines = [f"| preset | setting | {' | '.join(f'seed {s}' for s in seeds)} | validation success at step {step} "
-             "(mean ± 95% CI) | lower end | |", "|" + " --- |" * (len(seeds) + 5)]
+             f"(mean ± 95% CI) | lower end | {below_head} | |", "|" + " --- |" * (len(seeds) + 6)]
     for preset, variants in scores.items():
-        best = best_variant(variants)
+        best = best_variant(variants, start)
         for variant, per_seed in variants.items():
             mean, half = mean_ci(list(per_seed.values()))
             setting = variant.partition(":")[2] or "(preset values)"
             cells = [f"{per_seed[str(s)]:.3f}" if str(s) in per_seed else "-" for s in seeds]
             interval = f"{mean:.3f}" + ("" if half != half else f" ± {half:.3f}")
+            below = "-" if start is None else str(runs_below(per_seed, start))
             lines.append(f"| {preset} | {setting} | {' | '.join(cells)} | {interval} | {lower_bound(per_seed):.3f} "
-                         f"| {'**best**' if variant == best else ''} |")
+                         f"| {below} | {'**best**' if variant == best else ''} |")
     return "\n".join(lines) + "\n"
 
 
@@ -72,12 +78,19 @@ def lower_bound(per_seed: dict[str, float]) -> float:
     return mean if half != half else mean - half
 
 
-def best_variant(variants: dict[str, dict[str, float]]) -> str:
-    """The setting with the highest lower end of its 95% interval over seeds: good on every seed,
-    not only on average (a setting that collapses on one seed in three loses to a steady one of the
-    same mean); the first listed among equals."""
+def runs_below(per_seed: dict[str, float], start: float) -> int:
+    """How many of a setting's runs end below the start."""
+    return sum(value < start for value in per_seed.values())
+
+
+def best_variant(variants: dict[str, dict[str, float]], start: float | None = None) -> str:
+    """The setting with the fewest runs that end below ``start`` (when given), then the highest
+    lower end of its 95% interval over seeds: good on every seed, not only on average (a setting
+    that collapses on one seed in three loses to a steady one of the same mean); the first listed
+    among equals."""
     bounds = {v: lower_bound(s) for v, s in variants.items() if s}
-    return max(bounds, key=lambda v: (bounds[v], -list(variants).index(v)))
+    below = {v: runs_below(variants[v], start) if start is not None else 0 for v in bounds}
+    return max(bounds, key=lambda v: (-below[v], bounds[v], -list(variants).index(v)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[sweep] {message}", flush=True)
 
     def sweep() -> int:
-        init, _ = shared_start(out, args.init, args.sft_seed, args.overrides, "validation", log)
+        init, start_rows = shared_start(out, args.init, args.sft_seed, args.overrides, "validation", log)
+        start = start_rows[0]["eval/success_rate"] if start_rows else None
         specs = [spec for variants in grids.values() for spec in variants]
         results = run_variants(out, specs, args.seeds, init, args.overrides, "validation", log)
         scores = {preset: {spec: {seed: final_success(rows) for seed, rows in results[spec].items() if rows}
@@ -121,10 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         if not steps:
             print("sweep: error: no run evaluated anything (trainer.eval_tasks=0?)", file=sys.stderr)
             return 2
-        table = score_table(scores, args.seeds, max(steps))
-        chosen = {preset: best_variant(variants) for preset, variants in scores.items()}
+        table = score_table(scores, args.seeds, max(steps), start)
+        chosen = {preset: best_variant(variants, start) for preset, variants in scores.items()}
         (out / "sweep.md").write_text(table)
-        (out / "sweep.json").write_text(json.dumps({"seeds": args.seeds, "step": max(steps), "init": init,
+        (out / "sweep.json").write_text(json.dumps({"seeds": args.seeds, "step": max(steps), "init": init, "start": start,
                                                     "overrides": args.overrides, "scores": scores, "best": chosen},
                                                    indent=2))
         print(table, flush=True)

@@ -18,7 +18,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-EVAL_KEYS = ("eval/success_rate", "eval/num_tasks", "eval/success_rate_ci_low", "eval/success_rate_ci_high")
+EVAL_KEYS = ("eval/success_rate", "eval/num_tasks", "eval/success_rate_ci_low", "eval/success_rate_ci_high",
+             "eval/first_choice_correct")
+RANDOM_SKILLS = "env.retrieval=random"  # the override that makes a variant its random-skill control
 # keys that may differ between invocations of the same run (how it was started, not what it computes)
 _INVOCATION_KEYS = ("trainer.resume",)
 
@@ -47,11 +49,13 @@ def variant_dir_name(spec: str) -> str:
 
 
 def eval_rows(metrics_jsonl: Path) -> list[dict]:
-    """A run's evaluation rows: ``step``, ``eval/success_rate`` and its interval, and (step 0) the
-    greedy and with-skills success."""
+    """A run's evaluation rows: ``step``, ``eval/success_rate`` and its interval, the share of first
+    decisive choices that were right (where the environment judges one) and (step 0) the greedy and
+    with-skills success and first choice."""
     from megatron_sdar.utils.logging import read_metrics
 
-    keep = (*EVAL_KEYS, "eval/with_skills/success_rate", "eval/greedy/success_rate")
+    keep = (*EVAL_KEYS, "eval/with_skills/success_rate", "eval/greedy/success_rate",
+            "eval/with_skills/first_choice_correct")
     return [{"step": r["step"], **{k: r[k] for k in keep if k in r}}
             for r in read_metrics(metrics_jsonl) if "eval/success_rate" in r]
 
@@ -144,7 +148,9 @@ def start_rows(init: Path, split: str) -> list[dict]:
 def shared_start(out: Path, init: str | None, sft_seed: int, overrides: list[str], split: str,
                  log=print) -> tuple[str, list[dict]]:
     """The HF directory every run starts from and its step-0 evaluation rows: ``init``, or the
-    SFT-only run ``<out>/sft`` (made here, evaluated on ``split``)."""
+    SFT-only run ``<out>/sft`` (made here, evaluated on ``split``). An ``init`` whose run was not
+    evaluated on ``split`` is evaluated there by ``<out>/start`` (no training): every comparison has
+    its start, so that a run ending below it is counted."""
     if init is None:
         sft = MainJobRun(out / "sft", ["trainer.max_steps=0", "trainer.plot=false", f"trainer.seed={sft_seed}",
                                        f"trainer.eval_split={split}", *overrides])
@@ -153,7 +159,13 @@ def shared_start(out: Path, init: str | None, sft_seed: int, overrides: list[str
     rows = start_rows(Path(init), split)
     if rows:
         log(f"step 0: the evaluation of {Path(init).parent} (the run that wrote {init})")
-    return init, rows
+        return init, rows
+    start = MainJobRun(out / "start", ["trainer.max_steps=0", "trainer.sft_steps=0", f"model.hf_path={init}",
+                                       "trainer.plot=false", "trainer.export_hf=false", f"trainer.seed={sft_seed}",
+                                       f"trainer.eval_split={split}", *overrides])
+    log(f"step 0: evaluating {init} on the {split} split ({start.run_dir})")
+    start.ensure(log)
+    return init, [r for r in eval_rows(start.run_dir / "metrics.jsonl") if r["step"] == 0]
 
 
 def variant_run(out: Path, spec: str, seed: int, init: str, overrides: list[str], split: str) -> MainJobRun:
@@ -168,7 +180,8 @@ def variant_run(out: Path, spec: str, seed: int, init: str, overrides: list[str]
 def run_variants(out: Path, specs: list[str], seeds: list[int], init: str, overrides: list[str], split: str,
                  log=print) -> dict[str, dict[str, list[dict]]]:
     """Every variant x seed from ``init`` (run, resumed or kept): variant -> seed (a string) -> the
-    run's evaluation rows."""
+    run's evaluation rows; the last row also holds ``collapse_warnings``, the steps at which the run
+    warned that its policy was collapsing (:func:`~megatron_sdar.trainer.loop.collapse_warning`)."""
     results: dict[str, dict[str, list[dict]]] = {}
     total, done = len(specs) * len(seeds), 0
     for spec in specs:
@@ -178,8 +191,30 @@ def run_variants(out: Path, specs: list[str], seeds: list[int], init: str, overr
             log(f"run {done}/{total}: {spec} seed {seed}")
             run = variant_run(out, spec, seed, init, overrides, split)
             run.ensure(log)
-            results[spec][str(seed)] = eval_rows(run.run_dir / "metrics.jsonl")
+            rows = eval_rows(run.run_dir / "metrics.jsonl")
+            if rows:
+                rows[-1]["collapse_warnings"] = collapse_steps(run.run_dir / "metrics.jsonl")
+            results[spec][str(seed)] = rows
     return results
+
+
+def collapse_steps(metrics_jsonl: Path) -> list[int]:
+    """The steps at which a run logged the collapse warning."""
+    from megatron_sdar.trainer.loop import collapse_warning
+    from megatron_sdar.utils.logging import read_metrics
+
+    return [r["step"] for r in read_metrics(metrics_jsonl) if collapse_warning(r) is not None]
+
+
+def control_of(spec: str, specs) -> str | None:
+    """The random-skill control of variant ``spec`` among ``specs``: the same variant with
+    ``env.retrieval=random`` added (None when there is none, or ``spec`` is a control)."""
+    preset, overrides = parse_variant(spec)
+    if RANDOM_SKILLS in overrides:
+        return None
+    wanted = sorted([*overrides, RANDOM_SKILLS])
+    return next((other for other in specs if parse_variant(other)[0] == preset
+                 and sorted(parse_variant(other)[1]) == wanted), None)
 
 
 def exit_code_of_errors(tool: str, body) -> int:
@@ -202,10 +237,13 @@ def final_success(rows: list[dict]) -> float | None:
     return max(rows, key=lambda r: r["step"])["eval/success_rate"] if rows else None
 
 
-def summarize(summary: dict[str, dict[str, list[dict]]], baseline: str) -> str:
-    """The markdown table of a comparison: per variant the mean +- 95% t-interval over seeds at each
+def summarize(summary: dict[str, dict[str, list[dict]]], baseline: str, metric: str = "eval/success_rate") -> str:
+    """The markdown table of a comparison on ``metric`` (held-out success, or
+    ``eval/first_choice_correct``): per variant the mean +- 95% t-interval over seeds at each
     evaluated step, then at each step after the start the difference from ``baseline`` paired by
-    seed, marked when its interval includes 0."""
+    seed, and from the variant's random-skill control where the comparison has one
+    (:func:`control_of`), each marked when its interval includes 0; for success also the runs that
+    end below their start and the runs that warned of a collapse."""
     from megatron_sdar.utils.stats import mean_ci
 
     def cell(values: list[float], signed: bool = False, verdict: bool = False) -> str:
@@ -217,21 +255,41 @@ def summarize(summary: dict[str, dict[str, list[dict]]], baseline: str) -> str:
             return text
         return text + f" ± {half:.3f}" + (" (inside the noise)" if verdict and abs(mean) <= half else "")
 
-    steps = sorted({row["step"] for runs in summary.values() for rows in runs.values() for row in rows})
+    def values(runs: dict[str, list[dict]]) -> dict[str, dict[int, float]]:
+        return {seed: {r["step"]: r[metric] for r in rows if metric in r} for seed, rows in runs.items()}
+
+    def paired(a: dict[str, dict[int, float]], b: dict[str, dict[int, float]], step: int) -> list[float]:
+        return [v[step] - b[s][step] for s, v in a.items() if step in v and step in b.get(s, {})]
+
+    steps = sorted({row["step"] for runs in summary.values() for rows in runs.values() for row in rows if metric in row})
     later = [s for s in steps if s > 0]
+    controls = {v: control_of(v, summary) for v in summary}
+    success = metric == "eval/success_rate"
     head = ["variant", "seeds", *[f"step {s}" for s in steps], *[f"minus {baseline} at step {s}" for s in later]]
+    if any(controls.values()):
+        head += [f"minus its random-skill control at step {s}" for s in later]
+    if success:
+        head += ["runs ending below their start", "runs that warned of a collapse"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    base = {seed: {r["step"]: r["eval/success_rate"] for r in rows} for seed, rows in summary.get(baseline, {}).items()}
+    base = values(summary.get(baseline, {}))
     for variant, runs in summary.items():
-        by_seed = {seed: {r["step"]: r["eval/success_rate"] for r in rows} for seed, rows in runs.items()}
+        by_seed = values(runs)
         cells = [variant, str(len(runs))]
         cells += [cell([v[step] for v in by_seed.values() if step in v]) for step in steps]
-        for step in later:
-            paired = [v[step] - base[s][step] for s, v in by_seed.items() if step in v and step in base.get(s, {})]
-            cells.append("-" if variant == baseline else cell(paired, signed=True, verdict=True))
+        cells += ["-" if variant == baseline else cell(paired(by_seed, base, step), signed=True, verdict=True)
+                  for step in later]
+        if any(controls.values()):
+            control = values(summary[controls[variant]]) if controls[variant] else None
+            cells += [cell(paired(by_seed, control, step), signed=True, verdict=True) if control else "-"
+                      for step in later]
+        if success:
+            ends = [(v[min(v)], v[max(v)]) for v in by_seed.values() if v and max(v) > min(v) == 0]
+            warned = sum(bool(rows[-1].get("collapse_warnings")) for rows in runs.values() if rows)
+            cells += [f"{sum(last < first for first, last in ends)} of {len(ends)}", f"{warned} of {len(runs)}"]
         lines.append("| " + " | ".join(cells) + " |")
     n_tasks = {int(r.get("eval/num_tasks", 0)) for runs in summary.values() for rows in runs.values() for r in rows}
+    what = "success" if success else f"`{metric}`"
     lines.append("")
-    lines.append(f"Held-out success on {', '.join(map(str, sorted(n_tasks)))} tasks per evaluation; mean ± half-width "
+    lines.append(f"Held-out {what} on {', '.join(map(str, sorted(n_tasks)))} tasks per evaluation; mean ± half-width "
                  "of the 95% t-interval over seeds; the differences are paired by seed.")
     return "\n".join(lines) + "\n"

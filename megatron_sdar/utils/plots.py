@@ -132,11 +132,31 @@ def plot_bands(runs: Mapping[str, Mapping[str, Sequence[tuple[int, float]]]], ou
             line, = ax.plot(steps, means, marker="o", markersize=3, label=f"{name} (n={len(seeds)})")
             ax.fill_between(steps, [m - h for m, h in zip(means, halves)], [m + h for m, h in zip(means, halves)],
                             color=line.get_color(), alpha=0.15, linewidth=0)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-        return _save(fig, out_png)
+        return _finish(fig, ax, out_png, "step", ylabel, title)
+    finally:
+        plt.close(fig)
+
+
+def _finish(fig, ax, out_png: str | Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Labels, grid and legend of a one-panel figure, saved to ``out_png``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, out_png)
+
+
+def plot_regime(points: Sequence[Mapping], out_png: str | Path, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """One point per level (``label``, ``x``, ``x_half``, ``y``, ``y_half``): the mean with its 95%
+    intervals as error bars on both axes, and the line y = 0. Returns ``out_png``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    try:
+        ax.axhline(0.0, color="grey", linewidth=1, linestyle="--")
+        for point in points:
+            ax.errorbar([point["x"]], [point["y"]], xerr=[[point["x_half"]], [point["x_half"]]],
+                        yerr=[[point["y_half"]], [point["y_half"]]], marker="o", capsize=4, label=point["label"])
+        return _finish(fig, ax, out_png, xlabel, ylabel, title)
     finally:
         plt.close(fig)
