@@ -146,6 +146,18 @@ def test_difficulty_knobs_and_truncation():
     (dict(targets=("microwave",), task_types=("heat",)), "no target"),
     (dict(targets=("shelf",), placement="homes", homes={"cool": "shelf"}, task_types=("cool",)), "no target"),
     (dict(max_turns=0), "max_turns"),
+    (dict(homes_by="owner"), "homes_by must be one of"),
+    (dict(homes_by="object"), "homes_by='object' needs homes"),
+    (dict(homes_by="object", homes={"mug": "cabinet 1"}, rooms=("kitchen",), task_types=("pick_and_place",)),
+     "needs a fixed room"),
+    (dict(homes_by="object", homes={"mug": "cabinet 3"}, rooms=("kitchen",), task_types=("pick_and_place",),
+          receptacles=("cabinet", "cabinet", "shelf")), "neither a receptacle of the room"),
+    (dict(homes_by="object", homes={"book": "cabinet 1"}, rooms=("kitchen",), task_types=("pick_and_place",),
+          receptacles=("cabinet", "shelf")), "not an object kind of the kitchen"),
+    (dict(homes_by="object", homes={"mug": "shelf 1"}, rooms=("kitchen",), targets=("shelf",),
+          task_types=("pick_and_place",), receptacles=("cabinet", "shelf")), "of a target kind"),
+    (dict(homes_by="object", homes={"mug": "fridge 1"}, rooms=("kitchen",), task_types=("cool",),
+          receptacles=("fridge", "cabinet", "shelf")), "its own appliance"),
 ])
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

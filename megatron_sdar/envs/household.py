@@ -40,7 +40,7 @@ world without regularities.
 (``homes={"mug": "cabinet 3", ...}``; a home may name one receptacle of a fixed room), every task's
 goal object is one of those kinds, and ``info["task_type"]`` is the object kind, the key the skills
 are organized by (as TWC's are by room). ``experiment=household_knowledge_tiny`` is such a world:
-eight facts, eighteen places, a budget of the optimal plan, so reward is scarce and knowledge decides.
+eight facts, 31 places, a budget of the optimal plan, so reward is scarce and knowledge decides.
 
 **The decisive choice** (``info["first_choice_correct"]``, :class:`~megatron_sdar.envs.base.TextEnv`):
 the first receptacle the agent goes to, right when it is the home the matching skill states.
