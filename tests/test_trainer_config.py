@@ -220,7 +220,8 @@ def test_each_preset_runs_at_its_chosen_settings_on_the_embedded_default(tmp_pat
 
     tuned_dir = Path(__file__).parents[1] / "megatron_sdar" / "config" / "tuned"
     files = sorted(tuned_dir.glob("tiny-*.yaml"))
-    experiment_of = {"household": [], "twc": ["experiment=twc_tiny"], "cookingworld": ["experiment=cooking_tiny"]}
+    experiment_of = {"household": [], "twc": ["experiment=twc_tiny"], "cookingworld": ["experiment=cooking_tiny"],
+                     "household_knowledge": ["experiment=household_knowledge_tiny"]}
     for env in experiment_of:
         assert {f.stem.removeprefix(f"tiny-{env}-") for f in files
                 if f.stem.startswith(f"tiny-{env}-")} >= {"grpo", "sdar", "sdar_full"}, env
