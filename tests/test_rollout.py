@@ -110,6 +110,7 @@ def _rollout_sync_and_step(model_dir: str, rank_episodes: list[int], raise_on: i
     result["roundtrip"] = all(loop.formatter.encode(t.messages) == t.prompt_ids for _, t in batch.turns())
     # the teacher batch renders the same messages with the episode's skills in front of the task
     samples = samples_from_trajectories(batch)
+    result["sample_episodes"] = sorted({s.episode for s in samples})
     teacher = TeacherBatch.from_messages(samples, preset("sdar"), loop.formatter)
     with_context = {i for i, s in enumerate(samples) if s.privileged_context}
     result["teacher_has_context"] = bool(with_context) and all(
@@ -196,8 +197,13 @@ def test_rollout_sync_step_resync_single_process(tiny_qwen2):
         gone = [a[len("go to "):] for a, invalid in actions if a and not invalid and a.startswith("go to ")]
         if error is None:
             assert verdict == (bool(gone) and is_home(gone[0], DEFAULT_HOMES[task_type])), (task_type, actions)
-    judged = [v for *_, v in result["choices"]]
+    # the episode the environment failed measures nothing: out of the shares and of the training samples
+    judged = [v for *_, error, v in result["choices"] if error is None]
+    assert len(judged) == 7
     assert result["summary"]["rollout/first_choice_correct"] == pytest.approx(sum(judged) / len(judged))
+    assert result["summary"]["rollout/turns_mean"] == 3.0  # the played episodes' turn limit
+    broken_index = next(i for i, e in enumerate(episodes) if e[2] is not None)
+    assert result["sample_episodes"] == [i for i in range(8) if i != broken_index]
     # the derived rotary cache is not reported as a failed weight load on every sync
     assert not [m for m in result["reload_log"] if "Failed to load weights" in m], result["reload_log"]
 

@@ -12,14 +12,18 @@ from megatron_sdar.envs.base import (
     REQUIRED_INFO_KEYS,
     SPLITS,
     EnvError,
+    EnvOptionError,
+    EnvironmentFailure,
     StepResult,
     TextEnv,
     normalize_command,
 )
 from megatron_sdar.envs.batch import EnvBatch
-from megatron_sdar.envs.registry import available_envs, env_class, has_demonstrations, make, register
+from megatron_sdar.envs.registry import (available_envs, check_options, env_class, has_demonstrations, make,
+                                         register)
 
 __all__ = [
-    "Demonstration", "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "SPLITS", "EnvBatch", "EnvError", "StepResult", "TextEnv",
-    "available_envs", "env_class", "has_demonstrations", "make", "normalize_command", "register",
+    "Demonstration", "INVALID_ACTION_FEEDBACK", "REQUIRED_INFO_KEYS", "SPLITS", "EnvBatch", "EnvError", "EnvOptionError",
+    "EnvironmentFailure", "StepResult", "TextEnv", "available_envs", "check_options", "env_class", "has_demonstrations",
+    "make", "normalize_command", "register",
 ]

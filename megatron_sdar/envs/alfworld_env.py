@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, EnvError, TextEnv, normalize_command
+from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, EnvError, EnvOptionError, TextEnv, normalize_command
 from megatron_sdar.envs.splits import alfworld_split_dirs
 
 BUILTIN_DATA_DIR = Path(__file__).parent / "data" / "alfworld"
@@ -155,6 +155,18 @@ class ALFWorldEnv(TextEnv):
         self._state = None
         self.game: ALFWorldGame | None = None
         self._task_text = ""
+
+    @classmethod
+    def check_options(cls, task_types: tuple[str, ...] | list[str] = ALFWORLD_TASK_TYPES,
+                      split_dirs: dict[str, str] | None = None, **_: Any) -> None:
+        """The task types and the split directories' names (the data directory itself is
+        :func:`~megatron_sdar.envs.splits.data_problem`'s)."""
+        for option, check in (("task_types", lambda: _check_task_types(tuple(task_types))),
+                              ("split_dirs", lambda: alfworld_split_dirs(split_dirs))):
+            try:
+                check()
+            except (TypeError, ValueError) as exc:
+                raise EnvOptionError(option, str(exc)) from None
 
     def games(self, split: str) -> tuple[ALFWorldGame, ...]:
         """The solvable games of ``split`` (train / validation / test), sorted by path."""

@@ -55,6 +55,32 @@ class EnvError(RuntimeError):
     """An environment could not be built or used (bad configuration, missing data)."""
 
 
+class EnvOptionError(EnvError):
+    """An option of ``make(name, **options)`` the environment (or its engine) refuses, found by
+    :meth:`TextEnv.check_options` before anything is built. ``option``: the option's name (None when
+    the refusal concerns several); ``problem``: one line saying what is wrong."""
+
+    def __init__(self, option: str | None, problem: str) -> None:
+        self.option, self.problem = option, problem
+        super().__init__(f"{option}: {problem}" if option else problem)
+
+
+class EnvironmentFailure(EnvError):
+    """Too many episodes of one rollout ended in an environment error (the environment raised or
+    exceeded its step timeout: a server that refuses connections, an engine that crashed). Their
+    numbers would measure the environment, not the policy, so the trainer stops the run
+    (:func:`~megatron_sdar.rollout.trajectory.check_env_errors`). ``str()`` is the one line the user
+    sees: ``errors`` of ``episodes`` ``what`` failed in environment ``env``, and the environment's own
+    first error (``first``)."""
+
+    def __init__(self, env: str, what: str, errors: int, episodes: int, first: str) -> None:
+        self.env, self.what, self.errors, self.episodes, self.first = env, what, errors, episodes, first
+        super().__init__(f"{errors} of {episodes} {what} failed in the environment ({env}); first: {first}")
+
+    def __reduce__(self):  # picklable with its fields (the default passes only the message)
+        return type(self), (self.env, self.what, self.errors, self.episodes, self.first)
+
+
 @dataclass
 class StepResult:
     """One environment transition, as returned by ``step`` (and by batched stepping).
@@ -176,6 +202,16 @@ class TextEnv(abc.ABC):
     def task_type(self) -> str:
         return str(self._last_info.get("task_type", ""))
 
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Refuse, before anything is built, an option of ``make(name, **options)`` that the environment
+        (or its engine) would refuse only once built, or that would make every episode fail (a
+        malformed server URL): raise :class:`EnvOptionError`. The configuration check runs it when a
+        run is composed (:func:`~megatron_sdar.envs.registry.check_options`), so it must be cheap and
+        read no data (missing files are :func:`~megatron_sdar.envs.splits.data_problem`'s). ``options``
+        are the environment's own (``env.kwargs``), without ``seed`` and ``max_turns``, which the
+        trainer sets. Default: nothing to check."""
+
     @property
     def has_decisive_choice(self) -> bool:
         """Whether this environment judges a decisive choice (it overrides :meth:`_decisive_choice`)."""
@@ -198,6 +234,21 @@ class TextEnv(abc.ABC):
     @abc.abstractmethod
     def _step(self, action: str) -> tuple[str, float, bool, dict[str, Any]]:
         """Apply ``action``; return (observation, reward, terminated, info)."""
+
+
+def check_http_url(option: str, url: Any) -> None:
+    """Refuse ``url`` (the value of ``option``) unless it is an absolute http(s) URL with a host:
+    anything else (``127.0.0.1:3000`` without its scheme) makes urllib refuse every request, which
+    would end every episode in an environment error only once the run has started."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(str(url))
+        parts.port  # noqa: B018 (raises ValueError on a port that is not a number in 0-65535)
+    except ValueError as exc:
+        raise EnvOptionError(option, f"{url!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise EnvOptionError(option, f"{url!r} is not an http(s) URL with a host (e.g. http://127.0.0.1:3000)")
 
 
 def normalize_command(text: str) -> str:

@@ -53,7 +53,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, Demonstration, TextEnv, normalize_command
+from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, Demonstration, EnvOptionError, TextEnv, normalize_command
 
 TASK_TYPES = ("pick_and_place", "pick_two", "clean", "heat", "cool", "look_at_obj_in_light")
 
@@ -873,6 +873,18 @@ class HouseholdEnv(TextEnv):
                             f"{sorted(HouseholdConfig.__dataclass_fields__)}") from None
         super().__init__(max_turns=self.config.max_turns, seed=seed)
         self.state: WorldState | None = None
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """The :class:`HouseholdConfig` the options make, built (it checks every knob; no world is generated)."""
+        unknown = [k for k in options if k not in HouseholdConfig.__dataclass_fields__]
+        if unknown:
+            raise EnvOptionError(unknown[0], f"is not an option of household; its options: "
+                                             f"{', '.join(k for k in HouseholdConfig.__dataclass_fields__ if k != 'max_turns')}")
+        try:
+            HouseholdConfig(**options)
+        except (TypeError, ValueError) as exc:
+            raise EnvOptionError(None, f"household: {exc}") from None
 
     def _info(self, invalid: bool) -> dict[str, Any]:
         state = self.state

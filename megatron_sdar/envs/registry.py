@@ -88,6 +88,35 @@ def has_demonstrations(name: str, **kwargs: Any) -> bool | None:
     return None if cls is None else hasattr(cls, "expert_actions")
 
 
+#: the options the trainer passes to every environment itself (``env.max_turns``, the episode's seed)
+TRAINER_OPTIONS = {"max_turns": "env.max_turns", "seed": "the trainer (one seed per episode, from trainer.seed)"}
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse, before anything is built, the ``options`` (``env.kwargs``) that ``make(name, seed=...,
+    max_turns=..., **options)`` would refuse when the trainer builds the environment: an option the
+    class does not take, one the trainer sets itself, and what the class's
+    :meth:`~megatron_sdar.envs.base.TextEnv.check_options` refuses (the engine's own checks). Raises
+    :class:`~megatron_sdar.envs.base.EnvOptionError`; a registered factory that is not a class is
+    not checked (what it builds is known only when it runs)."""
+    from megatron_sdar.envs.base import EnvOptionError
+
+    for option, owner in TRAINER_OPTIONS.items():
+        if option in options:
+            raise EnvOptionError(option, f"is set by {owner}, not by an environment option")
+    cls = env_class(name, **options)
+    if cls is None:
+        return
+    parameters = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        accepted = [p for p in parameters if p not in TRAINER_OPTIONS]
+        for option in options:
+            if option not in parameters:
+                raise EnvOptionError(option, f"is not an option of {name} ({cls.__name__}); its options: "
+                                             f"{', '.join(accepted) or 'none'}")
+    cls.check_options(**options)
+
+
 def make(name: str, **kwargs: Any) -> TextEnv:
     """Build environment ``name`` with ``kwargs`` (see each class for its options)."""
     if name not in _REGISTRY:

@@ -43,7 +43,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
 
-from megatron_sdar.envs.base import EnvError, TextEnv
+from megatron_sdar.envs.base import EnvError, EnvOptionError, TextEnv, check_http_url
 from megatron_sdar.envs.bm25_index import BM25Index
 from megatron_sdar.envs.splits import SPLITS, as_paths, search_question_key, search_train_split
 from megatron_sdar.envs.text_match import exact_match, f1_score
@@ -217,16 +217,27 @@ class SearchQAEnv(TextEnv):
                  retriever_url: str | None = None, topk: int = 3, reward: str = "em", max_turns: int = 4,
                  seed: int | None = None) -> None:
         super().__init__(max_turns=max_turns, seed=seed)
-        if reward not in ("em", "f1"):
-            raise ValueError(f"reward must be 'em' or 'f1', got {reward!r}")
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        try:
+            self.check_options(retriever_url=retriever_url, topk=topk, reward=reward)
+        except EnvOptionError as exc:
+            raise ValueError(f"{exc.option} {exc.problem}") from None
         self.reward_kind = reward
         self.topk = topk
         self.splits = load_question_splits(train_questions, test_questions)
         self.questions = [row for split in SPLITS for row in self.splits[split]]
         self.retriever: Retriever = HTTPRetriever(retriever_url) if retriever_url else BM25Retriever(corpus_path)
         self.question: dict[str, Any] = {}
+
+    @classmethod
+    def check_options(cls, retriever_url: str | None = None, topk: int = 3, reward: str = "em", **_: Any) -> None:
+        """The reward kind, ``topk`` and the retrieval server's URL format (the question and corpus files
+        are :func:`~megatron_sdar.envs.splits.data_problem`'s)."""
+        if reward not in ("em", "f1"):
+            raise EnvOptionError("reward", f"must be 'em' or 'f1', got {reward!r}")
+        if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+            raise EnvOptionError("topk", f"must be a whole number >= 1, got {topk!r}")
+        if retriever_url is not None:
+            check_http_url("retriever_url", retriever_url)
 
     def _info(self, invalid: bool, **extra: Any) -> dict[str, Any]:
         info = {"won": False, "task_type": str(self.question.get("task_type", "search")),

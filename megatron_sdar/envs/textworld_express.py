@@ -19,7 +19,8 @@ also their own objects. ``reset(seed, split=...)`` draws one game seed of the sp
 
 **Game parameters** are the engine's (``game_params``: ``numLocations``, ``numItemsToPutAway``,
 ``numIngredients``, ``numDistractorItems``, ``includeDoors``, ``limitInventorySize``), checked
-by the engine at construction. ``turn_slack``: each episode's turn budget is its gold path plus
+by the engine when the run's configuration is composed (:meth:`TextWorldExpressEnv.check_options`)
+and again at construction. ``turn_slack``: each episode's turn budget is its gold path plus
 ``turn_slack`` turns (capped by ``max_turns``), as the household world does; None keeps
 ``max_turns``.
 
@@ -54,7 +55,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from megatron_sdar.envs.base import INVALID_ACTION_FEEDBACK, Demonstration, EnvError, TextEnv, normalize_command
+from megatron_sdar.envs.base import (INVALID_ACTION_FEEDBACK, Demonstration, EnvError, EnvOptionError, TextEnv,
+                                     normalize_command)
 
 #: our splits -> the engine's folds
 FOLDS = {"train": "train", "validation": "dev", "test": "test"}
@@ -137,6 +139,14 @@ def _params_text(game: str, params: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in merged.items())
 
 
+def engine_refusal(game: str, params: str) -> str:
+    """The engine's refusal of the parameter string ``params`` (:func:`_params_text`) for ``game``
+    ("" when it accepts them). The rules (ranges of each parameter, known names) live in the engine's
+    Scala game generators, so the engine itself is asked: ``load`` checks them without generating a
+    game (the process's JVM starts once, in under a second; a check takes tens of ms)."""
+    return str(_Gateway.new_game().load(game, params) or "").strip()
+
+
 class TextWorldExpressEnv(TextEnv):
     """One TextWorldExpress game (``game``: ``twc`` | ``cookingworld``); see the module docstring."""
 
@@ -152,7 +162,7 @@ class TextWorldExpressEnv(TextEnv):
         self._server = _Gateway.new_game()
         message = self._server.load(game, self.params)
         if message:
-            raise EnvError(f"{game}: the engine refused game_params {self.params!r}: {message}")
+            raise EnvError(f"{game}: the engine refused game_params {self.params!r}: {message.strip()}")
         self._seeds: dict[str, list[int]] = {}
         self._response: dict[str, Any] = {}
         self._gold: list[str] = []
@@ -161,6 +171,28 @@ class TextWorldExpressEnv(TextEnv):
         self._task_type = ""
         self._task = ""
         self._decisive: dict[str, str] = {}  # the gold path's decisive choices: object -> place (TWC), ingredient -> appliance
+
+    @classmethod
+    def check_options(cls, game_params: dict[str, Any] | None = None, turn_slack: int | None = None,
+                      **_: Any) -> None:
+        """``game_params`` as the engine checks them when the environment is built (integers, known
+        names, each within the game's range), and ``turn_slack`` >= 0. Without Java or the package the
+        engine cannot be asked: its parameters are then left to the environment's construction (the
+        configuration check reports the missing dependency itself, :func:`missing_dependency`)."""
+        if turn_slack is not None and (isinstance(turn_slack, bool) or not isinstance(turn_slack, int)
+                                       or turn_slack < 0):
+            raise EnvOptionError("turn_slack", f"must be a whole number >= 0 or null, got {turn_slack!r}")
+        if game_params is not None and not isinstance(game_params, dict):
+            raise EnvOptionError("game_params", f"must be a mapping of the engine's parameters, got {game_params!r}")
+        try:
+            params = _params_text(cls.name, dict(game_params or {}))
+        except EnvError as exc:
+            raise EnvOptionError("game_params", str(exc)) from None
+        if missing_dependency() is not None:
+            return
+        message = engine_refusal(cls.name, params)
+        if message:
+            raise EnvOptionError("game_params", f"the {cls.name} engine refuses {params}: {message}")
 
     # ------------------------------------------------------------------ folds
     def game_seeds(self, split: str) -> list[int]:

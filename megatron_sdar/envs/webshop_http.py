@@ -33,7 +33,7 @@ from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from megatron_sdar.envs.base import EnvError
+from megatron_sdar.envs.base import EnvError, EnvOptionError, check_http_url
 from megatron_sdar.envs.splits import WEBSHOP_GOALS, webshop_goal_ranges
 from megatron_sdar.envs.webshop import LocalShop, Page, PageElement, _WebShopEnvBase
 
@@ -161,6 +161,19 @@ class WebShopHTTPEnv(_WebShopEnvBase):
         self.timeout_s = timeout_s
         self.instruction = ""
         self._episode = 0
+
+    @classmethod
+    def check_options(cls, base_url: str = "http://127.0.0.1:3000", num_goals: int = WEBSHOP_GOALS,
+                      timeout_s: float = 30.0, **_: Any) -> None:
+        """An http(s) ``base_url``, a goal count that splits into train, validation and test, and a
+        positive ``timeout_s`` (whether the server answers is known only when the run plays)."""
+        check_http_url("base_url", base_url)
+        try:
+            webshop_goal_ranges(int(num_goals))
+        except (EnvError, TypeError, ValueError) as exc:
+            raise EnvOptionError("num_goals", str(exc)) from None
+        if not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
+            raise EnvOptionError("timeout_s", f"must be > 0 seconds, got {timeout_s!r}")
 
     def _fetch(self, method: str, url: str, form: dict[str, str] | None = None) -> Page:
         data = urllib.parse.urlencode(form).encode() if form is not None else (b"" if method == "POST" else None)

@@ -11,7 +11,10 @@ Each turn, for every live episode:
 3. The action is parsed (``action_pattern``, default ``<action>...</action>``); an unparsable
    response is an invalid action (the environment is not stepped, the agent is told the format).
 4. Environments step in parallel threads with a timeout (:class:`~megatron_sdar.envs.EnvBatch`):
-   an environment that raises or hangs ends its episode as failed (``rollout/env_errors``).
+   an environment that raises or hangs (at reset or at a step) ends its episode with
+   ``Episode.env_error`` set, its own error message. Such an episode is counted
+   (``rollout/env_errors``) and left out of the numbers and of training; too many of them stop the
+   run (:mod:`megatron_sdar.rollout.trajectory`).
 5. An episode ends on done, on the turn limit, or when its prompt cannot fit
    ``max_prompt_tokens`` even with the history window dropped (``rollout/overlong``).
 

@@ -62,15 +62,20 @@ class TrainingSample:
 
 def samples_from_trajectories(batch: TrajectoryBatch, norm_by_std: bool = True,
                               distill: bool = True) -> list[TrainingSample]:
-    """Every turn of every episode, with the GRPO advantage of its episode (RL samples; also
-    distillation samples when ``distill``)."""
-    if not batch.episodes:
+    """Every turn of every played episode, with the GRPO advantage of its episode (RL samples; also
+    distillation samples when ``distill``). An episode that failed in the environment
+    (:attr:`~megatron_sdar.rollout.trajectory.Episode.failed_in_env`) gives no sample and is no member
+    of its group: its reward (0, or less with penalties) says nothing about the policy, and counted as
+    a failure it would push its group's other episodes up. ``TrainingSample.episode`` stays the
+    episode's index in ``batch.episodes``."""
+    played = [i for i, e in enumerate(batch.episodes) if not e.failed_in_env]
+    if not played:
         return []
-    rewards = torch.tensor([e.reward for e in batch.episodes], dtype=torch.float64)
-    groups = torch.tensor([e.group for e in batch.episodes])
-    advantages = group_advantages(rewards, groups, norm_by_std=norm_by_std).tolist()
+    rewards = torch.tensor([batch.episodes[i].reward for i in played], dtype=torch.float64)
+    groups = torch.tensor([batch.episodes[i].group for i in played])
+    advantages = dict(zip(played, group_advantages(rewards, groups, norm_by_std=norm_by_std).tolist()))
     return [_sample(turn, batch.episodes[index], index, float(advantages[index]), rl=True, distill=distill)
-            for index, turn in batch.turns() if turn.response_ids]
+            for index, turn in batch.turns() if index in advantages and turn.response_ids]
 
 
 def rescue_samples(rescue: TrajectoryBatch) -> list[TrainingSample]:
@@ -79,7 +84,8 @@ def rescue_samples(rescue: TrajectoryBatch) -> list[TrainingSample]:
     (rendered by :class:`~megatron_sdar.trainer.teacher.TeacherBatch`) is the prompt the engine saw,
     skills included, + the same response."""
     return [_sample(turn, rescue.episodes[index], index, 0.0, rl=False, distill=True)
-            for index, turn in rescue.turns() if rescue.episodes[index].won and turn.response_ids]
+            for index, turn in rescue.turns()
+            if rescue.episodes[index].won and not rescue.episodes[index].failed_in_env and turn.response_ids]
 
 
 def _sample(turn: Turn, episode: Episode, index: int, advantage: float, *, rl: bool, distill: bool) -> TrainingSample:
