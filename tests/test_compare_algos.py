@@ -1,10 +1,14 @@
 """tools/compare_algos.py and tools/sweep.py: end to end on a 1-step budget (one shared SFT start,
 variants x seeds, the summary with CIs, the plot; the sweep scored on the validation split), the
-refusal of a run directory made with another configuration, and the pieces they share."""
+checks made before anything runs (every run's configuration, the settings the tools set
+themselves), the refusal of a run directory made with another configuration, and the pieces they
+share."""
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,10 @@ import pytest
 from megatron_sdar.testing import TINY_RUN_OVERRIDES
 
 REPO = Path(__file__).resolve().parents[1]
-ONE_STEP = [o for o in TINY_RUN_OVERRIDES if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=1"]
+# the shared SFT start is sized by --sft-steps; the overrides of every run are the variants' budget
+SFT_STEPS = next(o for o in TINY_RUN_OVERRIDES if o.startswith("trainer.sft_steps=")).partition("=")[2]
+ONE_STEP = [o for o in TINY_RUN_OVERRIDES if not o.startswith(("trainer.max_steps", "trainer.sft_steps"))] + [
+    "trainer.max_steps=1"]
 
 
 def _tool(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -25,9 +32,11 @@ def _tool(name: str, *args: str, timeout: int = 900) -> subprocess.CompletedProc
 @pytest.mark.slow
 def test_compare_two_variants_over_two_seeds(tmp_path):
     out = tmp_path / "cmp"
-    args = ["--algos", "grpo", "sdar:env.retrieval=random", "--seeds", "0", "1", "--out", str(out), *ONE_STEP]
+    args = ["--algos", "grpo", "sdar:env.retrieval=random", "--seeds", "0", "1", "--out", str(out),
+            "--sft-steps", SFT_STEPS, *ONE_STEP]
     proc = _tool("compare_algos.py", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (proc.stdout + proc.stderr).count("SFT warm start") == 1  # the shared start's, no variant's
 
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary) == ["grpo", "sdar:env.retrieval=random"]
@@ -42,7 +51,9 @@ def test_compare_two_variants_over_two_seeds(tmp_path):
     random_cfg = json.loads((out / "sdar__env.retrieval-random" / "seed1" / "config.json").read_text())
     assert random_cfg["env"]["retrieval"] == "random" and random_cfg["trainer"]["seed"] == 1
     assert random_cfg["model"]["hf_path"] == str(out / "sft" / "sft_model") and random_cfg["algo"]["name"] == "sdar"
-    assert random_cfg["trainer"]["eval_split"] == "test"
+    assert random_cfg["trainer"]["eval_split"] == "test" and random_cfg["trainer"]["sft_steps"] == 0
+    sft_cfg = json.loads((out / "sft" / "config.json").read_text())["trainer"]
+    assert sft_cfg["max_steps"] == 0 and sft_cfg["sft_steps"] == int(SFT_STEPS)  # no RL step in the shared start
     table = (out / "summary.md").read_text()
     assert "| grpo | 2 |" in table and "| sdar:env.retrieval=random | 2 |" in table and "minus grpo at step 1" in table
     assert "±" in table
@@ -61,7 +72,8 @@ def test_compare_two_variants_over_two_seeds(tmp_path):
 @pytest.mark.slow
 def test_sweep_scores_settings_on_the_validation_split(tmp_path):
     out = tmp_path / "sweep"
-    proc = _tool("sweep.py", "--grid", "grpo", "trainer.lr=1e-4,3e-4", "--seeds", "5", "--out", str(out), *ONE_STEP)
+    proc = _tool("sweep.py", "--grid", "grpo", "trainer.lr=1e-4,3e-4", "--seeds", "5", "--out", str(out),
+                 "--sft-steps", SFT_STEPS, *ONE_STEP)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "sweep.json").read_text())
     settings = ["grpo:trainer.lr=1e-4", "grpo:trainer.lr=3e-4"]
@@ -112,6 +124,149 @@ def test_compare_refuses_a_stale_start_in_one_line(tmp_path):
     assert proc.returncode == 2 and len(errors) == 1 and errors[0].startswith("compare_algos: error: ")
     assert "Traceback" not in proc.stderr and "holds a run of another configuration (trainer.lr: 9.0 ->" in errors[0]
     assert not (out / "grpo").exists()
+
+
+def _main(tool: str):
+    """The ``main`` of ``tools/<tool>.py``, imported here (in this process: nothing is launched
+    unless the tool starts a run of the main job)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{tool}", REPO / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+class Launched(Exception):
+    """A tool started a run of the main job."""
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The commands the tools start (the subprocess boundary): each is recorded and stops the tool."""
+    commands = []
+
+    def launch(command, **kwargs):
+        commands.append(command)
+        raise Launched(" ".join(command[1:]))
+
+    monkeypatch.setattr("megatron_sdar.trainer.comparison.subprocess.run", launch)
+    return commands
+
+
+# (tool, options, overrides of every run, what the one line says): each refused before anything runs
+REFUSED = [
+    # probe T02: a typo in a variant's override, found only after the shared SFT and the grpo run had run
+    ("compare_algos", ["--algos", "grpo", "sdar:algo.distil_coef=1", "--seeds", "0", "--sft-steps", "2"],
+     ["trainer.max_steps=1", "trainer.eval_tasks=2", "rollout.tasks_per_step=2", "rollout.group_size=2"],
+     "algo.distil_coef is not a configuration key"),
+    ("compare_algos", ["--algos", "grpo", "sdar:trainer.lr=-1"], [], "trainer.lr must be > 0, got -1.0"),
+    ("compare_algos", [], ["rollout.group_size=0"], "rollout.group_size must be >= 1, got 0"),
+    # probe T03: global settings the comparison sets itself, each naming the tool's own option
+    ("compare_algos", [], ["trainer.sft_steps=2", "trainer.max_steps=1"],
+     "trainer.sft_steps=2 (an override of every run): the comparison sets trainer.sft_steps itself; --sft-steps 2 "
+     "sizes the shared SFT run"),
+    ("compare_algos", ["--algos", "grpo", "sdar:trainer.sft_steps=5"], [],
+     "trainer.sft_steps=5 (variant sdar:trainer.sft_steps=5): the comparison sets trainer.sft_steps itself; "
+     "--sft-steps 5"),
+    ("compare_algos", [], ["trainer.seed=3"], "--seeds 3 sets the variants' seeds, --sft-seed 3 the shared SFT run's"),
+    ("compare_algos", [], ["+trainer.seed=3"], "--seeds 3 sets the variants' seeds"),
+    ("compare_algos", [], ["model.hf_path=some/model"], "--init some/model is the start every run takes"),
+    ("compare_algos", [], ["trainer.eval_split=validation"],
+     "the comparison sets trainer.eval_split itself; --split validation chooses it"),
+    ("compare_algos", [], ["trainer.output_dir=elsewhere"], "--out elsewhere holds every run"),
+    ("compare_algos", [], ["algo=sdar"], "--algos sdar[:key=value,...] names each variant's preset"),
+    ("compare_algos", [], ["trainer.resume=auto"], "an unfinished run resumes by itself"),
+    # the shared start must be made, and every run evaluated
+    ("compare_algos", ["--sft-steps", "0"], [], "the shared SFT run would make no start (trainer.sft_steps=0)"),
+    ("compare_algos", ["--init", "no/such/model"], [], "model.hf_path='no/such/model' has no config.json"),
+    ("compare_algos", [], ["trainer.eval_tasks=0"], "trainer.eval_tasks=0: a comparison scores held-out success"),
+    # probe T04: the sweep's grid, which ran the shared SFT first without --init
+    ("sweep", ["--grid", "grpo", "trainer.lrr=1e-3,3e-4", "--seeds", "0"], ["trainer.max_steps=1"],
+     "trainer.lrr is not a configuration key"),
+    ("sweep", ["--grid", "grpo", "trainer.lr=1e-3"], ["trainer.eval_split=test"],
+     "trainer.eval_split=test (an override of every run): the comparison sets trainer.eval_split itself; the sweep "
+     "scores the validation split (tools/compare_algos.py --split test reports the test split)"),
+    ("sweep", ["--grid", "grpo", "trainer.seed=1,2"], [], "trainer.seed=1 (variant grpo:trainer.seed=1)"),
+    ("sweep", ["--grid", "grpo", "trainer.lr=1e-3"], ["trainer.sft_steps=4"],
+     "trainer.sft_steps=4 (an override of every run): the comparison sets trainer.sft_steps itself; --sft-steps 4"),
+]
+
+
+@pytest.mark.parametrize("tool, options, overrides, expected", REFUSED,
+                         ids=[f"{t}-{' '.join(o + g)[:50]}" for t, o, g, _ in REFUSED])
+def test_a_configuration_error_is_one_line_before_anything_runs(tmp_path, capsys, launches, tool, options, overrides,
+                                                                 expected):
+    out = tmp_path / "out"
+    start = time.monotonic()
+    code = _main(tool)([*options, "--out", str(out), *overrides])
+    seconds = time.monotonic() - start
+    captured = capsys.readouterr()
+    errors = captured.err.strip().splitlines()
+    assert code == 2 and len(errors) == 1, captured.err
+    assert errors[0].startswith(f"{tool}: configuration error: ") and expected in errors[0], errors[0]
+    assert launches == [] and not out.exists() and seconds < 30
+
+
+def test_the_probe_command_is_refused_at_once(tmp_path):
+    """Probe T02 as given (a global trainer.sft_steps, a misspelt variant key): exit 2 in seconds with
+    one line, no run directory; the same with --sft-steps names the misspelt key."""
+    tiny = ["trainer.max_steps=1", "trainer.eval_tasks=2", "rollout.tasks_per_step=2", "rollout.group_size=2"]
+    out = tmp_path / "cmp1"
+    for args, expected in ((["trainer.sft_steps=2", *tiny], "--sft-steps 2 sizes the shared SFT run"),
+                           (["--sft-steps", "2", *tiny], "algo.distil_coef is not a configuration key; did you mean "
+                                                         "algo.distill_coef?")):
+        start = time.monotonic()
+        proc = _tool("compare_algos.py", "--algos", "grpo", "sdar:algo.distil_coef=1", "--seeds", "0", "--out", str(out),
+                     *args, timeout=120)
+        errors = [line for line in proc.stderr.splitlines() if "compare_algos" in line]
+        assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+        assert errors[0].startswith("compare_algos: configuration error: ") and "Traceback" not in proc.stderr
+        assert not out.exists() and time.monotonic() - start < 60 and "[compare] -m megatron_sdar" not in proc.stdout
+
+
+def test_the_shared_start_trains_no_rl_step_and_the_variants_no_sft(tmp_path, capsys, launches):
+    """A global trainer.max_steps is the variants' RL budget: the shared SFT run, launched first once
+    every run is checked, trains none (max_steps=0 after the overrides) for --sft-steps; each variant
+    starts from its model with trainer.sft_steps=0 and the seed of --seeds."""
+    from megatron_sdar.config.schema import compose_run
+    from megatron_sdar.trainer.comparison import Comparison
+
+    out = tmp_path / "cmp"
+    with pytest.raises(Launched):
+        _main("compare_algos")(["--algos", "grpo", "sdar", "--seeds", "0", "1", "--sft-steps", "3", "--out", str(out),
+                                "trainer.max_steps=1", "trainer.eval_tasks=2"])
+    assert "the configuration of 6 runs checked" in capsys.readouterr().out  # SFT, start, 2 x 2 variants
+    [sft] = launches
+    assert sft[3] == f"trainer.output_dir={out / 'sft'}"
+    config = compose_run(sft[3:]).trainer
+    assert (config.max_steps, config.sft_steps, config.seed, config.eval_split) == (0, 3, 0, "test")
+
+    comparison = Comparison(out, ["sdar"], [1], ["trainer.max_steps=1"], "test", sft_steps=3)
+    run = comparison.variant_run("sdar", 1)
+    assert run.overrides[-4:] == [f"model.hf_path={out / 'sft' / 'sft_model'}", "trainer.sft_steps=0",
+                                  "trainer.seed=1", "trainer.eval_split=test"]
+    variant = run.configuration(start_pending=comparison.start).trainer  # the start is not made yet
+    assert (variant.max_steps, variant.sft_steps, variant.seed) == (1, 0, 1)
+
+
+def test_init_and_sft_steps_exclude_each_other(tmp_path, launches):
+    with pytest.raises(SystemExit) as info:
+        _main("compare_algos")(["--out", str(tmp_path / "out"), "--init", str(tmp_path), "--sft-steps", "2"])
+    assert info.value.code == 2 and launches == []
+
+
+def test_a_run_the_trainer_refuses_exits_2(capsys):
+    """A run that exits 2 (the trainer's configuration error, a check only a launch makes) ends the tool
+    with 2; any other failure with 1."""
+    from megatron_sdar.trainer.comparison import RunFailedError, exit_code_of_errors
+
+    def fails(code):
+        def body():
+            raise RunFailedError(f"run failed (exit {code}): ...", code)
+        return body
+
+    assert exit_code_of_errors("compare_algos", fails(2)) == 2 and exit_code_of_errors("sweep", fails(1)) == 1
+    assert capsys.readouterr().err.splitlines() == ["compare_algos: run failed (exit 2): ...",
+                                                    "sweep: run failed (exit 1): ..."]
 
 
 def test_start_rows_come_from_the_sft_run_of_the_same_split(tmp_path):

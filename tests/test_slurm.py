@@ -1,5 +1,6 @@
-"""The Slurm launcher without Slurm: syntax, the dry run's per-rank commands, job-array selection and
-the preemption path (USR1 -> forwarded to the step -> checkpoint -> ``scontrol requeue``)."""
+"""The Slurm launcher without Slurm: syntax, the dry run's per-rank commands, job-array selection,
+the configuration check before anything is queued (``submit.sh`` with a stand-in ``sbatch`` on PATH)
+and the preemption path (USR1 -> forwarded to the step -> checkpoint -> ``scontrol requeue``)."""
 from __future__ import annotations
 
 import json
@@ -53,6 +54,9 @@ def test_srun_dry_run_two_nodes_eight_gpus(tmp_path):
         assert cmd.startswith("python -m megatron_sdar.train ")
         run_dir = tmp_path / "out" / "sdar-4242"
         assert f"experiment={RECIPE} algo.distill_coef=0.02 trainer.output_dir={run_dir} trainer.resume=auto" in cmd
+    # the configuration was checked first, on the job's world size
+    assert out.startswith(f"configuration ok: algo=sdar, env=alfworld, model=models/Qwen2.5-7B-Instruct, 16 rank(s), "
+                          f"output_dir={tmp_path / 'out' / 'sdar-4242'}\n"), out[:500]
     step = re.search(r"\[dry-run\] step: (.*)", out).group(1)
     assert step.startswith("srun ") and "--nodes=2 --ntasks=16 --ntasks-per-node=8" in step
     assert "rank_env.sh python -m megatron_sdar.train" in step
@@ -103,6 +107,89 @@ def test_submit_reads_recipe_slurm_block(tmp_path):
     bad = subprocess.run(["bash", str(SLURM / "submit.sh"), "experiment=nope"], capture_output=True, text=True,
                          env=dict(os.environ, SDAR_DRY_RUN="1"))
     assert bad.returncode == 2 and "no recipe" in bad.stderr
+
+
+def _fake_sbatch(tmp_path: Path) -> tuple[dict, Path]:
+    """An environment whose PATH starts with a stand-in ``sbatch`` that records its arguments (one a
+    line) in the returned file, and a fresh working directory for ``logs/``."""
+    bin_dir, record = tmp_path / "bin", tmp_path / "sbatch.args"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/usr/bin/env bash\nprintf '%s\\n' \"$@\" > {record}\necho 'Submitted batch job 7'\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    (tmp_path / "cwd").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SDAR_", "WORLD_SIZE"))}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+    return env, record
+
+
+def _submit(tmp_path: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SLURM / "submit.sh"), *args], cwd=tmp_path / "cwd", env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_submit_refuses_a_misspelt_key_before_anything_is_queued(tmp_path):
+    """Probe S03: a misspelt key is the trainer's one line and exit 2, on the login node: sbatch is not
+    called (nor its command printed in a dry run), and no folder is written."""
+    env, record = _fake_sbatch(tmp_path)
+    proc = _submit(tmp_path, {**env, "SDAR_DRY_RUN": "1"}, f"experiment={RECIPE}", "trainer.max_stpes=5")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "megatron-sdar: configuration error: trainer.max_stpes is not a configuration key; did you mean "
+        "trainer.max_steps? (the keys are those of the YAML groups in megatron_sdar/config)"]
+    assert "sbatch" not in proc.stdout and not record.exists() and list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_submit_without_sbatch_writes_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SDAR_"))}
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep) if not (Path(d) / "sbatch").exists())
+    (tmp_path / "cwd").mkdir()
+    proc = _submit(tmp_path, env, f"experiment={RECIPE}")
+    assert proc.returncode == 127 and proc.stdout == "", proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        "submit.sh: sbatch is not on PATH: submit from a Slurm login node (SDAR_DRY_RUN=1 checks the configuration "
+        "and prints the sbatch command instead); nothing was submitted"]
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_submit_queues_a_checked_configuration(tmp_path):
+    """A configuration the trainer accepts (on the world size the sbatch options give: --nodes=2 after
+    the recipe's 1 node x 8 GPUs) is handed to sbatch with the recipe's geometry and the options."""
+    env, record = _fake_sbatch(tmp_path)
+    proc = _submit(tmp_path, env, "--nodes=2", "--array=0-1", "--", f"experiment={RECIPE}", "trainer.max_steps=5")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cwd = tmp_path / "cwd"
+    assert proc.stdout.splitlines() == [
+        f"configuration ok: algo=sdar, env=alfworld, model=models/Qwen2.5-7B-Instruct, 16 rank(s), "
+        f"output_dir={cwd / 'outputs' / f'sdar-{RECIPE}-%j'}", "Submitted batch job 7"]
+    assert record.read_text().splitlines() == [
+        f"--job-name=sdar-{RECIPE}", "--nodes=1", "--gpus-per-node=8", "--ntasks-per-node=8", "--time=36:00:00",
+        "--nodes=2", "--array=0-1", str(SLURM / "sdar.sbatch"), f"experiment={RECIPE}", "trainer.max_steps=5"]
+
+
+def test_submit_checks_every_line_of_a_sweep(tmp_path):
+    """With SDAR_SWEEP each array task adds one line: every line is checked; the refused one is named.
+    A sweep without a job array is refused at once."""
+    env, record = _fake_sbatch(tmp_path)
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# two tasks\nalgo=grpo trainer.seed=1\n\nalgo=grpo trainer.sed=2\n")
+    proc = _submit(tmp_path, {**env, "SDAR_SWEEP": str(sweep)}, "--array=0-1", "--", f"experiment={RECIPE}")
+    assert proc.returncode == 2 and proc.stdout.startswith("SDAR_SWEEP entry 0 (algo=grpo trainer.seed=1): "
+                                                           "configuration ok: algo=grpo,"), proc.stdout + proc.stderr
+    assert proc.stderr.splitlines() == [
+        "SDAR_SWEEP entry 1 (algo=grpo trainer.sed=2): megatron-sdar: configuration error: trainer.sed is not a "
+        "configuration key; did you mean trainer.seed? (the keys are those of the YAML groups in megatron_sdar/config)"]
+    assert not record.exists() and list((tmp_path / "cwd").iterdir()) == []
+    no_array = _submit(tmp_path, {**env, "SDAR_SWEEP": str(sweep)}, f"experiment={RECIPE}")
+    assert no_array.returncode == 2 and "SDAR_SWEEP needs a job array" in no_array.stderr and not record.exists()
+
+
+def test_dry_run_refuses_a_misspelt_key_before_printing_the_ranks(tmp_path):
+    proc = subprocess.run(["bash", str(SLURM / "sdar.sbatch"), "--dry-run", f"experiment={RECIPE}", "trainer.max_stpes=5"],
+                          cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith("megatron-sdar: configuration error: trainer.max_stpes is not a configuration key")
+    assert not (tmp_path / "out").exists()  # no run directory, no launcher.log
 
 
 def test_submit_rehearse_runs_the_rehearsal_locally(tmp_path):

@@ -9,8 +9,17 @@ every run from one shared SFT start at the same budget, scored on validation tas
 ``--grid PRESET KEY=V1,V2,... [KEY=...]`` (Hydra's sweep syntax for the values) runs every
 combination of the listed values for that preset; give ``--grid`` once per method. Each setting is
 a variant ``PRESET:KEY=V,...`` of ``tools/compare_algos.py`` and runs exactly as it would there
-(the same run directories, reuse and stale-run refusal), but with ``trainer.eval_split=validation``:
-the test split is never read, so the choice does not leak into what is reported.
+(the same shared SFT start, sized by ``--sft-steps``, the same run directories, reuse and stale-run
+refusal), but with ``trainer.eval_split=validation``: the test split is never read, so the choice
+does not leak into what is reported.
+
+As in ``tools/compare_algos.py``, everything is checked before anything runs: every run's command
+(the shared SFT run included) composes and validates, and a bad key or value is one line,
+``sweep: configuration error: ...``, and exit code 2, with nothing run. The overrides (and the grid's
+keys) may not set what the sweep sets itself: ``model.hf_path`` (``--init``), ``trainer.sft_steps``
+(``--sft-steps``), ``trainer.seed`` (``--seeds``, ``--sft-seed``), ``trainer.eval_split`` (always
+validation), ``trainer.output_dir`` (``--out``), ``algo`` (``--grid``), ``trainer.resume``.
+``trainer.max_steps`` is the settings' RL budget: the shared SFT run trains no RL step.
 
 Score: held-out validation success at the last step, over the seeds: the mean with its 95%
 t-interval. The best setting of each preset is the one with the fewest runs that end below their
@@ -27,7 +36,6 @@ import argparse
 import itertools
 import json
 import sys
-from pathlib import Path
 
 
 def expand_grid(preset: str, axes: list[str]) -> list[str]:
@@ -94,18 +102,16 @@ def best_variant(variants: dict[str, dict[str, float]], start: float | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
+    from megatron_sdar.trainer.comparison import add_comparison_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--grid", nargs="+", action="append", required=True, metavar="PRESET KEY=V1,V2",
                         help="a preset and the values to try for each key (repeat --grid per preset)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[10, 11, 12])
-    parser.add_argument("--sft-seed", type=int, default=0, help="trainer.seed of the shared SFT run")
-    parser.add_argument("--out", default="outputs/sweep")
-    parser.add_argument("--init", default=None, help="HF checkpoint every run starts from (default: SFT first)")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides passed to every run (the budget)")
+    add_comparison_arguments(parser, seeds=[10, 11, 12], out="outputs/sweep")
     args = parser.parse_args(argv)
 
     from megatron_sdar.algo.objective import PRESETS
-    from megatron_sdar.trainer.comparison import exit_code_of_errors, final_success, run_variants, shared_start
+    from megatron_sdar.trainer.comparison import comparison_of, exit_code_of_errors, final_success, fixed_settings
 
     grids: dict[str, list[str]] = {}
     for preset, *axes in args.grid:
@@ -117,18 +123,19 @@ def main(argv: list[str] | None = None) -> int:
             grids[preset] = expand_grid(preset, axes)
         except ValueError as exc:
             parser.error(str(exc))
-    if len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds has repeats: {args.seeds}")
-    out = Path(args.out)
+    comparison = comparison_of(parser, args, [spec for variants in grids.values() for spec in variants], "validation")
+    out = comparison.out
 
     def log(message: str) -> None:
         print(f"[sweep] {message}", flush=True)
 
     def sweep() -> int:
-        init, start_rows = shared_start(out, args.init, args.sft_seed, args.overrides, "validation", log)
+        checked = comparison.check(fixed_settings("--grid {value} KEY=V1,V2,...", "the sweep scores the validation "
+                                                  "split (tools/compare_algos.py --split test reports the test split)"))
+        log(f"the configuration of {checked} runs checked")
+        start_rows = comparison.shared_start(log)
         start = start_rows[0]["eval/success_rate"] if start_rows else None
-        specs = [spec for variants in grids.values() for spec in variants]
-        results = run_variants(out, specs, args.seeds, init, args.overrides, "validation", log)
+        results = comparison.run_variants(log)
         scores = {preset: {spec: {seed: final_success(rows) for seed, rows in results[spec].items() if rows}
                            for spec in variants} for preset, variants in grids.items()}
         steps = {max(r["step"] for r in rows) for runs in results.values() for rows in runs.values() if rows}
@@ -138,9 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         table = score_table(scores, args.seeds, max(steps), start)
         chosen = {preset: best_variant(variants, start) for preset, variants in scores.items()}
         (out / "sweep.md").write_text(table)
-        (out / "sweep.json").write_text(json.dumps({"seeds": args.seeds, "step": max(steps), "init": init, "start": start,
-                                                    "overrides": args.overrides, "scores": scores, "best": chosen},
-                                                   indent=2))
+        (out / "sweep.json").write_text(json.dumps({"seeds": args.seeds, "step": max(steps), "init": comparison.start,
+                                                    "start": start, "overrides": args.overrides, "scores": scores,
+                                                    "best": chosen}, indent=2))
         print(table, flush=True)
         for preset, spec in chosen.items():
             log(f"best {preset}: {spec.partition(':')[2] or '(preset values)'}")
