@@ -212,6 +212,32 @@ def allow_sequence_parallel_torch_norm() -> None:
     torch_norm.WrappedTorchNorm.__new__ = staticmethod(__new__)
 
 
+def start_checkpoint_write_queue() -> None:
+    """Start megatron's checkpoint-writer results queue now, with SIGINT ignored while its process starts.
+
+    Why (megatron-core 0.19, ``dist_checkpointing/strategies/filesystem_async.py``,
+    ``get_write_results_queue``): the first save spawns a ``multiprocessing`` manager process. A
+    terminal's Ctrl-C reaches the whole process group; one that lands while that process is starting
+    (before it ignores SIGINT itself) kills it, and the save the trainer makes on Ctrl-C fails with
+    ``EOFError``. Started here, before the trainer's SIGINT handler is installed, the process inherits
+    the ignored disposition across its start. Idempotent; nothing changes what is written.
+    """
+    import signal
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing to protect against
+        filesystem_async.get_write_results_queue()
+        return
+    try:
+        filesystem_async.get_write_results_queue()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 # ------------------------------------------------------------------------------------------------
 # megatron-core 0.19: optimizer state in checkpoints (used by megatron_sdar.checkpoint.training)
 # ------------------------------------------------------------------------------------------------
@@ -263,6 +289,33 @@ class OptimizerLayoutError(ValueError):
     """A checkpoint's optimizer state cannot be loaded at this layout (one line says why)."""
 
 
+def _take_current_hyperparameters(sub, sub_state) -> None:
+    """Give the checkpoint's parameter groups this run's hyperparameters (lr, min/max lr, betas, eps,
+    weight decay...), keeping what the groups hold of the state itself (``params``, ``step``).
+
+    Why (megatron-core 0.19, ``MegatronOptimizer._filter_and_reorder_param_groups``): it pairs the
+    saved groups with the current ones by a key that includes ``max_lr`` and ``min_lr`` (the
+    ``OptimizerConfig``'s lr), so any change of the learning rate on resume fails with "Could not find
+    parameter group with key ...", and torch's ``load_state_dict`` would otherwise restore the saved
+    betas and eps over the new ones. Megatron pairs the groups by position (the params it keeps come
+    from the saved order), so the saved group ``i`` takes the current group ``i``'s settings: what was
+    changed on resume applies from the resumed step, and the Adam moments are kept.
+    """
+    inner = getattr(sub, "optimizer", None)
+    current = getattr(inner, "param_groups", None)
+    pending = [sub_state]
+    while pending:  # the groups sit at "param_groups" or one level down ("optimizer")
+        node = pending.pop()
+        if not isinstance(node, dict):
+            continue
+        saved = node.get("param_groups")
+        if isinstance(saved, list) and current is not None and len(saved) == len(current):
+            for old, new in zip(saved, current):
+                old.update({k: v for k, v in new.items() if k not in ("params", "step")})
+            return
+        pending += [v for k, v in node.items() if k in ("optimizer",)]
+
+
 def load_optimizer_state(optimizer, state) -> None:
     """``optimizer.load_state_dict(state)``, with the distributed optimizer's parameter state
     (moments and fp32 master slices) loaded by us.
@@ -291,6 +344,7 @@ def load_optimizer_state(optimizer, state) -> None:
     sub_states = [state] if len(subs) == 1 else [state[key] for key in sorted(state)]
     pending = []
     for sub, sub_state in zip(subs, sub_states):
+        _take_current_hyperparameters(sub, sub_state)
         if isinstance(sub, DistributedOptimizer) and "param_state" in sub_state:
             pending.append((sub, sub_state.pop("param_state"), sub_state.pop("param_state_sharding_type")))
     optimizer.load_state_dict(state)

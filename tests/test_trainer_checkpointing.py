@@ -469,3 +469,47 @@ def test_optimizer_state_of_another_expert_layout_is_refused_in_one_line():
     chained = SimpleNamespace(chained_optimizers=[SimpleNamespace(), SimpleNamespace()])
     with pytest.raises(patches.OptimizerLayoutError, match="has 1 optimizer.s. and this layout builds 2"):
         patches.load_optimizer_state(chained, {"optimizer": {}, "param_state": {}, "param_state_sharding_type": "x"})
+
+
+def _changed_settings_on_resume(model_dir: str, root: str) -> dict:
+    """Two steps at lr 1e-2 and the default betas, a checkpoint, then the third step two ways: the
+    uninterrupted run with its settings changed in place (lr 4e-3, beta2 0.95, eps 1e-6: the reference
+    of "the new values apply from the resumed step, the moments are kept"), and a fresh policy built
+    with those settings that loads the checkpoint. Regular and distributed optimizer."""
+    from megatron_sdar.checkpoint.training import load_checkpoint, save_checkpoint
+    from megatron_sdar.models.architecture import QwenArchitecture
+    from megatron_sdar.trainer.policy import OptimConfig, build_policy
+
+    arch = QwenArchitecture.from_hf_config(model_dir)
+    out = {}
+    for distributed in (False, True):
+        old = OptimConfig(lr=LR, warmup_steps=4, use_distributed_optimizer=distributed)
+        new = OptimConfig(lr=4e-3, warmup_steps=4, adam_beta2=0.95, adam_eps=1e-6, use_distributed_optimizer=distributed)
+        policy = build_policy(arch, old, hf_dir=model_dir)
+        for step in (1, 2):
+            _train_step(policy, step, [0])
+        path = save_checkpoint(Path(root) / f"changed_{distributed}", 2, policy, {"step": 2})
+        policy.optim_config = new  # the uninterrupted run, continued at the new settings
+        for group in policy.optimizer.param_groups:
+            group.update(betas=(new.adam_beta1, new.adam_beta2), eps=new.adam_eps)
+        reference = _after_resume(policy, [0])
+        resumed = build_policy(arch, new, hf_dir=None)
+        load_checkpoint(path, resumed)
+        groups = [{k: g[k] for k in ("betas", "eps", "max_lr")} for g in resumed.optimizer.param_groups]
+        out[distributed] = {"reference": reference, "resumed": _after_resume(resumed, [0]), "groups": groups}
+    return out
+
+
+@pytest.mark.multiproc
+def test_changed_optimizer_settings_apply_on_resume_with_the_moments_kept(model_dir, tmp_path):
+    """Probe B04/B05: a resume at another learning rate failed in megatron-core's parameter-group
+    matching ("Could not find parameter group with key (None, 0.0003, ...)"). Now the resumed third
+    step equals the uninterrupted run's with the same settings changed in place (the Adam moments
+    kept), for the regular and the distributed optimizer."""
+    out = run_distributed(_changed_settings_on_resume, world_size=1, args=(model_dir, str(tmp_path)), timeout=240)[0]
+    for distributed, result in out.items():
+        ref, res = result["reference"], result["resumed"]
+        assert abs(ref["loss3"] - res["loss3"]) < 1e-6, distributed
+        assert abs(ref["loss4"] - res["loss4"]) < 1e-6, distributed
+        assert _max_weight_diff(ref["weights"], res["weights"]) < 1e-6, distributed
+        assert all(g == {"betas": (0.9, 0.95), "eps": 1e-6, "max_lr": 4e-3} for g in result["groups"]), result["groups"]

@@ -108,6 +108,12 @@ def _check_inputs(args: argparse.Namespace) -> None:
             QwenArchitecture.from_hf_config(args.hf)
         except (UnsupportedConfigError, ValueError) as exc:
             raise UsageError(f"--hf {args.hf}: {exc}") from None
+        from megatron_sdar.models.hf_loader import check_safetensors_files
+
+        try:  # headers and sizes, before a model is built
+            check_safetensors_files(args.hf)
+        except ValueError as exc:
+            raise UsageError(f"--hf: {exc}") from None
         _check_output(args.out, args.force, [args.hf])
         return
     if not args.ckpt.is_dir():

@@ -29,7 +29,6 @@ or one left by a run that died while building, takes a new run.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import time
@@ -38,8 +37,6 @@ from pathlib import Path
 
 from megatron_sdar.checkpoint.integrity import MarkerError, fsync_dir, read_marker
 from megatron_sdar.checkpoint.model import TRAIN_FORMAT_NAME, TRAIN_FORMAT_VERSION, CheckpointFormatError
-
-logger = logging.getLogger(__name__)
 
 TRAINER_STATE_FILE = "trainer_state.json"
 STEP_PREFIX = "step_"
@@ -123,7 +120,9 @@ def find_latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def warn(message: str) -> None:
-    logger.warning(message)
+    """One warning line, on this process (the callers warn on rank 0 only). Through :mod:`warnings`
+    alone: a logger record as well would print the same line twice (logging's last-resort handler),
+    and the warnings filter shows a message once per place."""
     warnings.warn(message, stacklevel=3)
 
 
@@ -151,6 +150,7 @@ def check_run_directory(output_dir: str | Path, resume: str | None) -> None:
                 "a symbolic link to nothing" if existing.is_symlink() else "not a directory")
         where = f"is {what}" if existing == path else f"cannot be made: {existing} is {what}"
         raise RunDirectoryError(f"trainer.output_dir={output_dir} {where}; choose a fresh trainer.output_dir")
+    _check_writable(output_dir, path if existing == path else existing)
     if resume is not None:
         return
     found = run_entries(path)
@@ -158,6 +158,36 @@ def check_run_directory(output_dir: str | Path, resume: str | None) -> None:
         raise RunDirectoryError(
             f"trainer.output_dir={output_dir} holds a run ({', '.join(found)}), which a new run would overwrite: "
             "continue it with trainer.resume=auto, or choose a fresh trainer.output_dir")
+
+
+def _check_writable(output_dir: str | Path, directory: Path | None) -> None:
+    """``directory`` (the output directory, or its nearest existing parent) takes new entries. Asked of
+    the kernel (``access(2)``: permission bits, ACLs, read-only mounts, immutable directories, for root
+    too), so the check itself changes nothing on disk."""
+    if directory is None or os.access(directory, os.W_OK | os.X_OK):
+        return
+    where = "" if Path(output_dir) == directory else f" (its parent {directory} takes no new directory)"
+    raise RunDirectoryError(f"trainer.output_dir={output_dir} is not writable{where}; choose a writable "
+                            "trainer.output_dir")
+
+
+def saved_run_config(checkpoint: str | Path) -> tuple[Path, dict] | None:
+    """The configuration that made ``checkpoint`` (``<run>/checkpoints/step_N``): the run's
+    ``config.resume-<M>.json`` with the largest ``M < N`` (the invocation that saved it), else its
+    ``config.json``; ``(file, its JSON)``, or None when the run directory holds neither. A file that
+    does not parse raises :class:`RunDirectoryError` naming it."""
+    checkpoint = Path(checkpoint).resolve()
+    run_dir, step = checkpoint.parent.parent, step_of(checkpoint)
+    resumed = sorted(((int(m.group(1)), p) for p in run_dir.glob(RESUMED_CONFIG_GLOB)
+                      if (m := re.fullmatch(r"config\.resume-(\d+)\.json", p.name))), reverse=True)
+    candidates = [p for m, p in resumed if step is None or m < step] + [run_dir / "config.json"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return None
+    try:
+        return path, json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RunDirectoryError(f"{path} (the configuration of the run being resumed) does not parse: {exc}") from None
 
 
 def discard_run(output_dir: str | Path) -> Path | None:

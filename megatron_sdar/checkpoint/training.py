@@ -370,8 +370,7 @@ def load_checkpoint(path: str | Path, policy, *, load_rng: bool = True, verify: 
     elif load_rng and dist.get_rank() == 0:
         message = (f"RNG states of {path} not restored: saved with layout {marker['layout']}, resumed with "
                    f"{_parallel_layout()}; random draws will differ from an uninterrupted run")
-        logger.warning(message)
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=2)  # not also a logger record: one line, not two
     dist.barrier()
     return trainer_state
 

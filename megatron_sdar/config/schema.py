@@ -16,6 +16,7 @@ second with one line naming the key, not in a collective ten minutes later.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -262,11 +263,46 @@ def compose_run(overrides: list[str], *, need_files: bool = True) -> RunConfig:
         raise ConfigError(yaml_error_line(exc)) from None
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
         key = getattr(exc.__cause__, "full_key", None)
-        if isinstance(exc.__cause__, ConfigAttributeError) and key:  # an override of a key no group has
-            where = MOVED_KEYS.get(key, f"the keys are those of the YAML groups in {CONFIG_DIR}")
-            raise ConfigError(f"{key} is not a configuration key ({where})") from None
+        import re
+
+        unknown_group = re.match(r"Could not override '([^']+)'", str(exc))
+        if unknown_group and unknown_group.group(1).split(".")[0] not in {f.name for f in dataclasses.fields(RunConfig)}:
+            key = unknown_group.group(1)  # a key under a group that does not exist (trainr.lr)
+        if (isinstance(exc.__cause__, ConfigAttributeError) or unknown_group) and key:  # a key no group has
+            close = close_keys(key)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            where = MOVED_KEYS.get(key, "the keys are those of the YAML groups in "
+                                   f"{CONFIG_DIR.relative_to(CONFIG_DIR.parents[1])}")
+            raise ConfigError(f"{key} is not a configuration key{hint} ({where})") from None
         raise ConfigError(" ".join(str(exc).split())) from None
     return load_config(cfg, need_files=need_files)
+
+
+def configuration_keys(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls`` (``trainer.max_steps``, ``model.tiny.hidden``...): the fields of the
+    dataclasses, nested ones expanded (free-form mappings such as ``env.kwargs`` stop at their name)."""
+    import typing
+
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        inner = [a for a in typing.get_args(kind) if dataclasses.is_dataclass(a)] or \
+            ([kind] if dataclasses.is_dataclass(kind) else [])
+        keys += configuration_keys(inner[0], f"{prefix}{f.name}.") if inner else [f"{prefix}{f.name}"]
+    return keys
+
+
+def close_keys(key: str) -> list[str]:
+    """Configuration keys close to a misspelt ``key`` (``trainer.max_stpes`` -> ``trainer.max_steps``)."""
+    import difflib
+
+    keys = configuration_keys()
+    group, _, rest = key.partition(".")
+    in_group = {k.partition(".")[2]: k for k in keys if k.partition(".")[0] == group}
+    if in_group:  # the group is right: compare the rest alone (a shared prefix is no likeness)
+        return [in_group[k] for k in difflib.get_close_matches(rest, list(in_group), n=2, cutoff=0.7)]
+    return difflib.get_close_matches(key, keys, n=2, cutoff=0.8)
 
 
 def config_dict(run: RunConfig) -> dict:
@@ -390,6 +426,103 @@ def check_output_dir(run: RunConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def check_model_files(run: RunConfig) -> None:
+    """``model.hf_path``'s safetensors files are whole (headers and sizes; the dry run and ``--check`` need
+    only its ``config.json``): a truncated download is one line, not a traceback after the model is built."""
+    if run.model.hf_path is None:
+        return
+    from megatron_sdar.models.hf_loader import check_safetensors_files
+
+    try:
+        check_safetensors_files(run.model.hf_path)
+    except ValueError as exc:
+        raise ConfigError(f"model.hf_path: {exc}") from None
+
+
+#: what a resume may not change (the checkpoint's weights and optimizer state are of this model):
+#: keys, or key prefixes ending in "."
+RESUME_FIXED = ("model.hf_path", "model.arch", "model.dtype", "model.tiny.", "parallel.distributed_optimizer")
+#: what differs on every resume, or names the place rather than the run
+_RESUME_UNREPORTED = ("trainer.resume", "trainer.output_dir", "slurm.")
+
+
+def flat_dict(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping by dotted keys: ``{"trainer": {"lr": 1e-3}}`` -> ``{"trainer.lr": 1e-3}``
+    (an empty mapping stays a value)."""
+    if isinstance(data, dict) and data:
+        return {k: v for key, value in data.items()
+                for k, v in flat_dict(value, f"{prefix}.{key}" if prefix else str(key)).items()}
+    return {prefix: data}
+
+
+def resume_checkpoint(run: RunConfig) -> Optional[Path]:
+    """The checkpoint ``trainer.resume`` will load: the given one, or under ``auto`` the newest complete
+    one of the output directory (None: nothing to resume, the run starts from scratch)."""
+    import warnings
+
+    from megatron_sdar.checkpoint.resume import complete_checkpoints
+
+    t = run.trainer
+    if t.resume is None:
+        return None
+    if t.resume != "auto":
+        return Path(t.resume)
+    with warnings.catch_warnings():  # the trainer reports the checkpoints it skips, once
+        warnings.simplefilter("ignore")
+        return next(iter(complete_checkpoints(Path(t.output_dir) / "checkpoints")), None)
+
+
+def resume_changes(run: RunConfig, checkpoint: Optional[Path] = None) -> list[str]:
+    """What ``run`` changes in the run it resumes, against the configuration that made its checkpoint
+    (:func:`~megatron_sdar.checkpoint.resume.saved_run_config`): ``["trainer.lr 0.001 -> 0.0005", ...]``
+    (learning rate, schedule, Adam, clipping, the algorithm and its coefficients apply from the resumed
+    step; the optimizer's moments are kept). What the checkpoint cannot carry is refused with
+    :class:`ConfigError`, one line naming every differing key: the model (:data:`RESUME_FIXED`), the
+    distributed optimizer's on/off, the model-parallel layout of a ``dp_reshardable`` optimizer state,
+    expert parallelism on/off for an MoE model (megatron-core 0.19), an EMA teacher the checkpoint
+    holds no weights of. Reads small JSON files only: run before anything is built. ``checkpoint``:
+    the one loaded (default: :func:`resume_checkpoint`'s)."""
+    from megatron_sdar.checkpoint.model import CheckpointFormatError
+    from megatron_sdar.checkpoint.resume import RunDirectoryError, read_complete_checkpoint, saved_run_config
+
+    checkpoint = checkpoint or resume_checkpoint(run)
+    if checkpoint is None:
+        return []
+    try:
+        found = saved_run_config(checkpoint)
+        marker, _ = read_complete_checkpoint(checkpoint)
+    except (RunDirectoryError, CheckpointFormatError) as exc:
+        raise ConfigError(f"trainer.resume={run.trainer.resume}: {exc}") from None
+    now = flat_dict(config_dict(run))
+    if found is None:  # a checkpoint copied without its run's config: the marker alone speaks
+        source, saved = checkpoint, {}
+    else:
+        source, saved = found[0], flat_dict(found[1])
+    differing = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
+    fixed = {k: d for k, d in differing.items() if k in RESUME_FIXED or k.startswith(
+        tuple(f for f in RESUME_FIXED if f.endswith(".")))}
+    layout, optimizer = marker.get("layout", {}), marker.get("optimizer", {})
+    p = run.parallel
+    if "distributed" in optimizer and optimizer["distributed"] != p.distributed_optimizer:
+        fixed["parallel.distributed_optimizer"] = (optimizer["distributed"], p.distributed_optimizer)
+    ours = {"tensor_parallel": p.tp, "pipeline_parallel": p.pp, "virtual_pipeline": p.vpp or 1,
+            "context_parallel": p.cp, "expert_parallel": p.ep}
+    if optimizer.get("distributed") and optimizer.get("sharding") == "dp_reshardable":
+        for name, key in zip(ours, ("tp", "pp", "vpp", "cp", "ep")):
+            if name in layout and layout[name] != ours[name]:
+                fixed[f"parallel.{key} (optimizer state saved dp_reshardable)"] = (layout[name], ours[name])
+    if run.model.arch == "qwen3_moe" and "expert_parallel" in layout and (layout["expert_parallel"] > 1) != (p.ep > 1):
+        fixed["parallel.ep (expert parallelism on/off)"] = (layout["expert_parallel"], p.ep)
+    if run.algo.teacher == "ema" and "teacher_ema" not in marker.get("extra_models", ["teacher_ema"]):
+        fixed["algo.teacher (the checkpoint holds no EMA teacher)"] = (saved.get("algo.teacher", "?"), "ema")
+    if fixed:
+        raise ConfigError(f"trainer.resume={run.trainer.resume}: {checkpoint} cannot be resumed with another "
+                          + ", ".join(f"{k} ({a} -> {b})" for k, (a, b) in fixed.items())
+                          + f" (saved in {source}); resume with the saved values, or start a new run in a fresh "
+                          "trainer.output_dir")
+    return [f"{k} {a} -> {b}" for k, (a, b) in differing.items() if not k.startswith(_RESUME_UNREPORTED)]
+
+
 def _positive(section: str, obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -505,6 +638,12 @@ def validate(run: RunConfig, num_heads: Optional[int] = None, num_kv_heads: Opti
 
     if e.name not in available_envs():
         raise ConfigError(f"env.name={e.name!r} is not registered; available: {available_envs()}")
+    from megatron_sdar.envs import EnvOptionError, check_options
+
+    try:  # what the environment (its engine: TextWorldExpress's game_params) would refuse once built
+        check_options(e.name, dict(e.kwargs))
+    except EnvOptionError as exc:
+        raise ConfigError(f"env.kwargs.{exc.option}: {exc.problem}" if exc.option else f"env.kwargs: {exc}") from None
     if need_files:  # the data of the splits the run draws: SFT and RL train tasks, evaluation eval_split's
         from megatron_sdar.envs.splits import data_problem
 
@@ -551,6 +690,23 @@ def check_layout(run: RunConfig, world_size: int) -> "ParallelDims":
     return dims
 
 
+def dry_run_world_size(run: RunConfig) -> int:
+    """The world size a dry run plans for: ``WORLD_SIZE`` when set (torchrun, srun), else the
+    recipe's ``slurm.nodes x slurm.gpus_per_node``, else 1."""
+    slurm = run.slurm or {}
+    try:
+        if os.environ.get("WORLD_SIZE"):
+            world = int(os.environ["WORLD_SIZE"])
+        else:
+            world = int(slurm.get("nodes", 1)) * int(slurm.get("gpus_per_node", 1)) if slurm else 1
+    except (TypeError, ValueError):
+        raise ConfigError(f"--dry-run: WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} / slurm.nodes, slurm.gpus_per_node="
+                          f"{slurm.get('nodes')!r}, {slurm.get('gpus_per_node')!r} must be integers") from None
+    if world < 1:
+        raise ConfigError(f"--dry-run: the world size must be >= 1, got {world}")
+    return world
+
+
 GROUPS_WITH_DEFAULTS = ("trainer", "rollout", "env")
 
 
@@ -571,14 +727,8 @@ def settings_differing_from_defaults(run: RunConfig) -> dict[str, Any]:
     ``{"trainer.sft_steps": 0, "trainer.lr": 1e-06, ...}`` (nested mappings by their dotted keys)."""
     defaults = group_defaults(run.env.name)
     values = config_dict(run)
-
-    def flat(data: Any, prefix: str) -> dict[str, Any]:
-        if isinstance(data, dict) and data:
-            return {k: v for key, value in data.items() for k, v in flat(value, f"{prefix}.{key}").items()}
-        return {prefix: data}
-
     out: dict[str, Any] = {}
     for group in GROUPS_WITH_DEFAULTS:
-        given, default = flat(values[group], group), flat(defaults[group], group)
+        given, default = flat_dict(values[group], group), flat_dict(defaults[group], group)
         out.update({key: value for key, value in given.items() if key not in default or default[key] != value})
     return out

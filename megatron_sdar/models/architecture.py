@@ -196,7 +196,10 @@ class QwenArchitecture:
                 path = path / "config.json"
             if not path.is_file():
                 raise FileNotFoundError(f"no Hugging Face config.json at {path}")
-            config = json.loads(path.read_text())
+            try:
+                config = json.loads(path.read_text())
+            except ValueError as exc:  # named by the file, not its directory
+                raise ValueError(f"{path} does not parse as JSON: {exc}") from None
         cfg = dict(config)
         model_type = cfg.get("model_type")
         if model_type in _PLANNED_MODEL_TYPES:

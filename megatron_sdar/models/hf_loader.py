@@ -32,6 +32,50 @@ class CheckpointMismatchError(ValueError):
     """The HF checkpoint does not hold the tensors the config describes."""
 
 
+def check_safetensors_files(directory: str | Path) -> list[Path]:
+    """The safetensors files of an HF directory (its index's, else ``*.safetensors``), each checked
+    from its header alone: the 8-byte header length, the JSON header, and the file's size against the
+    end of its last tensor (a truncated download or copy). Reads a few KiB per file, so a bad file is
+    one line before a model is built. Returns the files; :class:`CheckpointMismatchError` names the
+    first bad one."""
+    import struct
+
+    directory = Path(directory)
+    index_file = directory / "model.safetensors.index.json"
+    if index_file.is_file():
+        try:
+            names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointMismatchError(f"{index_file} does not parse: {exc}") from None
+    else:
+        names = sorted(p.name for p in directory.glob("*.safetensors"))
+    if not names:
+        raise CheckpointMismatchError(f"{directory} holds no *.safetensors weights")
+    files = []
+    for name in names:
+        path = directory / name
+        if not path.is_file():
+            raise CheckpointMismatchError(f"{index_file} names {name}, which is missing")
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            if length is None or 8 + length > size:
+                raise CheckpointMismatchError(f"{path} is truncated: {size} bytes, its header alone needs "
+                                              f"{'8' if length is None else 8 + length} (download or copy it again)")
+            try:
+                header = json.loads(f.read(length))
+                end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise CheckpointMismatchError(f"{path} has a header that does not parse ({exc})") from None
+        if 8 + length + end != size:
+            raise CheckpointMismatchError(f"{path} has {size} bytes where its header describes {8 + length + end} "
+                                          f"({'truncated' if size < 8 + length + end else 'trailing bytes'}: "
+                                          "download or copy it again)")
+        files.append(path)
+    return files
+
+
 @dataclass(frozen=True)
 class HFCheckpointIndex:
     """Which safetensors file holds each tensor of an HF checkpoint directory, and its shape."""

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from megatron_sdar.config.schema import ConfigError, RunConfig, check_layout, settings_differing_from_defaults
+from megatron_sdar.config.schema import (ConfigError, RunConfig, check_layout, dry_run_world_size,
+                                         settings_differing_from_defaults)
 from megatron_sdar.models.architecture import QwenArchitecture
 from megatron_sdar.models.megatron_model import transformer_engine_available
 from megatron_sdar.models.precision import FP8ConfigError, PrecisionSettings, resolve_precision
@@ -185,23 +186,6 @@ def teacher_weights_line(run: RunConfig, mem: dict[str, Any]) -> str:
         return f"frozen (the reference model, {kl} copy: {mem['reference']:.1f} GiB)"
     shadow = "" if run.model.dtype == "float32" else " and its fp32 average"
     return f"ema (decay {objective.teacher_ema_decay}; a copy of its own{shadow}: {mem['teacher_weights']:.1f} GiB)"
-
-
-def dry_run_world_size(run: RunConfig) -> int:
-    """The world size a dry run plans for: ``WORLD_SIZE`` when set (torchrun, srun), else the
-    recipe's ``slurm.nodes x slurm.gpus_per_node``, else 1."""
-    slurm = run.slurm or {}
-    try:
-        if os.environ.get("WORLD_SIZE"):
-            world = int(os.environ["WORLD_SIZE"])
-        else:
-            world = int(slurm.get("nodes", 1)) * int(slurm.get("gpus_per_node", 1)) if slurm else 1
-    except (TypeError, ValueError):
-        raise ConfigError(f"--dry-run: WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} / slurm.nodes, slurm.gpus_per_node="
-                          f"{slurm.get('nodes')!r}, {slurm.get('gpus_per_node')!r} must be integers") from None
-    if world < 1:
-        raise ConfigError(f"--dry-run: the world size must be >= 1, got {world}")
-    return world
 
 
 def _override(value: Any) -> str:

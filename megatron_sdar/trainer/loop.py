@@ -27,7 +27,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, ChatFormatter, Ep
                                    RolloutEngine, TrajectoryBatch)
 from megatron_sdar.trainer import seeds as task_seeds
 from megatron_sdar.trainer.batch import rescue_samples, samples_from_trajectories
+from megatron_sdar.trainer.interrupt import Preemption
 from megatron_sdar.trainer.policy import Policy, build_policy
 from megatron_sdar.trainer.teacher import TeacherBatch
 from megatron_sdar.trainer.update import PolicyUpdate
@@ -73,38 +73,32 @@ def episode_specs(make_env, seeds: list[int], group_size: int, first_episode_id:
     return specs
 
 
-class Preemption:
-    """SIGTERM / SIGUSR1 set a flag; the trainer checkpoints at the end of the step and exits."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name = ""
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test harness): no handler
-                pass
-
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32)
-        if dist.get_world_size() > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 def prepare_model_dir(run: RunConfig) -> Path:
     """The HF directory the run starts from: ``model.hf_path``, or the tiny model built once into
     ``<output_dir>/base_model`` (rank 0 builds, the others wait); its tokenizer is trained on the
     built-in world's text (``corpus_text``: the household world, TWC, CookingWorld), skills included, or
     on the skill set's."""
+    from megatron_sdar.config.schema import config_dict, resume_checkpoint
+
     if run.model.hf_path is not None:
         return Path(run.model.hf_path)
     out = Path(run.trainer.output_dir) / "base_model"
-    if dist.get_rank() == 0 and not (out / "model.safetensors").is_file():
+    # what the tiny model is built from: a new run rebuilds a base_model/ built otherwise (another
+    # shape would otherwise be trained silently); a resume keeps it (its shape is checked against the
+    # checkpoint's config by resume_changes, and without SFT it is the KL reference)
+    recipe = {"arch": run.model.arch, "tiny": config_dict(run)["model"]["tiny"], "seed": run.trainer.seed,
+              "env": run.env.name, "env_kwargs": config_dict(run)["env"]["kwargs"]}
+    record = out / BASE_MODEL_RECIPE
+    built = (out / "model.safetensors").is_file()
+    if built and resume_checkpoint(run) is None and dist.get_rank() == 0:
+        try:
+            same = json.loads(record.read_text()) == recipe
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            log(f"{out} was built from other settings than this run's model.tiny / seed / env: rebuilding it")
+            built = False
+    if dist.get_rank() == 0 and not built:
         from megatron_sdar.models.tiny import build_tiny_qwen
 
         from megatron_sdar.rollout.agent_loop import prompt_text
@@ -133,6 +127,7 @@ def prepare_model_dir(run: RunConfig) -> Path:
                         num_key_value_heads=tiny.kv_heads, intermediate_size=tiny.ffn, init_std=tiny.init_std,
                         # room for the rollout's whole prompt + response budget
                         max_position_embeddings=max(2048, r.max_prompt_tokens + r.max_response_tokens), **options)
+        record.write_text(json.dumps(recipe, indent=2, sort_keys=True) + "\n")
     dist.barrier()
     return out
 
@@ -171,6 +166,9 @@ class SDARTrainer:
         r = run.rollout
         self.engine = RolloutEngine(self.model_dir, self.plan.engine)
         self.weight_source = MegatronWeightSource(self.policy.model, self.arch, bucket_mb=r.bucket_mb)
+        from megatron_sdar import patches
+
+        patches.start_checkpoint_write_queue()  # before the SIGINT handler: Ctrl-C must not kill its process
         self.preemption = Preemption()
         self._synced_updates = -1  # policy.steps_taken when vLLM last received the weights
         self.step = 0
@@ -278,7 +276,14 @@ class SDARTrainer:
         none, except for skill-in-prompt presets (the student must have internalized them). Success
         comes with its 95% Wilson interval; where the environment judges a decisive choice,
         ``<prefix>/first_choice_correct[/<task type>]`` is the share of episodes whose first decisive
-        action is the one the matching skill states (knowledge, whatever the success)."""
+        action is the one the matching skill states (knowledge, whatever the success).
+
+        Episodes that failed in the environment are counted (``<prefix>/env_errors``) and left out of
+        every number, ``<prefix>/num_tasks`` and the interval included; more than
+        :data:`~megatron_sdar.rollout.trajectory.MAX_ENV_ERROR_SHARE` of them stop the run
+        (:class:`~megatron_sdar.envs.EnvironmentFailure`, raised on every rank alike: the episodes
+        are gathered to every rank first)."""
+        from megatron_sdar.rollout.trajectory import check_env_errors
         from megatron_sdar.utils.stats import wilson_interval
 
         t = self.run_config.trainer
@@ -288,11 +293,15 @@ class SDARTrainer:
         sees = with_skills or self.objective.student_sees_skills
         batch = self.rollout(task_seeds.eval_seeds(t.eval_tasks, t.eval_split), temperature=temperature, with_skills=sees,
                              group_size=1, first_episode_id=EVAL_EPISODE_ID, student_sees_skills=sees)
+        warning = check_env_errors(batch, "evaluation episodes" + ("" if prefix == "eval" else f" ({prefix})"),
+                                   self.run_config.env.name)
+        if warning:
+            log(warning)
         summary = batch.summary()
         out = {k.replace("rollout/", f"{prefix}/"): v for k, v in summary.items()
                if k.startswith(("rollout/success_rate", "rollout/first_choice_correct"))
-               or k in ("rollout/reward_mean", "rollout/turns_mean", "rollout/invalid_action_rate")}
-        wins, n = sum(e.won for e in batch.episodes), len(batch.episodes)
+               or k in ("rollout/reward_mean", "rollout/turns_mean", "rollout/invalid_action_rate", "rollout/env_errors")}
+        wins, n = sum(e.won for e in batch.played), len(batch.played)
         low, high = wilson_interval(wins, n)
         out.update({f"{prefix}/num_tasks": float(n), f"{prefix}/success_rate_ci_low": low,
                     f"{prefix}/success_rate_ci_high": high})
@@ -311,32 +320,52 @@ class SDARTrainer:
 
     # ------------------------------------------------------------------ one RL iteration
     def iteration(self, step: int) -> dict[str, float]:
+        """One RL step (the module docstring). Episodes that failed in the environment count in
+        ``rollout/env_errors`` and nowhere else (no sample, no group member, no skill-bandit reward);
+        more than :data:`~megatron_sdar.rollout.trajectory.MAX_ENV_ERROR_SHARE` of the step's episodes
+        (or of HDPO's rescue episodes) stop the run with :class:`~megatron_sdar.envs.EnvironmentFailure`
+        on every rank alike (the episodes are gathered to every rank first)."""
+        from megatron_sdar.rollout.trajectory import check_env_errors
+
         r = self.run_config.rollout
         started = time.perf_counter()
         metrics = self.sync_weights()
         seeds = task_seeds.train_seeds(self.run_config.trainer.seed, step, r.tasks_per_step)
         batch = self.rollout(seeds, temperature=r.temperature, with_skills=True, group_size=r.group_size,
                              first_episode_id=step * r.tasks_per_step * r.group_size)
+        warning = check_env_errors(batch, f"episodes of RL step {step + 1}", self.run_config.env.name)
+        if warning:
+            log(warning)
         metrics.update(batch.summary())
         metrics["perf/rollout_tokens_per_s"] = batch.metrics.get("rollout/tokens_per_s", 0.0)
         if self.retriever is not None:
-            for episode in batch.episodes:
+            for episode in batch.played:
                 if episode.skill_names:
                     self.retriever.update(list(episode.skill_names), episode.reward, episode.task_type)
         samples = samples_from_trajectories(batch, self.objective.norm_adv_by_std,
                                             distill=not self.objective.cliff_rescue)
         if self.objective.cliff_rescue:
             rescue = self.rescue(batch, seeds, step)
+            warning = check_env_errors(rescue, f"HDPO rescue episodes of RL step {step + 1}", self.run_config.env.name)
+            if warning:
+                log(warning)
             samples += rescue_samples(rescue)
             # the rescue episodes count in the rollout's work (episodes, tokens, time), not in its success rate
             metrics["rollout/episodes"] += len(rescue.episodes)
             metrics["rollout/response_tokens"] += rescue.num_response_tokens
+            metrics["rollout/env_errors"] += rescue.env_errors
             metrics.update({"hdpo/cliff_groups": float(len(batch.cliff_groups())),
                             "hdpo/rescue_episodes": float(len(rescue.episodes)),
                             "hdpo/rescued": float(sum(e.won for e in rescue.episodes))})
         rollout_seconds = time.perf_counter() - started
-        if not samples:
-            raise RuntimeError("the rollout produced no trainable tokens (every episode failed before a turn)")
+        if not samples:  # every episode ended before its first turn; too many environment errors stopped above
+            overlong = sum(e.overlong and not e.turns for e in batch.played)
+            if overlong == len(batch.played):
+                raise ConfigError(f"the rollout produced no trainable tokens: the first prompt of each of the "
+                                  f"{overlong} episodes (no history yet) is longer than "
+                                  f"rollout.max_prompt_tokens={r.max_prompt_tokens}; raise it")
+            raise RuntimeError(f"the rollout produced no trainable tokens ({len(batch.episodes)} episodes, "
+                               f"{batch.env_errors} failed in the environment, {overlong} too long for their first prompt)")
         train_started = time.perf_counter()
         teacher = TeacherBatch.from_messages(samples, self.objective, self.formatter)
         metrics.update(self.updater.train_on(samples, step, teacher=teacher))
@@ -425,6 +454,10 @@ class SDARTrainer:
         if self.retriever is not None and state.get("retriever"):
             self.retriever.load_state_dict(state["retriever"])
         log(f"resumed from {path} at step {self.step}")
+        from megatron_sdar.config.schema import resume_changes
+
+        if changes := resume_changes(self.run_config, path):
+            log("changed on resume: " + ", ".join(changes))
 
     def write_config(self) -> Path:
         """The run's config: ``config.json`` from its first invocation, never overwritten; a resumed
@@ -448,7 +481,7 @@ class SDARTrainer:
         if self.step == 0 and not self.sft_done and not self.sft():
             log(f"{self.preemption.signal_name or 'signal'} received during SFT: stopped without a checkpoint "
                 "(SFT keeps none; trainer.resume=auto starts the run again), exiting")
-            return {"preempted": True, "step": self.step}
+            return {"preempted": True, "step": self.step, "signal": self.preemption.signal_name}
         if self.step == 0 and self.resumed_from is None:
             if t.eval_before_rl:
                 evaluation = self.evaluations(before_rl=True)
@@ -467,28 +500,31 @@ class SDARTrainer:
         from megatron_sdar.utils.logging import progress
 
         bar = progress(total=t.max_steps, initial=self.step, desc=self.run_config.algo.name, unit="step")
-        while self.step < t.max_steps:
-            metrics = self.iteration(self.step)
-            self.step += 1
-            if self.step % t.eval_interval == 0 or self.step == t.max_steps:
-                metrics.update(self.evaluations())
-                log(f"step {self.step}: {_success_line(metrics)}")
-            self.logger.log(self.step, metrics)
-            warning = collapse_warning(metrics)
-            if warning:
-                log(f"step {self.step}: {warning}")
-            bar.update(1)
-            bar.set_postfix(success=f"{metrics.get('rollout/success_rate', 0):.2f}",
-                            reward=f"{metrics.get('rollout/reward_mean', 0):.2f}",
-                            gate=f"{metrics.get('sdar/gate_mean', float('nan')):.2f}")
-            preempted = self.preemption.any_rank()
-            if preempted or self.step % t.save_interval == 0 or self.step == t.max_steps:
-                self.save()
-            if preempted:
-                log(f"{self.preemption.signal_name or 'signal'} received: checkpoint written at step {self.step}, exiting")
-                self.logger.close()
-                return {"preempted": True, "step": self.step}
-        bar.close()
+        try:  # the bar closes before an error's line
+            while self.step < t.max_steps:
+                metrics = self.iteration(self.step)
+                self.step += 1
+                if self.step % t.eval_interval == 0 or self.step == t.max_steps:
+                    metrics.update(self.evaluations())
+                    log(f"step {self.step}: {_success_line(metrics)}")
+                self.logger.log(self.step, metrics)
+                warning = collapse_warning(metrics)
+                if warning:
+                    log(f"step {self.step}: {warning}")
+                bar.update(1)
+                bar.set_postfix(success=f"{metrics.get('rollout/success_rate', 0):.2f}",
+                                reward=f"{metrics.get('rollout/reward_mean', 0):.2f}",
+                                gate=f"{metrics.get('sdar/gate_mean', float('nan')):.2f}")
+                preempted = self.preemption.any_rank()
+                if preempted or self.step % t.save_interval == 0 or self.step == t.max_steps:
+                    self.save()
+                if preempted:
+                    log(f"{self.preemption.signal_name or 'signal'} received: checkpoint written at step {self.step}, "
+                        "exiting (trainer.resume=auto continues from it)")
+                    self.logger.close()
+                    return {"preempted": True, "step": self.step, "signal": self.preemption.signal_name}
+        finally:
+            bar.close()
         self.logger.close()
         if t.export_hf:
             from megatron_sdar.models.hf_export import export_hf
@@ -523,10 +559,13 @@ class SDARTrainer:
         return self.sft_model if self.sft_model is not None else self.model_dir
 
     def close(self) -> None:
+        if not self.preemption.interrupts:  # after a Ctrl-C, a second one during teardown still exits at once
+            self.preemption.restore()
         self.engine.shutdown()
 
 
 SFT_MODEL_DIR = "sft_model"
+BASE_MODEL_RECIPE = "megatron_sdar_tiny.json"  # in base_model/: the settings the tiny model was built from
 COLLAPSE_ENTROPY = 0.1  # nats per action-choice token; below it the sampled actions hardly vary
 
 
@@ -558,7 +597,9 @@ def _success_line(metrics: dict[str, float]) -> str:
                                                              ("with skills", "eval/with_skills/first_choice_correct"))
               if key in metrics]
     shown = ", ".join(extra) + ("; " if extra and choice else "") + ", ".join(choice)
-    return line + (f" ({shown})" if shown else "")
+    errors = metrics.get("eval/env_errors", 0.0)
+    return line + (f" ({shown})" if shown else "") + (f"; {errors:.0f} episode(s) failed in the environment, left "
+                                                        "out" if errors else "")
 
 
 def _as_dict(obj) -> Any:

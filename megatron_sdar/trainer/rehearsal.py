@@ -184,8 +184,12 @@ def plan_rehearsal(overrides: list[str]) -> RehearsalPlan:
         Change("trainer.wandb_project", t.wandb_project, None, "no reporting from a rehearsal"),
     ]
     if e.name == "alfworld" and e.kwargs.get("data_dir") != "builtin":
-        wanted.append(Change("env.kwargs.data_dir", e.kwargs.get("data_dir"), "builtin",
-                             "the shipped ALFWorld games (one per split)"))
+        given = e.kwargs.get("data_dir")
+        missing = given is not None and not Path(str(given)).expanduser().is_dir()
+        wanted.append(Change("env.kwargs.data_dir", given, "builtin",
+                             "the shipped ALFWorld games (one per split)"
+                             + ("; the given directory does not exist: download the games before the real run"
+                                if missing else "")))
     skills = Path(e.skills_dir) if e.skills_dir is not None else None
     if skills is not None and not (skills / "skill_mapping.json").is_file():
         sample = sample_skill_dir(e.name)
