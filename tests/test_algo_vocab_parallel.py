@@ -178,6 +178,7 @@ def _triton_interpreted(dtype_name: str) -> dict:
     return _compute_all(dtype_name, None, 0, 1, kernel="triton")
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
 def test_triton_kernels_match_float64_reference_under_the_interpreter(dtype_name):
     """The Triton kernels (rows x vocabulary-block grid) on CPU through TRITON_INTERPRET=1, in a

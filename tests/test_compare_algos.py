@@ -115,6 +115,7 @@ def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
     assert "resume" not in message and str(run.run_dir) in message
 
 
+@pytest.mark.multiproc
 def test_compare_refuses_a_stale_start_in_one_line(tmp_path):
     out = tmp_path / "cmp"
     (out / "sft").mkdir(parents=True)
@@ -206,6 +207,7 @@ def test_a_configuration_error_is_one_line_before_anything_runs(tmp_path, capsys
     assert launches == [] and not out.exists() and seconds < 30
 
 
+@pytest.mark.multiproc
 def test_the_probe_command_is_refused_at_once(tmp_path):
     """Probe T02 as given (a global trainer.sft_steps, a misspelt variant key): exit 2 in seconds with
     one line, no run directory; the same with --sft-steps names the misspelt key."""

@@ -336,6 +336,7 @@ def _decayed_matrices(run: dict) -> list[str]:
     return names
 
 
+@pytest.mark.multiproc
 def test_weight_decay_shrinks_the_weights_by_lr_times_decay(optimizer_run):
     run, lr, eps = optimizer_run, optimizer_run["lr"], optimizer_run["eps"]
     steps = run["steps"]
@@ -356,6 +357,7 @@ def test_weight_decay_shrinks_the_weights_by_lr_times_decay(optimizer_run):
         assert float((after - undecayed).abs().max()) > 1e-4, name
 
 
+@pytest.mark.multiproc
 def test_weight_decay_spares_norms_and_biases(optimizer_run):
     run, steps = optimizer_run, optimizer_run["steps"]
     spared = [n for group in run["groups"] if group["wd_mult"] == 0.0 for n in group["names"]]
@@ -372,6 +374,7 @@ def _moments_and_update(run: dict, name: str):
     return g1, g2, first, second, steps[1]["after"][name].double()
 
 
+@pytest.mark.multiproc
 def test_adam_beta1_is_the_decay_of_the_first_moment(optimizer_run):
     run = optimizer_run
     assert {group["betas"] for group in run["groups"]} == {(0.8, 0.95)}
@@ -385,6 +388,7 @@ def test_adam_beta1_is_the_decay_of_the_first_moment(optimizer_run):
         assert float((after - _adamw(run["steps"], name, run["lr"], 0.5, 0.9, 0.95, run["eps"])).abs().max()) > 1e-4
 
 
+@pytest.mark.multiproc
 def test_adam_beta2_is_the_decay_of_the_second_moment(optimizer_run):
     run = optimizer_run
     for name in _decayed_matrices(run):
@@ -396,6 +400,7 @@ def test_adam_beta2_is_the_decay_of_the_second_moment(optimizer_run):
         assert float((after - _adamw(run["steps"], name, run["lr"], 0.5, 0.8, 0.999, run["eps"])).abs().max()) > 1e-4
 
 
+@pytest.mark.multiproc
 def test_sft_prompt_weight_weighs_the_prompt_tokens_loss(optimizer_run):
     """One SFT step's gradient is that of ``mean_response(-lp) + 2.0 mean_prompt(-lp)`` (token means over
     the batch; prompt targets: the prompt's tokens after its first), computed with transformers."""

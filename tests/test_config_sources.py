@@ -138,6 +138,7 @@ REFUSED = [  # (overrides, the one line after "megatron-sdar: configuration erro
 ]
 
 
+@pytest.mark.multiproc
 def test_bad_values_are_refused_in_one_line_before_anything_is_written(tmp_path):
     """Each of these used to pass validation and fail after the model (and vLLM) were built, or to
     train silently on a zero advantage; now ``python -m megatron_sdar.train`` exits 2 with the one
@@ -179,6 +180,7 @@ def test_ranges_are_checked_with_the_config(tmp_path, overrides, message):
     assert not out.exists()
 
 
+@pytest.mark.multiproc
 def test_composing_a_config_imports_no_engine_or_model_code(tmp_path):
     """Validation imports neither vLLM nor Megatron nor Transformer Engine, so no import notice
     ("Triton is installed, but ...") comes before a configuration error."""

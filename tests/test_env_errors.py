@@ -198,6 +198,7 @@ def _main_job(*overrides: str, timeout: float = 300) -> tuple[subprocess.Complet
     return proc, time.monotonic() - started
 
 
+@pytest.mark.multiproc
 @pytest.mark.parametrize("where", ["evaluation", pytest.param("rl_step", marks=pytest.mark.slow)])
 def test_an_unreachable_server_stops_the_run_with_one_line_naming_it(tmp_path, where):
     """E05 (the step-0 evaluation) and E06 (the first RL step, without that evaluation): exit code 3 and
@@ -256,6 +257,7 @@ def test_engine_refused_game_params_are_a_configuration_error():
     compose_run(["experiment=twc_tiny", "env.kwargs.game_params.numLocations=2"])  # what the engine takes passes
 
 
+@pytest.mark.multiproc
 def test_the_a28_command_exits_2_with_one_line_before_anything_is_built(tmp_path):
     out = tmp_path / "a28"
     proc, seconds = _main_job(*A28, f"trainer.output_dir={out}", timeout=120)

@@ -13,6 +13,7 @@ from megatron_sdar.testing import run_distributed
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.multiproc
 def test_core_imports_in_one_interpreter():
     out = subprocess.run(
         [sys.executable, "-c", "import megatron_sdar, megatron.core, vllm, transformers, hydra; "
@@ -69,6 +70,7 @@ def test_no_shims_on_gpu():
     assert run_distributed(_device_without_shims, world_size=1, init="none")[0] == ("cuda", False, "cuda")
 
 
+@pytest.mark.multiproc
 def test_main_job_help_and_config_errors_exit_cleanly():
     out = subprocess.run([sys.executable, "-m", "megatron_sdar.train", "--help"], capture_output=True, text=True,
                          timeout=120)
@@ -90,6 +92,7 @@ def _copy_of_this_checkout(dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.multiproc
 def test_two_checkouts_sharing_the_environment_each_run_their_own_code(tmp_path):
     """Two checkouts of different code share the environment. Checkout A's process starts, checkout
     B bootstraps while it runs (which re-pointed the old editable install to B), then A starts a

@@ -133,6 +133,7 @@ def test_concurrent_episodes_equal_sequential_play():
     assert all(t[-1][1] == 1.0 for t in sequential)
 
 
+@pytest.mark.multiproc
 def test_missing_java_or_package_is_one_line(tmp_path):
     """Without ``java`` on PATH, building the environment and composing a run that uses it fail with
     one line naming the fix (no py4j traceback); the main job exits with that line."""

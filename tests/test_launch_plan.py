@@ -168,6 +168,7 @@ def test_dry_run_follows_world_size_and_refuses_bad_input(stand_ins, capsys, mon
     assert "--dry-run plans a recipe's model: set model.hf_path" in capsys.readouterr().err
 
 
+@pytest.mark.multiproc
 def test_trainer_refuses_fp8_without_transformer_engine(tmp_path):
     """The crash at start-up (an attribute that did not exist) is now a one-line refusal."""
     import subprocess
@@ -180,6 +181,7 @@ def test_trainer_refuses_fp8_without_transformer_engine(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.multiproc
 def test_bf16_without_transformer_engine_is_refused_before_anything_runs(tmp_path):
     """bf16 on the local spec would train through SFT and then fail at the first checkpoint (mixed
     fp32 norm / bf16 parameter dtypes); it is refused at start-up with the config to use."""

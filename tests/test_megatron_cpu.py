@@ -210,6 +210,7 @@ def test_launcher_detects_rank_dying_silently():
         run_distributed(_exit_without_result, world_size=2, init="process_group", timeout=60)
 
 
+@pytest.mark.multiproc
 def test_layout_validation():
     with pytest.raises(ValueError, match="not divisible"):
         run_distributed(_hang_on_rank_one, world_size=3, tp=2)

@@ -269,6 +269,7 @@ def test_cli(capsys):
     assert (out["layout"]["tp"], out["layout"]["dp"], out["model"]) == (4, 2, "qwen2_5_7b_instruct")
 
 
+@pytest.mark.multiproc
 def test_validate_plan_against_measured_rss():
     """A real tiny Megatron model (107M params, fp32) trains two iterations on CPU; the planner's
     estimate must be within 25% of the peak RSS over the post-import baseline (about 20 s)."""

@@ -155,6 +155,7 @@ def test_the_config_of_a_resumed_invocation_is_the_one_compared(tmp_path):
     assert resume_changes(_resume(out, "trainer.lr=2e-4")) == ["trainer.lr 0.0005 -> 0.0002"]
 
 
+@pytest.mark.multiproc
 def test_resume_at_another_model_size_is_refused_before_anything_is_built(tmp_path):
     """Probe B06: exit 0 and a run trained at the old size; now one line, exit 2, nothing written."""
     out = tmp_path / "run"
@@ -165,6 +166,7 @@ def test_resume_at_another_model_size_is_refused_before_anything_is_built(tmp_pa
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+@pytest.mark.multiproc
 def test_a_new_run_rebuilds_a_base_model_of_other_settings(tmp_path):
     """A directory holding only ``base_model/`` (a run that died while building) takes a new run; at
     another ``model.tiny`` the model is rebuilt, not reused at its old size."""
@@ -206,6 +208,7 @@ def _unwritable(path: Path):
     return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
+@pytest.mark.multiproc
 def test_an_unwritable_output_dir_is_one_line(tmp_path):
     """Probe B07: a PermissionError traceback after 13-19 s; now one line, exit 2, in seconds."""
     locked = tmp_path / "ro"
@@ -226,6 +229,7 @@ def test_an_unwritable_output_dir_is_one_line(tmp_path):
         undo()
 
 
+@pytest.mark.multiproc
 def test_a_truncated_safetensors_file_or_a_bad_config_json_is_one_line(tmp_path):
     """Probe D13/D14: a SafetensorError after the model was built; a bad config.json named by its
     directory. Now one line naming the file, exit 2, for the converter and for ``model.hf_path``."""
@@ -258,6 +262,7 @@ def test_a_truncated_safetensors_file_or_a_bad_config_json_is_one_line(tmp_path)
     assert proc.returncode == 2 and f"{hf / 'config.json'} does not parse as JSON" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.multiproc
 def test_a_layout_error_comes_before_any_library_notice():
     """Probe: 11 lines of library notices came before the one-line error of ``parallel.tp=2`` on one
     process; now the line is all the job prints."""
@@ -268,6 +273,7 @@ def test_a_layout_error_comes_before_any_library_notice():
     assert proc.stdout == ""
 
 
+@pytest.mark.multiproc
 def test_a_skipped_checkpoint_is_warned_of_once(tmp_path):
     """Probe B03: the warning that a corrupt checkpoint is skipped was printed twice (a logger record
     and a warning); now once."""

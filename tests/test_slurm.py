@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# every test here starts bash (the Slurm scripts) and most of them python
+pytestmark = pytest.mark.multiproc
+
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = ROOT / "slurm"
 SCRIPTS = sorted([*SLURM.glob("*.sh"), *SLURM.glob("*.sbatch")])

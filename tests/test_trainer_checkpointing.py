@@ -437,6 +437,7 @@ def test_training_checkpoint_exports_a_complete_hf_directory(saved, tmp_path):
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
 
 
+@pytest.mark.multiproc
 def test_the_checkpoint_package_is_one_place_below_the_trainer_and_the_config():
     """Everything about checkpoints is in megatron_sdar/checkpoint/ (nothing left at the old paths),
     and it imports neither the trainer nor the config (config validation imports it)."""

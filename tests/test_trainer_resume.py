@@ -157,6 +157,7 @@ def _a_finished_run(run: Path) -> None:
     (run / "sft_model" / "config.json").write_text("{}")
 
 
+@pytest.mark.multiproc
 def test_a_second_run_into_a_run_directory_is_refused_and_nothing_changes(tmp_path):
     run = tmp_path / "run"
     _a_finished_run(run)
@@ -168,6 +169,7 @@ def test_a_second_run_into_a_run_directory_is_refused_and_nothing_changes(tmp_pa
     assert _listing(tmp_path) == before
 
 
+@pytest.mark.multiproc
 def test_an_output_dir_that_is_a_file_is_refused_and_nothing_is_written(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a directory\n")

@@ -65,6 +65,7 @@ def _frozen_teacher(model_dir: str):
             "kl_ref": second["metrics"]["actor/kl_ref"]}
 
 
+@pytest.mark.multiproc
 def test_frozen_teacher_is_the_reference_model_with_the_skill_in_the_prompt(tiny_model):
     result = run_distributed(_frozen_teacher, world_size=1, args=(tiny_model,), timeout=300)[0]
     assert result["same_object"]  # the teacher pass ran on the KL reference model itself: no second copy
@@ -110,6 +111,7 @@ def _ema(model_dir: str, decay: float, tmp: str):
     return result
 
 
+@pytest.mark.multiproc
 def test_ema_teacher_follows_its_formula_and_resumes_exactly(tiny_model, tmp_path):
     result = run_distributed(_ema, world_size=1, args=(tiny_model, 0.8, str(tmp_path)), timeout=300)[0]
     assert result["formula"] < 1e-6, result

@@ -158,9 +158,17 @@ def test_progress_on_a_terminal_is_a_redrawn_bar():
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
     with os.fdopen(slave, "w") as tty:
         _bar_loop(progress(total=3, desc="sft", file=tty), 3)
-    os.set_blocking(master, False)
-    written = os.read(master, 65536).decode()
+    chunks = []  # read until the pty is drained: one read may return only part of what was written
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the slave side is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
     os.close(master)
+    written = b"".join(chunks).decode()
     assert written.count("\rsft:") >= 2 and "sft: 100%" in written and "3/3" in written  # redrawn in place
 
 
