@@ -301,19 +301,14 @@ def _take_current_hyperparameters(sub, sub_state) -> None:
     from the saved order), so the saved group ``i`` takes the current group ``i``'s settings: what was
     changed on resume applies from the resumed step, and the Adam moments are kept.
     """
-    inner = getattr(sub, "optimizer", None)
-    current = getattr(inner, "param_groups", None)
-    pending = [sub_state]
-    while pending:  # the groups sit at "param_groups" or one level down ("optimizer")
-        node = pending.pop()
-        if not isinstance(node, dict):
-            continue
-        saved = node.get("param_groups")
-        if isinstance(saved, list) and current is not None and len(saved) == len(current):
-            for old, new in zip(saved, current):
-                old.update({k: v for k, v in new.items() if k not in ("params", "step")})
-            return
-        pending += [v for k, v in node.items() if k in ("optimizer",)]
+    current = getattr(getattr(sub, "optimizer", None), "param_groups", None)
+    # the groups sit at "param_groups" (the regular optimizer) or under "optimizer" (the distributed one)
+    node = sub_state if "param_groups" in sub_state else sub_state.get("optimizer", {})
+    saved = node.get("param_groups") if isinstance(node, dict) else None
+    if current is None or not isinstance(saved, list) or len(saved) != len(current):
+        return  # another structure: megatron's own matching reports it
+    for old, new in zip(saved, current):
+        old.update({k: v for k, v in new.items() if k not in ("params", "step")})
 
 
 def load_optimizer_state(optimizer, state) -> None:

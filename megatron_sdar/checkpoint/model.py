@@ -32,6 +32,7 @@ from megatron_sdar.models.hf_writer import GENERATION_CONFIG, TOKENIZER_FILES
 
 METADATA_FILE = "megatron_sdar_model.json"
 HF_ASSETS_DIR = "hf_assets"
+EMA_TEACHER_WEIGHTS = "teacher_ema"  # a training checkpoint's extra model: algo.teacher=ema's averaged weights
 FORMAT_NAME = "megatron-sdar/qwen-dist-checkpoint"
 FORMAT_VERSION = 1
 # The completion markers of the two checkpoint kinds (model only; model + optimizer + trainer state).

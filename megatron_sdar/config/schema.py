@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -263,8 +264,6 @@ def compose_run(overrides: list[str], *, need_files: bool = True) -> RunConfig:
         raise ConfigError(yaml_error_line(exc)) from None
     except (HydraException, OmegaConfBaseException, ValueError) as exc:  # Hydra raises ValueError for some overrides
         key = getattr(exc.__cause__, "full_key", None)
-        import re
-
         unknown_group = re.match(r"Could not override '([^']+)'", str(exc))
         if unknown_group and unknown_group.group(1).split(".")[0] not in {f.name for f in dataclasses.fields(RunConfig)}:
             key = unknown_group.group(1)  # a key under a group that does not exist (trainr.lr)
@@ -441,7 +440,7 @@ def check_model_files(run: RunConfig) -> None:
 
 #: what a resume may not change (the checkpoint's weights and optimizer state are of this model):
 #: keys, or key prefixes ending in "."
-RESUME_FIXED = ("model.hf_path", "model.arch", "model.dtype", "model.tiny.", "parallel.distributed_optimizer")
+RESUME_FIXED = ("model.hf_path", "model.arch", "model.dtype", "model.tiny.")
 #: what differs on every resume, or names the place rather than the run
 _RESUME_UNREPORTED = ("trainer.resume", "trainer.output_dir", "slurm.")
 
@@ -482,7 +481,7 @@ def resume_changes(run: RunConfig, checkpoint: Optional[Path] = None) -> list[st
     expert parallelism on/off for an MoE model (megatron-core 0.19), an EMA teacher the checkpoint
     holds no weights of. Reads small JSON files only: run before anything is built. ``checkpoint``:
     the one loaded (default: :func:`resume_checkpoint`'s)."""
-    from megatron_sdar.checkpoint.model import CheckpointFormatError
+    from megatron_sdar.checkpoint.model import EMA_TEACHER_WEIGHTS, CheckpointFormatError
     from megatron_sdar.checkpoint.resume import RunDirectoryError, read_complete_checkpoint, saved_run_config
 
     checkpoint = checkpoint or resume_checkpoint(run)
@@ -501,6 +500,7 @@ def resume_changes(run: RunConfig, checkpoint: Optional[Path] = None) -> list[st
     differing = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
     fixed = {k: d for k, d in differing.items() if k in RESUME_FIXED or k.startswith(
         tuple(f for f in RESUME_FIXED if f.endswith(".")))}
+    # the optimizer kind and the layout come from the checkpoint's own marker: it knows what it holds
     layout, optimizer = marker.get("layout", {}), marker.get("optimizer", {})
     p = run.parallel
     if "distributed" in optimizer and optimizer["distributed"] != p.distributed_optimizer:
@@ -513,7 +513,7 @@ def resume_changes(run: RunConfig, checkpoint: Optional[Path] = None) -> list[st
                 fixed[f"parallel.{key} (optimizer state saved dp_reshardable)"] = (layout[name], ours[name])
     if run.model.arch == "qwen3_moe" and "expert_parallel" in layout and (layout["expert_parallel"] > 1) != (p.ep > 1):
         fixed["parallel.ep (expert parallelism on/off)"] = (layout["expert_parallel"], p.ep)
-    if run.algo.teacher == "ema" and "teacher_ema" not in marker.get("extra_models", ["teacher_ema"]):
+    if run.algo.teacher == "ema" and EMA_TEACHER_WEIGHTS not in marker.get("extra_models", [EMA_TEACHER_WEIGHTS]):
         fixed["algo.teacher (the checkpoint holds no EMA teacher)"] = (saved.get("algo.teacher", "?"), "ema")
     if fixed:
         raise ConfigError(f"trainer.resume={run.trainer.resume}: {checkpoint} cannot be resumed with another "

@@ -32,6 +32,17 @@ class CheckpointMismatchError(ValueError):
     """The HF checkpoint does not hold the tensors the config describes."""
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def safetensors_file_names(directory: Path) -> list[str]:
+    """The weight files of an HF directory: its index's, else every ``*.safetensors``, sorted."""
+    index_file = directory / INDEX_FILE
+    if index_file.is_file():
+        return sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+    return sorted(p.name for p in directory.glob("*.safetensors"))
+
+
 def check_safetensors_files(directory: str | Path) -> list[Path]:
     """The safetensors files of an HF directory (its index's, else ``*.safetensors``), each checked
     from its header alone: the 8-byte header length, the JSON header, and the file's size against the
@@ -41,21 +52,17 @@ def check_safetensors_files(directory: str | Path) -> list[Path]:
     import struct
 
     directory = Path(directory)
-    index_file = directory / "model.safetensors.index.json"
-    if index_file.is_file():
-        try:
-            names = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise CheckpointMismatchError(f"{index_file} does not parse: {exc}") from None
-    else:
-        names = sorted(p.name for p in directory.glob("*.safetensors"))
+    try:
+        names = safetensors_file_names(directory)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointMismatchError(f"{directory / INDEX_FILE} does not parse: {exc}") from None
     if not names:
         raise CheckpointMismatchError(f"{directory} holds no *.safetensors weights")
     files = []
     for name in names:
         path = directory / name
         if not path.is_file():
-            raise CheckpointMismatchError(f"{index_file} names {name}, which is missing")
+            raise CheckpointMismatchError(f"{directory / INDEX_FILE} names {name}, which is missing")
         size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
@@ -89,12 +96,8 @@ class HFCheckpointIndex:
         from safetensors import safe_open
 
         directory = Path(directory)
-        index_file = directory / "model.safetensors.index.json"
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
-        else:
-            files = sorted(p.name for p in directory.glob("*.safetensors"))
+        index_file = directory / INDEX_FILE
+        files = safetensors_file_names(directory)
         if not files:
             raise FileNotFoundError(f"no *.safetensors weights in {directory}")
         file_of: dict[str, str] = {}

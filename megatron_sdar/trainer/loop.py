@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_sdar.config.schema import ConfigError, RunConfig, check_layout
+from megatron_sdar.config.schema import ConfigError, RunConfig, check_layout, config_dict, resume_checkpoint
 from megatron_sdar.rollout import (AgentLoop, AgentLoopConfig, ChatFormatter, EpisodeSpec, MegatronWeightSource,
                                    RolloutEngine, TrajectoryBatch)
 from megatron_sdar.trainer import seeds as task_seeds
@@ -78,16 +78,15 @@ def prepare_model_dir(run: RunConfig) -> Path:
     ``<output_dir>/base_model`` (rank 0 builds, the others wait); its tokenizer is trained on the
     built-in world's text (``corpus_text``: the household world, TWC, CookingWorld), skills included, or
     on the skill set's."""
-    from megatron_sdar.config.schema import config_dict, resume_checkpoint
-
     if run.model.hf_path is not None:
         return Path(run.model.hf_path)
     out = Path(run.trainer.output_dir) / "base_model"
     # what the tiny model is built from: a new run rebuilds a base_model/ built otherwise (another
     # shape would otherwise be trained silently); a resume keeps it (its shape is checked against the
     # checkpoint's config by resume_changes, and without SFT it is the KL reference)
-    recipe = {"arch": run.model.arch, "tiny": config_dict(run)["model"]["tiny"], "seed": run.trainer.seed,
-              "env": run.env.name, "env_kwargs": config_dict(run)["env"]["kwargs"]}
+    values = config_dict(run)
+    recipe = {"arch": run.model.arch, "tiny": values["model"]["tiny"], "seed": run.trainer.seed,
+              "env": run.env.name, "env_kwargs": values["env"]["kwargs"]}
     record = out / BASE_MODEL_RECIPE
     built = (out / "model.safetensors").is_file()
     if built and resume_checkpoint(run) is None and dist.get_rank() == 0:

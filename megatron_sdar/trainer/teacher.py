@@ -155,4 +155,6 @@ class TeacherWeights:
 
     def checkpoint_models(self) -> dict[str, list]:
         """Frozen model chunks a training checkpoint must carry beside the policy: the EMA's."""
-        return {"teacher_ema": self.ema} if self.ema is not None else {}
+        from megatron_sdar.checkpoint.model import EMA_TEACHER_WEIGHTS
+
+        return {EMA_TEACHER_WEIGHTS: self.ema} if self.ema is not None else {}
